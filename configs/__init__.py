@@ -1,0 +1,39 @@
+"""Typed experiment configuration (frozen dataclasses) and its YAML loader. Imports no torch."""
+
+from configs.load import (
+    ConfigError,
+    apply_overrides,
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+    load_config_dict,
+)
+from configs.schema import (
+    DataConfig,
+    DiffusionConfig,
+    ExperimentConfig,
+    FederationConfig,
+    ModelConfig,
+    OutputConfig,
+    PrivacyConfig,
+    SamplerConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "config_to_dict",
+    "config_to_yaml",
+    "load_config",
+    "load_config_dict",
+    "DataConfig",
+    "DiffusionConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PrivacyConfig",
+    "SamplerConfig",
+    "TrainConfig",
+]

@@ -1,0 +1,165 @@
+"""Typed experiment configuration: one frozen dataclass per section.
+
+Each field's ``metadata`` may carry validation rules read by :mod:`configs.load`:
+
+- ``choices``: the allowed values;
+- ``min`` / ``max``: an inclusive numeric range (``min_exclusive`` for strict lower bounds);
+- ``help``: one line shown in error messages and docs.
+
+This module imports nothing heavier than the standard library, so that reading a config never
+pulls in torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def _f(default, *, help: str, **rules):
+    """A dataclass field with a default, a help line and validation rules."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("mutable defaults are not allowed; use a tuple")
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """ADM UNet (Dhariwal & Nichol 2021) hyper-parameters."""
+
+    spatial_dims: int = _f(2, help="2 for images, 3 for volumes", choices=(2, 3))
+    in_channels: int = _f(1, help="image channels fed to the network", min=1)
+    out_channels: int = _f(1, help="channels the network predicts", min=1)
+    model_channels: int = _f(64, help="base channel width", min=1)
+    channel_mult: tuple[int, ...] = _f((1, 2, 2), help="width multiplier per resolution level")
+    num_res_blocks: int = _f(2, help="residual blocks per level", min=1)
+    attention_resolutions: tuple[int, ...] = _f(
+        (16, 8), help="feature-map sizes (pixels per side) that get self-attention"
+    )
+    num_head_channels: int = _f(32, help="channels per attention head", min=1)
+    dropout: float = _f(0.0, help="dropout inside residual blocks", min=0.0, max=1.0)
+    num_classes: int = _f(0, help="class labels for conditioning; 0 = unconditional", min=0)
+    resblock_updown: bool = _f(True, help="BigGAN-style residual up/down-sampling")
+    norm_groups: int = _f(32, help="GroupNorm groups (reduced to a divisor of each width)", min=1)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Forward process and training objective (Ho et al. 2020; Nichol & Dhariwal 2021)."""
+
+    num_train_timesteps: int = _f(1000, help="T, the number of forward steps", min=2)
+    noise_schedule: str = _f("cosine", help="beta schedule", choices=("linear", "cosine"))
+    beta_start: float = _f(1e-4, help="first beta of the linear schedule", min_exclusive=0.0, max=1.0)
+    beta_end: float = _f(0.02, help="last beta of the linear schedule", min_exclusive=0.0, max=1.0)
+    prediction_type: str = _f("eps", help="what the network predicts", choices=("eps", "v", "x0"))
+    noise_multiplicity: int = _f(
+        1, help="K (t, noise) draws per example, averaged (Dockhorn et al. 2022)", min=1
+    )
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Reverse-process sampler used for sample grids and `meddiff sample`."""
+
+    name: str = _f("ddim", help="sampling algorithm", choices=("ddpm", "ddim"))
+    num_inference_steps: int = _f(50, help="denoising steps", min=1)
+    eta: float = _f(0.0, help="DDIM stochasticity (0 = deterministic, 1 = DDPM-like)", min=0.0)
+    timestep_spacing: str = _f(
+        "leading", help="how inference steps are spread over T", choices=("leading", "trailing", "linspace")
+    )
+    clip_denoised: bool = _f(True, help="clip the predicted x0 to [-1, 1]")
+    guidance_scale: float = _f(1.0, help="classifier-free guidance scale (0 = unconditional)", min=0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local (site or centralized) optimisation."""
+
+    seed: int = _f(0, help="global seed", min=0)
+    device: str = _f("auto", help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    mixed_precision: str = _f(
+        "auto", help="'auto' = bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "no", "bf16", "fp16")
+    )
+    steps: int = _f(1500, help="optimizer steps (centralized); local steps per round come from federation", min=1)
+    batch_size: int = _f(32, help="examples per optimizer step", min=1)
+    lr: float = _f(2e-4, help="AdamW learning rate", min_exclusive=0.0)
+    weight_decay: float = _f(0.0, help="AdamW weight decay", min=0.0)
+    lr_schedule: str = _f("constant", help="learning-rate schedule", choices=("constant", "cosine"))
+    warmup_steps: int = _f(0, help="linear learning-rate warm-up steps", min=0)
+    grad_clip: float = _f(1.0, help="global gradient-norm clip without DP; 0 disables", min=0.0)
+    ema_decay: float = _f(0.999, help="EMA decay of the weights", min=0.0, max=1.0)
+    label_dropout: float = _f(0.1, help="probability of the null label (classifier-free guidance)", min=0.0, max=1.0)
+    num_workers: int = _f(0, help="DataLoader worker processes", min=0)
+    log_every: int = _f(50, help="steps between metric rows", min=1)
+    threads: int = _f(0, help="torch CPU threads; 0 keeps torch's default", min=0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training images come from and how they are shaped."""
+
+    dataset: str = _f("phantoms", help="data source", choices=("phantoms", "medmnist"))
+    path: str = _f("", help="dataset file or folder (unused for phantoms)")
+    split: str = _f("train", help="split to train on", choices=("train", "val", "test"))
+    image_size: int = _f(32, help="side length the model sees (pixels)", min=4)
+    num_samples: int = _f(2048, help="phantom slices to generate", min=1)
+    lesion_fraction: float = _f(0.5, help="fraction of phantoms with a tumour (label 1)", min=0.0, max=1.0)
+    seed: int = _f(0, help="seed of the phantom generator", min=0)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Record-level DP-SGD at each site (consumed by the `privacy` package)."""
+
+    enabled: bool = _f(False, help="train with Opacus DP-SGD")
+    target_epsilon: float = _f(10.0, help="per-site epsilon budget", min_exclusive=0.0)
+    target_delta: Optional[float] = _f(None, help="delta; null = 1/(10*N_site)", min_exclusive=0.0, max=1.0)
+    max_grad_norm: float = _f(1.0, help="per-example clipping norm C", min_exclusive=0.0)
+    accountant: str = _f("rdp", help="privacy accountant", choices=("rdp", "prv"))
+    grad_sample_mode: str = _f("hooks", help="Opacus per-sample gradient mode", choices=("hooks", "no_op"))
+    max_physical_batch_size: int = _f(64, help="largest batch held in memory at once", min=1)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Flower rounds and aggregation (consumed by `server` and `sim`)."""
+
+    num_rounds: int = _f(5, help="federated rounds", min=1)
+    num_sites: int = _f(3, help="simulated sites", min=1)
+    local_steps: int = _f(50, help="optimizer steps per site per round", min=1)
+    strategy: str = _f(
+        "fedavg",
+        help="aggregation strategy",
+        choices=("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum"),
+    )
+    fraction_train: float = _f(1.0, help="fraction of sites sampled each round", min=0.0, max=1.0)
+    min_train_nodes: int = _f(2, help="fewest sites a round needs", min=1)
+    proximal_mu: float = _f(0.0, help="FedProx proximal term", min=0.0)
+    server_lr: float = _f(1e-2, help="server learning rate (FedAdam/FedYogi)", min_exclusive=0.0)
+    round_timeout: float = _f(600.0, help="seconds to wait for replies in a round", min_exclusive=0.0)
+    transport_dtype: str = _f("fp32", help="dtype of weights on the wire", choices=("fp32", "fp16"))
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Run directory, checkpoints and sample grids."""
+
+    root: str = _f("runs", help="parent folder of run directories")
+    name: str = _f("", help="run directory name; empty = '<timestamp>'")
+    checkpoint_every: int = _f(500, help="steps (or rounds) between checkpoints; the last is always saved", min=1)
+    sample_every: int = _f(0, help="steps (or rounds) between sample grids; 0 = only at the end", min=0)
+    num_samples: int = _f(16, help="images in each sample grid", min=1)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole experiment, as read once from YAML."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

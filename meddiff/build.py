@@ -1,0 +1,126 @@
+"""The one module that maps config sections to objects (GUIDE principle 3).
+
+Library constructors take explicit keyword arguments; only these ``build_*`` functions read config
+objects.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import Dataset
+
+from configs import DataConfig, DiffusionConfig, ExperimentConfig, ModelConfig, SamplerConfig, TrainConfig
+from meddiff.data import ArrayDataset, PhantomDataset, read_medmnist_npz
+from meddiff.diffusion import GaussianDiffusion, make_noise_schedule
+from meddiff.nets import ADMUNet
+from meddiff.sampling import SAMPLERS, Sampler
+
+
+def attention_levels(model_cfg: ModelConfig, image_size: int) -> tuple[int, ...]:
+    """Map ``attention_resolutions`` (feature-map sizes) to level indices for ``image_size``."""
+    sizes = [image_size // 2**i for i in range(len(model_cfg.channel_mult))]
+    return tuple(sizes.index(r) for r in model_cfg.attention_resolutions if r in sizes)
+
+
+def build_model(model_cfg: ModelConfig, image_size: int) -> ADMUNet:
+    return ADMUNet(
+        spatial_dims=model_cfg.spatial_dims,
+        in_channels=model_cfg.in_channels,
+        out_channels=model_cfg.out_channels,
+        model_channels=model_cfg.model_channels,
+        channel_mult=model_cfg.channel_mult,
+        num_res_blocks=model_cfg.num_res_blocks,
+        attention_levels=attention_levels(model_cfg, image_size),
+        num_head_channels=model_cfg.num_head_channels,
+        dropout=model_cfg.dropout,
+        num_classes=model_cfg.num_classes,
+        resblock_updown=model_cfg.resblock_updown,
+        norm_groups=model_cfg.norm_groups,
+    )
+
+
+def build_diffusion(diffusion_cfg: DiffusionConfig) -> GaussianDiffusion:
+    betas = make_noise_schedule(
+        diffusion_cfg.noise_schedule,
+        diffusion_cfg.num_train_timesteps,
+        beta_start=diffusion_cfg.beta_start,
+        beta_end=diffusion_cfg.beta_end,
+    )
+    return GaussianDiffusion(betas, prediction_type=diffusion_cfg.prediction_type)
+
+
+def build_sampler(sampler_cfg: SamplerConfig, diffusion: GaussianDiffusion) -> Sampler:
+    kwargs = {"clip_denoised": sampler_cfg.clip_denoised, "timestep_spacing": sampler_cfg.timestep_spacing}
+    if sampler_cfg.name == "ddim":
+        kwargs["eta"] = sampler_cfg.eta
+    return SAMPLERS[sampler_cfg.name](diffusion, **kwargs)
+
+
+def build_dataset(data_cfg: DataConfig, model_cfg: ModelConfig) -> Dataset:
+    """The training dataset named by ``data.dataset``."""
+    if data_cfg.dataset == "phantoms":
+        if model_cfg.spatial_dims != 2 or model_cfg.in_channels != 1:
+            raise ValueError("data.dataset='phantoms' gives 1-channel 2-D slices: set model.spatial_dims=2 and model.in_channels=1")
+        return PhantomDataset(
+            data_cfg.num_samples, data_cfg.image_size, seed=data_cfg.seed, lesion_fraction=data_cfg.lesion_fraction
+        )
+    if data_cfg.dataset == "medmnist":
+        images, labels = read_medmnist_npz(data_cfg.path, data_cfg.split, spatial_dims=model_cfg.spatial_dims)
+        return ArrayDataset(images, labels, image_size=data_cfg.image_size, channels=model_cfg.in_channels)
+    raise ValueError(f"unknown data.dataset {data_cfg.dataset!r}")
+
+
+def check_labels(dataset: Dataset, model_cfg: ModelConfig) -> None:
+    """A conditional model needs labels in ``0..num_classes-1``."""
+    labels = getattr(dataset, "labels", None)
+    if model_cfg.num_classes and labels is not None and len(labels):
+        hi = int(torch.as_tensor(labels).max())
+        if hi >= model_cfg.num_classes:
+            raise ValueError(f"the data has label {hi} but model.num_classes={model_cfg.num_classes}; raise model.num_classes")
+
+
+def build_optimizer(train_cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+
+def build_lr_schedule(train_cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Linear warm-up, then constant or cosine decay to 10% of ``lr``."""
+    warm = train_cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if train_cfg.lr_schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def sample_shape(cfg: ExperimentConfig, num: int) -> tuple[int, ...]:
+    return (num, cfg.model.in_channels) + (cfg.data.image_size,) * cfg.model.spatial_dims
+
+
+def model_from_checkpoint(path, *, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """Rebuild the model from a checkpoint's stored config and load its (EMA) weights.
+
+    Returns ``(model, config, checkpoint)``. Never unpickles code (``weights_only=True``).
+    """
+    from configs import ConfigError, load_config_dict
+    from meddiff.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = load_config_dict(ckpt.config)
+    except ConfigError as exc:
+        raise ValueError(f"{path}: the stored config is not valid for this meddiff version: {exc}") from None
+    model = build_model(cfg.model, cfg.data.image_size)
+    state = ckpt.ema if (use_ema and ckpt.ema is not None) else ckpt.model
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit the model built from the stored config: {exc}") from None
+    return model.to(device).eval(), cfg, ckpt

@@ -1,0 +1,97 @@
+"""Checkpoints that carry their config, step and version, and never pickle code.
+
+A checkpoint is a plain dict saved with ``torch.save``: tensors, numbers, strings, lists and dicts
+only, so it loads with ``torch.load(weights_only=True)``. Loading rebuilds the model from the stored
+config (GUIDE principle 4). Writes are atomic (temporary file, then ``os.replace``), so a crash never
+leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+import meddiff
+
+CHECKPOINT_FORMAT = "meddiff-checkpoint/1"
+_PREFIX = "_module."
+
+
+def unwrap_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Strip Opacus's ``_module.`` prefixes so keys match a freshly built model."""
+    out = {}
+    for k, v in state.items():
+        while k.startswith(_PREFIX):
+            k = k[len(_PREFIX):]
+        out[k] = v
+    return out
+
+
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint file."""
+
+    config: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    step: int
+    version: str
+    ema: Optional[dict[str, torch.Tensor]] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model_state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    step: int,
+    ema_state: Optional[Mapping[str, torch.Tensor]] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Atomically write a checkpoint. ``config`` is the plain-data experiment config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": meddiff.__version__,
+        "config": dict(config),
+        "step": int(step),
+        "model": {k: v.detach().cpu() for k, v in unwrap_state_dict(model_state).items()},
+        "ema": None if ema_state is None else {k: v.detach().cpu() for k, v in unwrap_state_dict(ema_state).items()},
+        "extra": dict(extra or {}),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint with ``weights_only=True``; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle, ...
+        raise ValueError(f"{path}: not a readable meddiff checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a meddiff checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return Checkpoint(
+        config=payload["config"],
+        model=payload["model"],
+        step=payload["step"],
+        version=payload["version"],
+        ema=payload.get("ema"),
+        extra=payload.get("extra") or {},
+    )

@@ -1,0 +1,47 @@
+"""In-memory datasets that yield ``(image, label)`` tuples, as Opacus's Poisson sampler expects."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+
+class ArrayDataset(Dataset):
+    """Images scaled to [-1, 1] and resized to ``image_size``.
+
+    Args:
+        images: ``[N, C, *S]`` uint8 (scaled by 1/255) or float in [0, 1].
+        labels: ``[N]`` integer labels.
+        image_size: target side length; resized with area (down) or bilinear (up) interpolation.
+        channels: if given, grey images are repeated / RGB images averaged to this many channels.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, image_size: int | None = None, channels: int | None = None):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        x = torch.from_numpy(np.asarray(images))
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if channels is not None and x.shape[1] != channels:
+            if channels == 1:
+                x = x.mean(dim=1, keepdim=True)
+            elif x.shape[1] == 1:
+                x = x.repeat_interleave(channels, dim=1)
+            else:
+                raise ValueError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+        spatial = x.shape[2:]
+        if image_size is not None and any(s != image_size for s in spatial):
+            size = (image_size,) * len(spatial)
+            shrinking = all(s >= image_size for s in spatial)
+            mode = "area" if shrinking else ("bilinear" if len(spatial) == 2 else "trilinear")
+            kwargs = {} if mode == "area" else {"align_corners": False}
+            x = F.interpolate(x, size=size, mode=mode, **kwargs)
+        self.images = x.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0).contiguous()
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i]

@@ -1,0 +1,84 @@
+"""Writing samples: PNG grids, ``.npy`` arrays and NIfTI volumes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Map [-1, 1] floats to uint8 [0, 255]."""
+    x = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, dtype=np.float32)
+    return np.clip((x + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def image_grid(images: torch.Tensor | np.ndarray, *, nrow: int | None = None, pad: int = 2, upscale: int = 1) -> np.ndarray:
+    """Tile ``[N, C, H, W]`` (C = 1 or 3) images in [-1, 1] into one uint8 ``[H', W']`` or ``[H', W', 3]`` grid.
+
+    3-D volumes ``[N, C, D, H, W]`` are shown by their middle axial slice.
+    """
+    x = to_uint8(images)
+    if x.ndim == 5:
+        x = x[:, :, x.shape[2] // 2]
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected [N, 1|3, H, W] images, got shape {x.shape}")
+    n, c, h, w = x.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    grid = np.zeros((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    grid = grid[0] if c == 1 else np.moveaxis(grid, 0, -1)
+    if upscale > 1:
+        grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    return grid
+
+
+def save_grid_png(images: torch.Tensor | np.ndarray, path: str | Path, **kwargs) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = image_grid(images, **kwargs)
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def save_nifti(volume: np.ndarray, path: str | Path, *, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Path:
+    """Write a ``[D, H, W]`` (or ``[C, D, H, W]``) volume as NIfTI with a RAS affine of ``spacing`` mm.
+
+    The array axes are taken as (x, y, z) = (D, H, W) in voxel order, so the affine is
+    ``diag(spacing, 1)`` with the volume centred on the origin.
+    """
+    import nibabel as nib
+
+    vol = np.asarray(volume, dtype=np.float32)
+    if vol.ndim == 4:
+        vol = np.moveaxis(vol, 0, -1)  # channels last for NIfTI
+    affine = np.diag([*spacing, 1.0]).astype(np.float64)
+    affine[:3, 3] = -0.5 * (np.array(vol.shape[:3]) - 1) * np.asarray(spacing)
+    img = nib.Nifti1Image(vol, affine)
+    img.header.set_xyzt_units("mm")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def write_samples(samples: torch.Tensor, out_dir: str | Path, stem: str, *, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, Path]:
+    """Write ``samples`` (``[N, C, *S]`` in [-1, 1]) as ``<stem>.png`` (grid) and ``<stem>.npy``,
+    plus ``<stem>_<i>.nii.gz`` per volume for 3-D samples. Returns the written paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arr = samples.detach().cpu().float().numpy()
+    written = {"png": save_grid_png(samples, out_dir / f"{stem}.png", upscale=max(1, 128 // arr.shape[-1]))}
+    np.save(out_dir / f"{stem}.npy", arr)
+    written["npy"] = out_dir / f"{stem}.npy"
+    if arr.ndim == 5:
+        for i, vol in enumerate(arr):
+            written[f"nii_{i}"] = save_nifti(vol[0] if vol.shape[0] == 1 else vol, out_dir / f"{stem}_{i:03d}.nii.gz", spacing=spacing)
+    return written

@@ -1,0 +1,1 @@
+"""Flower ServerApp and strategies (federated-training issue)."""

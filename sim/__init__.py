@@ -1,0 +1,1 @@
+"""Simulation harness: pseudo-site partitioning and local Flower simulation."""
