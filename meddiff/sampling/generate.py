@@ -35,7 +35,7 @@ def generate(
         model: the denoiser ``model(x_t, t[, y])``; switched to eval mode for the loop.
         sampler: a :class:`~meddiff.sampling.ddpm.DDPMSampler` or :class:`~meddiff.sampling.ddim.DDIMSampler`.
         shape: ``[N, C, *S]`` of the output.
-        y: ``[N]`` class labels for a conditional model, or None.
+        y: ``[N]`` class labels (for a conditional model and/or classifier guidance), or None.
         guidance_scale: classifier-free guidance scale (0 unconditional, 1 conditional).
         classifier_guidance: optional classifier-guidance hook.
     Returns:
@@ -50,11 +50,13 @@ def generate(
     if y is not None:
         y = y.to(device)
     null_label = getattr(model, "null_label", 0)
+    # An unconditional model with classifier guidance: the labels go to the classifier only.
+    model_y = y if getattr(model, "num_classes", 0) else None
     try:
         for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
             t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
             with autocast():
-                out = classifier_free_output(model, x, t_batch, y, guidance_scale=guidance_scale, null_label=null_label)
+                out = classifier_free_output(model, x, t_batch, model_y, guidance_scale=guidance_scale, null_label=null_label)
             out = out.float()
             if classifier_guidance is not None:
                 out = classifier_guidance(out, x, t_batch, y)

@@ -1,0 +1,59 @@
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from meddiff.cli import main
+from tests.conftest import TINY_OVERRIDES
+
+
+@pytest.mark.slow
+def test_train_then_sample(tmp_path, capsys):
+    rc = main(["train", "--no-progress", *TINY_OVERRIDES, "model.num_classes=2", f"output.root={tmp_path}", "output.name=r"])
+    assert rc == 0
+    run = tmp_path / "r"
+    assert (run / "config.yaml").is_file() and (run / "meta.json").is_file()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["2", "4"]
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"step_000002.pt", "step_000004.pt", "last.pt"}
+    grid = Image.open(run / "samples" / "step_000004.png")
+    assert grid.size[0] > 16
+    assert np.load(run / "samples" / "step_000004.npy").shape == (4, 1, 16, 16)
+
+    rc = main(["sample", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--num", "3", "--steps", "2",
+               "--class-label", "1", "--guidance-scale", "2", "--no-progress", "--out", str(tmp_path / "s")])
+    assert rc == 0
+    arr = np.load(tmp_path / "s" / "sample_ddim2_seed0.npy")
+    assert arr.shape == (3, 1, 16, 16) and np.isfinite(arr).all()
+    assert (tmp_path / "s" / "sample_ddim2_seed0.png").is_file()
+
+
+@pytest.mark.slow
+def test_3d_sample_writes_nifti(tmp_path):
+    over = [o for o in TINY_OVERRIDES if not o.startswith("data.image_size")]
+    rc = main(["train", "--no-progress", *over, "data.image_size=8", "model.spatial_dims=3", "model.attention_resolutions=[4]",
+               "data.dataset=medmnist", f"data.path={_volumes(tmp_path)}", "train.batch_size=2", "train.steps=2",
+               f"output.root={tmp_path}", "output.name=v", "output.num_samples=2"])
+    assert rc == 0
+    out = tmp_path / "v" / "samples"
+    vols = sorted(out.glob("*.nii.gz"))
+    assert len(vols) == 2
+    img = nib.load(vols[0])
+    assert img.shape == (8, 8, 8)
+    assert np.allclose(np.diag(img.affine)[:3], 1.0)
+
+
+def _volumes(tmp_path):
+    path = tmp_path / "vol.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, train_images=rng.integers(0, 255, (4, 8, 8, 8), dtype=np.uint8), train_labels=np.zeros((4, 1)))
+    return path
+
+
+def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["train", "train.nope=1"]) == 2
+    assert "unknown key 'train.nope'" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
