@@ -49,7 +49,7 @@ def test_train_step_changes_weights_and_grad_clip():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     train_step(model, diffusion, opt, torch.randn(4, 1, 16, 16), noise_multiplicity=2, grad_clip=1e-3)
-    moved = sum(float((p - b).norm() ** 2) for p, b in zip(model.parameters(), before)) ** 0.5
+    moved = sum(float((p.detach() - b).norm() ** 2) for p, b in zip(model.parameters(), before)) ** 0.5
     assert 0 < moved <= 0.1 * 1e-3 + 1e-7  # SGD step of a clipped gradient: lr * C
 
 
