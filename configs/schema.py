@@ -94,17 +94,47 @@ class TrainConfig:
     threads: int = _f(0, help="torch CPU threads; 0 keeps torch's default", min=0)
 
 
+DATASETS = ("phantoms", "medmnist", "brats", "ixi", "chexpert", "covid_ct", "lidc", "folder")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Where training images come from and how they are shaped."""
+    """Where training images come from and how they are preprocessed."""
 
-    dataset: str = _f("phantoms", help="data source", choices=("phantoms", "medmnist"))
+    dataset: str = _f("phantoms", help="data source / folder layout", choices=DATASETS)
     path: str = _f("", help="dataset file or folder (unused for phantoms)")
-    split: str = _f("train", help="split to train on", choices=("train", "val", "test"))
+    labels_csv: str = _f("", help="CSV of path,label[,patient_id][,site] (dataset 'folder'; optional elsewhere)")
+    split: str = _f("train", help="MedMNIST split to train on", choices=("train", "val", "test"))
     image_size: int = _f(32, help="side length the model sees (pixels)", min=4)
     num_samples: int = _f(2048, help="phantom slices to generate", min=1)
     lesion_fraction: float = _f(0.5, help="fraction of phantoms with a tumour (label 1)", min=0.0, max=1.0)
     seed: int = _f(0, help="seed of the phantom generator", min=0)
+    modality: str = _f("auto", help="intensity handling: auto (by dataset), mri or ct", choices=("auto", "mri", "ct"))
+    sequence: str = _f("", help="BraTS t1n|t1c|t2w|t2f, IXI T1|T2|PD; empty = t1c / T1")
+    target_spacing: tuple[float, ...] = _f((), help="resample volumes to this spacing in mm (x, y, z); empty = native")
+    hu_window: str = _f("brain", help="CT window preset", choices=("brain", "subdural", "lung", "abdomen", "bone"))
+    intensity_percentiles: tuple[float, ...] = _f((0.5, 99.5), help="MRI percentiles mapped to [-1, 1]", min=0.0, max=100.0)
+    min_foreground: float = _f(0.1, help="skip slices whose foreground fraction is below this", min=0.0, max=1.0)
+    slice_axis: int = _f(2, help="axis of 2-D slices in RAS volumes (2 = axial)", choices=(0, 1, 2))
+    finding: str = _f("Pneumonia", help="CheXpert finding column used as the label")
+    uncertain_policy: str = _f("zeros", help="CheXpert uncertain (-1) labels", choices=("zeros", "ones", "ignore"))
+    skip_bad: bool = _f(False, help="log and skip unreadable items instead of stopping")
+    cache_dir: str = _f(".cache/meddiff", help="preprocessed-array cache (memory-mapped)")
+    augment: bool = _f(False, help="random flips and small affine transforms while training")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the simulation harness splits one dataset into pseudo-sites (see sim/partition.py)."""
+
+    scheme: str = _f("iid", help="site assignment", choices=("iid", "dirichlet", "quantity", "natural"))
+    dirichlet_alpha: float = _f(0.5, help="label-skew concentration (smaller = more skew)", min_exclusive=0.0)
+    quantity_power: float = _f(1.5, help="power-law exponent of site sizes (quantity skew)", min_exclusive=0.0)
+    natural_key: str = _f("site", help="metadata field naming the real site (e.g. IXI hospital)")
+    scanner_shift: bool = _f(True, help="give every pseudo-site its own acquisition effects")
+    test_fraction: float = _f(0.1, help="patients held out globally, before site assignment", min=0.0, max=0.9)
+    site_test_fraction: float = _f(0.1, help="patients held out per site", min=0.0, max=0.9)
+    seed: int = _f(0, help="partition seed", min=0)
 
 
 @dataclass(frozen=True)
@@ -160,6 +190,7 @@ class ExperimentConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -69,7 +69,17 @@ def build_dataset(data_cfg: DataConfig, model_cfg: ModelConfig) -> Dataset:
     if data_cfg.dataset == "medmnist":
         images, labels = read_medmnist_npz(data_cfg.path, data_cfg.split, spatial_dims=model_cfg.spatial_dims)
         return ArrayDataset(images, labels, image_size=data_cfg.image_size, channels=model_cfg.in_channels)
-    raise ValueError(f"unknown data.dataset {data_cfg.dataset!r}")
+    from meddiff.data.adapters import index_dataset
+    from meddiff.data.cache import MedicalDataset
+
+    if model_cfg.in_channels != 1:
+        raise ValueError(f"data.dataset={data_cfg.dataset!r} gives 1-channel images: set model.in_channels=1")
+    index = index_dataset(data_cfg)
+    dataset = MedicalDataset(index.records, data_cfg, spatial_dims=model_cfg.spatial_dims, train=True)
+    dataset.bad = index.bad + dataset.bad
+    if dataset.bad:
+        print(f"[meddiff] skipped {len(dataset.bad)} bad item(s) (data.skip_bad=true); first: {dataset.bad[0]}")
+    return dataset
 
 
 def check_labels(dataset: Dataset, model_cfg: ModelConfig) -> None:

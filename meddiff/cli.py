@@ -1,4 +1,8 @@
-"""The ``meddiff`` command line: ``train`` (centralized baseline) and ``sample``."""
+"""The ``meddiff`` command line: ``train`` (centralized baseline) and ``sample``.
+
+The installed ``meddiff`` script is :func:`sim.cli.main`, which adds the commands that need the
+higher packages (``data split``) to this parser.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend=None) -> argparse.ArgumentParser:
+    """The ``meddiff`` parser; ``extend(subparsers)`` lets higher packages (``sim``) add commands."""
     parser = argparse.ArgumentParser(prog="meddiff", description="Federated, private diffusion models for medical images.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -77,14 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+    if extend is not None:
+        extend(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, extend=None) -> int:
+    args = build_parser(extend).parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:  # DataError is a ValueError
         print(f"meddiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

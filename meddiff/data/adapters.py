@@ -1,0 +1,359 @@
+"""Dataset adapters for the layouts users download, as two steps:
+
+1. ``index_dataset(cfg)`` walks the folder (cheap, no pixel data) and returns :class:`Record`s,
+   one per patient-level unit (a BraTS case, an IXI volume, a DICOM series, a 2-D image), each with
+   its patient id, label and metadata (e.g. the IXI hospital). Partitioning works on this index.
+2. ``load_record(record, cfg)`` reads and preprocesses one record into model-ready arrays:
+   2-D slices ``[n, 1, S, S]`` or one volume ``[1, 1, S, S, S]`` in [-1, 1], with labels.
+
+Supported layouts (see the README's "Datasets" section):
+
+- ``medmnist``: a MedMNIST v2 ``.npz``; every image is its own unit (MedMNIST has no patient ids).
+- ``brats``: BraTS 2023 case folders ``BraTS-GLI-xxxxx-xxx/BraTS-GLI-xxxxx-xxx-{t1n,t1c,t2w,t2f,seg}.nii.gz``;
+  the slice label is 1 where ``seg`` has tumour.
+- ``ixi``: ``IXI<id>-<Guys|HH|IOP>-<n>-<T1|T2|PD>.nii.gz``; the hospital is ``meta["site"]``.
+- ``chexpert``: ``train.csv``/``valid.csv`` with a ``Path`` column and finding columns; JPEGs.
+- ``covid_ct``: ``CT_COVID/`` (label 1) and ``CT_NonCOVID/`` (label 0) image folders.
+- ``lidc``: ``LIDC-IDRI-xxxx/<study>/<series>/*.dcm`` DICOM series, in HU.
+- ``folder``: any NIfTI or image files named in a CSV ``path,label[,patient_id][,site]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from configs import DataConfig
+from meddiff.data.readers import DataError, read_dicom_series, read_image, read_nifti
+from meddiff.data.transforms import extract_slices, fit_to_size, preprocess_volume
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+BRATS_SEQUENCES = ("t1n", "t1c", "t2w", "t2f")
+IXI_SEQUENCES = ("T1", "T2", "PD")
+IXI_NAME = re.compile(r"^(IXI\d+)-(Guys|HH|IOP)-(\d+)-(T1|T2|PD|MRA|DTI)\.nii(\.gz)?$")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One patient-level unit of a dataset.
+
+    Attributes:
+        sample_id: unique within the dataset.
+        patient_id: units of one patient never go to different sites or splits.
+        label: unit-level label (a volume is 1 if any slice is).
+        files: the files read to load it.
+        kind: ``"volume"`` (NIfTI), ``"dicom"`` (series folder), ``"image"`` (2-D) or ``"npz"``.
+        meta: extra fields (e.g. ``site``, ``seg``, ``index``).
+    """
+
+    sample_id: str
+    patient_id: str
+    label: int
+    files: tuple[str, ...]
+    kind: str
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class IndexResult:
+    records: list[Record]
+    bad: list[str] = field(default_factory=list)  # "path: reason" for skipped items
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.name.endswith(NIFTI_SUFFIXES)
+
+
+def _root(cfg: DataConfig) -> Path:
+    root = Path(cfg.path)
+    if not root.exists():
+        raise DataError(f"{root}: dataset path does not exist (data.path)")
+    return root
+
+
+def _problem(result: IndexResult, cfg: DataConfig, message: str) -> None:
+    if not cfg.skip_bad:
+        raise DataError(message)
+    log.warning("skipping: %s", message)
+    result.bad.append(message)
+
+
+# ---------------------------------------------------------------- indexers
+def index_medmnist(cfg: DataConfig) -> IndexResult:
+    from meddiff.data.medmnist import read_medmnist_npz
+
+    path = _root(cfg)
+    _, labels = read_medmnist_npz(path, cfg.split, spatial_dims=2 if _npz_ndim(path, cfg.split) <= 4 else 3)
+    recs = [
+        Record(f"{cfg.split}_{i:06d}", f"{cfg.split}_{i:06d}", int(lab), (str(path),), "npz", {"index": i, "split": cfg.split})
+        for i, lab in enumerate(labels)
+    ]
+    return IndexResult(recs)
+
+
+def _npz_ndim(path: Path, split: str) -> int:
+    with np.load(path, allow_pickle=False) as npz:
+        shape = npz[f"{split}_images"].shape
+    return len(shape) if not (len(shape) == 4 and shape[-1] == 3) else 3
+
+
+def index_brats(cfg: DataConfig) -> IndexResult:
+    root = _root(cfg)
+    seq = cfg.sequence or "t1c"
+    if seq not in BRATS_SEQUENCES:
+        raise DataError(f"data.sequence={seq!r} is no BraTS modality; choose one of {BRATS_SEQUENCES}")
+    result = IndexResult([])
+    cases = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("BraTS"))
+    if not cases:
+        raise DataError(f"{root}: no BraTS case folders (BraTS-GLI-xxxxx-xxx/) found")
+    for case in cases:
+        image, seg = case / f"{case.name}-{seq}.nii.gz", case / f"{case.name}-seg.nii.gz"
+        missing = [p.name for p in (image, seg) if not p.is_file()]
+        if missing:
+            _problem(result, cfg, f"{case}: missing modality file(s) {missing}")
+            continue
+        patient = "-".join(case.name.split("-")[:3])  # BraTS-GLI-xxxxx (timepoints share a patient)
+        result.records.append(Record(case.name, patient, 1, (str(image), str(seg)), "volume", {"seg": str(seg)}))
+    return result
+
+
+def index_ixi(cfg: DataConfig) -> IndexResult:
+    root = _root(cfg)
+    seq = cfg.sequence or "T1"
+    if seq not in IXI_SEQUENCES:
+        raise DataError(f"data.sequence={seq!r} is no IXI contrast; choose one of {IXI_SEQUENCES}")
+    result = IndexResult([])
+    for f in sorted(root.rglob("IXI*.nii*")):
+        m = IXI_NAME.match(f.name)
+        if not m:
+            _problem(result, cfg, f"{f}: name does not follow IXI<id>-<Guys|HH|IOP>-<n>-<T1|T2|PD>.nii.gz")
+            continue
+        if m.group(4) != seq:
+            continue
+        result.records.append(Record(f.name.split(".nii")[0], m.group(1), 0, (str(f),), "volume", {"site": m.group(2)}))
+    if not result.records and not result.bad:
+        raise DataError(f"{root}: no IXI {seq} volumes found")
+    return result
+
+
+def _chexpert_label(value: str, policy: str) -> Optional[int]:
+    value = (value or "").strip()
+    if value == "":
+        return 0
+    v = float(value)
+    if v == -1:
+        return {"zeros": 0, "ones": 1, "ignore": None}[policy]
+    if v not in (0.0, 1.0):
+        raise ValueError(f"unknown label value {value!r}")
+    return int(v)
+
+
+def index_chexpert(cfg: DataConfig) -> IndexResult:
+    root = _root(cfg)
+    csvs = [root / n for n in ("train.csv", "valid.csv") if (root / n).is_file()]
+    if not csvs:
+        raise DataError(f"{root}: no train.csv or valid.csv (CheXpert layout)")
+    result = IndexResult([])
+    for table in csvs:
+        with open(table, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if "Path" not in (reader.fieldnames or []) or cfg.finding not in (reader.fieldnames or []):
+                raise DataError(f"{table}: needs columns 'Path' and '{cfg.finding}' (data.finding); has {reader.fieldnames}")
+            for row_no, row in enumerate(reader, start=2):
+                rel = row["Path"]
+                path = _resolve_chexpert(root, rel)
+                if path is None:
+                    _problem(result, cfg, f"{table}:{row_no}: image {rel!r} not found under {root}")
+                    continue
+                try:
+                    label = _chexpert_label(row[cfg.finding], cfg.uncertain_policy)
+                except ValueError as exc:
+                    _problem(result, cfg, f"{table}:{row_no}: column '{cfg.finding}': {exc}")
+                    continue
+                if label is None:
+                    continue
+                m = re.search(r"(patient\d+)", rel)
+                patient = m.group(1) if m else Path(rel).parent.as_posix()
+                sid = re.sub(r"[^A-Za-z0-9]+", "_", rel.split("patient", 1)[-1]).strip("_")
+                result.records.append(Record(f"{table.stem}_{sid}", patient, label, (str(path),), "image", {}))
+    return result
+
+
+def _resolve_chexpert(root: Path, rel: str) -> Optional[Path]:
+    parts = Path(rel).parts
+    for cand in (root / rel, root.parent / rel, root.joinpath(*parts[1:]) if len(parts) > 1 else None):
+        if cand is not None and cand.is_file():
+            return cand
+    return None
+
+
+def index_covid_ct(cfg: DataConfig) -> IndexResult:
+    root = _root(cfg)
+    result = IndexResult([])
+    for folder, label in (("CT_COVID", 1), ("CT_NonCOVID", 0)):
+        d = root / folder
+        if not d.is_dir():
+            raise DataError(f"{root}: missing folder {folder}/ (COVID-CT layout)")
+        for f in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            # Slices of one scan share a name stem up to a trailing slice number.
+            patient = re.sub(r"[\s_%-]*\(?\d+\)?$", "", f.stem) or f.stem
+            result.records.append(Record(f"{folder}/{f.name}", f"{folder}/{patient}", label, (str(f),), "image", {}))
+    if not result.records:
+        raise DataError(f"{root}: CT_COVID/ and CT_NonCOVID/ hold no PNG or JPEG images")
+    return result
+
+
+def index_lidc(cfg: DataConfig) -> IndexResult:
+    root = _root(cfg)
+    result = IndexResult([])
+    series = sorted({p.parent for p in root.rglob("*.dcm")})
+    if not series:
+        raise DataError(f"{root}: no DICOM (.dcm) series found (LIDC-IDRI layout)")
+    labels = _labels_from_csv(cfg) if cfg.labels_csv else {}
+    for s in series:
+        rel = s.relative_to(root)
+        patient = rel.parts[0] if len(rel.parts) > 1 else s.name
+        sid = rel.as_posix()
+        result.records.append(Record(sid, patient, int(labels.get(sid, labels.get(patient, (0,)))[0]), (str(s),), "dicom", {}))
+    return result
+
+
+def _labels_from_csv(cfg: DataConfig) -> dict[str, tuple]:
+    table = Path(cfg.labels_csv)
+    if not table.is_file():
+        raise DataError(f"{table}: labels CSV not found (data.labels_csv)")
+    out = {}
+    with open(table, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not {"path", "label"} <= set(reader.fieldnames or []):
+            raise DataError(f"{table}: needs columns 'path' and 'label'; has {reader.fieldnames}")
+        for row_no, row in enumerate(reader, start=2):
+            try:
+                label = int(row["label"])
+            except ValueError:
+                raise DataError(f"{table}:{row_no}: unknown label value {row['label']!r} (expected an integer)") from None
+            out[row["path"]] = (label, row.get("patient_id") or "", row.get("site") or "", row_no)
+    return out
+
+
+def index_folder(cfg: DataConfig) -> IndexResult:
+    root = _root(cfg)
+    table = Path(cfg.labels_csv)
+    result = IndexResult([])
+    for rel, (label, patient, site, row_no) in _labels_from_csv(cfg).items():
+        f = root / rel
+        if not f.is_file():
+            _problem(result, cfg, f"{table}:{row_no}: file {rel!r} not found under {root}")
+            continue
+        if _is_nifti(f):
+            kind = "volume"
+        elif f.suffix.lower() in IMAGE_SUFFIXES:
+            kind = "image"
+        else:
+            _problem(result, cfg, f"{table}:{row_no}: {rel!r} is neither NIfTI nor PNG/JPEG")
+            continue
+        meta = {"site": site} if site else {}
+        result.records.append(Record(rel, patient or rel, label, (str(f),), kind, meta))
+    if not result.records and not result.bad:
+        raise DataError(f"{table}: lists no files")
+    return result
+
+
+INDEXERS: dict[str, Callable[[DataConfig], IndexResult]] = {
+    "medmnist": index_medmnist,
+    "brats": index_brats,
+    "ixi": index_ixi,
+    "chexpert": index_chexpert,
+    "covid_ct": index_covid_ct,
+    "lidc": index_lidc,
+    "folder": index_folder,
+}
+DEFAULT_MODALITY = {"brats": "mri", "ixi": "mri", "lidc": "ct", "folder": "mri", "covid_ct": "ct", "chexpert": "ct", "medmnist": "mri"}
+
+
+def index_dataset(cfg: DataConfig) -> IndexResult:
+    """Index the dataset named by ``cfg.dataset``; errors name the file and the problem."""
+    if cfg.dataset not in INDEXERS:
+        raise DataError(f"data.dataset={cfg.dataset!r} has no folder adapter; choose one of {sorted(INDEXERS)}")
+    result = INDEXERS[cfg.dataset](cfg)
+    if not result.records:
+        raise DataError(f"{cfg.path}: no usable items ({len(result.bad)} skipped as bad)")
+    return result
+
+
+# ---------------------------------------------------------------- loading
+@lru_cache(maxsize=4)
+def _npz_images(path: str, split: str) -> np.ndarray:
+    from meddiff.data.medmnist import read_medmnist_npz
+
+    return read_medmnist_npz(path, split, spatial_dims=2 if _npz_ndim(Path(path), split) <= 4 else 3)[0]
+
+
+def load_record(record: Record, cfg: DataConfig, *, spatial_dims: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Read and preprocess one record.
+
+    Returns:
+        ``images [n, 1, S, S]`` (2-D; volumes give their foreground slices) or ``[1, 1, S, S, S]``
+        (3-D), float32 in [-1, 1], and ``labels [n]`` int64.
+    Raises:
+        DataError naming the file and the problem.
+    """
+    size = cfg.image_size
+    modality = cfg.modality if cfg.modality != "auto" else DEFAULT_MODALITY.get(cfg.dataset, "mri")
+    if record.kind == "npz":
+        img = _npz_images(record.files[0], record.meta["split"])[record.meta["index"]].astype(np.float32) / 127.5 - 1.0
+        if img.shape[0] == 3:
+            img = img.mean(0, keepdims=True)
+        img = fit_to_size(img[0], size)[None]
+        return img[None], np.asarray([record.label], np.int64)
+    if record.kind == "image":
+        img = read_image(record.files[0])[0] * 2.0 - 1.0
+        if spatial_dims != 2:
+            raise DataError(f"{record.files[0]}: a 2-D image cannot train a 3-D model (model.spatial_dims=3)")
+        return fit_to_size(img, size)[None, None], np.asarray([record.label], np.int64)
+    volume = read_dicom_series(record.files[0]) if record.kind == "dicom" else read_nifti(record.files[0])
+    array, _ = preprocess_volume(volume, modality=modality, target_spacing=cfg.target_spacing,
+                                 hu_window_name=cfg.hu_window, percentiles=tuple(cfg.intensity_percentiles))
+    seg = None
+    if "seg" in record.meta:
+        seg_vol = read_nifti(record.meta["seg"])
+        if seg_vol.array.shape != volume.array.shape:
+            raise DataError(f"{record.meta['seg']}: segmentation shape {seg_vol.array.shape} does not match "
+                            f"image shape {volume.array.shape} ({record.files[0]})")
+        seg, _ = _resample_label(seg_vol, cfg)
+        if seg.shape != array.shape:
+            raise DataError(f"{record.meta['seg']}: resampled segmentation {seg.shape} != image {array.shape}")
+    if spatial_dims == 3:
+        from meddiff.data.transforms import crop_foreground
+
+        vol = fit_to_size(crop_foreground(array), size)
+        label = int(seg is not None and (seg > 0).any()) if seg is not None else record.label
+        return vol[None, None], np.asarray([label], np.int64)
+    slices, labels, _ = extract_slices(array, axis=cfg.slice_axis, min_foreground=cfg.min_foreground, image_size=size,
+                                       label_volume=seg)
+    if seg is None:
+        labels[:] = record.label
+    return slices, labels
+
+
+def _resample_label(seg, cfg: DataConfig):
+    """Nearest-neighbour orientation/resampling of a segmentation, matching :func:`preprocess_volume`."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    x = MetaTensor(torch.from_numpy(seg.array)[None], affine=torch.from_numpy(seg.affine))
+    x = Orientation(axcodes="RAS")(x)
+    if cfg.target_spacing:
+        x = Spacing(pixdim=tuple(cfg.target_spacing), mode="nearest")(x)
+    return np.asarray(x.as_tensor()[0]), np.asarray(x.affine)
