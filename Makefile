@@ -36,6 +36,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/unet_speed.py
 	$(BIN)/python bench/sampler_speed.py
+	$(BIN)/python bench/data_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

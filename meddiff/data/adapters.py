@@ -32,7 +32,7 @@ import numpy as np
 
 from configs import DataConfig
 from meddiff.data.readers import DataError, read_dicom_series, read_image, read_nifti
-from meddiff.data.transforms import extract_slices, fit_to_size, preprocess_volume
+from meddiff.data.transforms import RAS_LABELS, extract_slices, fit_to_size, preprocess_volume
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def _resample_label(seg, cfg: DataConfig):
     from monai.transforms import Orientation, Spacing
 
     x = MetaTensor(torch.from_numpy(seg.array)[None], affine=torch.from_numpy(seg.affine))
-    x = Orientation(axcodes="RAS")(x)
+    x = Orientation(axcodes="RAS", labels=RAS_LABELS)(x)
     if cfg.target_spacing:
         x = Spacing(pixdim=tuple(cfg.target_spacing), mode="nearest")(x)
     return np.asarray(x.as_tensor()[0]), np.asarray(x.affine)

@@ -14,6 +14,9 @@ import torch
 
 from meddiff.data.readers import Volume
 
+#: NIfTI/nibabel world-axis labels (RAS+), passed explicitly to MONAI's Orientation.
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
 #: (center, width) in Hounsfield units.
 HU_WINDOWS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
@@ -72,7 +75,7 @@ def preprocess_volume(
     from monai.transforms import Orientation, Spacing
 
     x = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array))[None], affine=torch.from_numpy(volume.affine))
-    x = Orientation(axcodes="RAS")(x)
+    x = Orientation(axcodes="RAS", labels=RAS_LABELS)(x)
     if target_spacing:
         if len(target_spacing) != 3 or min(target_spacing) <= 0:
             raise ValueError(f"target_spacing must be three positive numbers (mm), got {list(target_spacing)}")

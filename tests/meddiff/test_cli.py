@@ -57,3 +57,16 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "unknown key 'train.nope'" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_on_a_brats_folder(tmp_path):
+    from tests.fixtures import make_brats
+
+    root = make_brats(tmp_path / "brats", n_cases=2)
+    rc = main(["train", "--no-progress", *TINY_OVERRIDES, "model.num_classes=2", "data.dataset=brats", f"data.path={root}",
+               "data.min_foreground=0.05", f"data.cache_dir={tmp_path / 'cache'}", "data.augment=true",
+               f"output.root={tmp_path}", "output.name=b"])
+    assert rc == 0
+    assert (tmp_path / "b" / "checkpoints" / "last.pt").is_file()
+    assert any((tmp_path / "cache").rglob("*.images.npy"))
