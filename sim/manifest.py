@@ -20,7 +20,8 @@ import numpy as np
 import meddiff
 from configs import ExperimentConfig
 from meddiff.data.adapters import IndexResult, Record, index_dataset
-from meddiff.data.cache import content_digest
+from meddiff.data.cache import ArrayCache, content_digest
+from meddiff.data.readers import DataError
 from meddiff.data.phantoms import make_phantoms
 from sim.partition import assign_sites, holdout, scanner_acquisition
 
@@ -37,6 +38,28 @@ def index_phantoms(cfg: ExperimentConfig) -> IndexResult:
         for i in range(len(labels))
     ]
     return IndexResult(recs)
+
+
+def _validated(index: IndexResult, cfg: ExperimentConfig) -> list[Record]:
+    """Preprocess every file-backed record once (filling the cache), so unreadable files are found
+    at split time: an error naming the file, or with ``data.skip_bad`` a logged, counted skip."""
+    cache = ArrayCache(cfg.data.cache_dir)
+    good = []
+    for r in index.records:
+        if r.kind in ("phantom", "npz"):
+            good.append(r)
+            continue
+        try:
+            cache.get(r, cfg.data, spatial_dims=cfg.model.spatial_dims)
+        except DataError as exc:
+            if not cfg.data.skip_bad:
+                raise
+            index.bad.append(str(exc))
+            continue
+        good.append(r)
+    if not good:
+        raise DataError(f"{cfg.data.path}: no usable items ({len(index.bad)} skipped as bad)")
+    return good
 
 
 def _patient_tables(records: list[Record], natural_key: str):
@@ -62,7 +85,7 @@ def build_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
     """Index the dataset, carve held-out patients, assign sites and describe the result."""
     index = index_phantoms(cfg) if cfg.data.dataset == "phantoms" else index_dataset(cfg.data)
     p = cfg.partition
-    records = index.records
+    records = _validated(index, cfg)
     labels, groups = _patient_tables(records, p.natural_key)
     patients = sorted(labels)
     pool, global_test = holdout(patients, p.test_fraction, p.seed, salt=0)

@@ -59,3 +59,9 @@ def shared_file(name: str) -> Path:
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return tiny_config(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path, monkeypatch):
+    """Relative outputs (runs/, .cache/) go to a temporary folder, never into the repo."""
+    monkeypatch.chdir(tmp_path)

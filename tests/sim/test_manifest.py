@@ -97,3 +97,18 @@ def test_real_sites_check_content_and_apply_scanner_shift(tmp_path):
         site_dataset(m, "site_0", cfg)
     with pytest.raises(ValueError, match="no site 'nope'"):
         site_dataset(m, "nope", cfg)
+
+
+def test_corrupt_file_found_at_split_time(tmp_path):
+    from meddiff.data.readers import DataError
+
+    root = make_brats(tmp_path / "b", n_cases=4)
+    f = root / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-t1c.nii.gz"
+    f.write_bytes(f.read_bytes()[:150])
+    over = ["data.dataset=brats", f"data.path={root}", "federation.num_sites=2", f"data.cache_dir={tmp_path / 'c'}",
+            "partition.test_fraction=0", "partition.site_test_fraction=0"]
+    with pytest.raises(DataError, match="BraTS-GLI-00001-000-t1c.nii.gz: corrupt"):
+        build_manifest(load_config(None, over))
+    m = build_manifest(load_config(None, over + ["data.skip_bad=true"]))
+    assert m["bad_items"] == 1
+    assert "BraTS-GLI-00001-000" not in {s["id"] for site in m["sites"] for s in site["train"]["samples"]}

@@ -104,3 +104,11 @@ def test_augmentation_keeps_shape():
     aug.set_random_state(0)
     out = torch.as_tensor(aug(torch.rand(1, 16, 16)))
     assert out.shape == (1, 16, 16)
+
+
+def test_dicom_slices_of_different_shapes(tmp_path):
+    folder = make_dicom_series(tmp_path / "s", n_slices=2)
+    make_dicom_series(tmp_path / "other", n_slices=1, rows=8, cols=8)
+    (tmp_path / "other" / "000.dcm").rename(folder / "zzz.dcm")
+    with pytest.raises(DataError, match="s: slices have different shapes"):
+        read_dicom_series(folder)
