@@ -107,11 +107,16 @@ def _npz_ndim(path: Path, split: str) -> int:
     return len(shape) if not (len(shape) == 4 and shape[-1] == 3) else 3
 
 
+def _sequence(cfg: DataConfig, default: str, allowed: tuple[str, ...], what: str) -> str:
+    seq = cfg.sequence or default
+    if seq not in allowed:
+        raise DataError(f"data.sequence={seq!r} is no {what}; choose one of {allowed}")
+    return seq
+
+
 def index_brats(cfg: DataConfig) -> IndexResult:
     root = _root(cfg)
-    seq = cfg.sequence or "t1c"
-    if seq not in BRATS_SEQUENCES:
-        raise DataError(f"data.sequence={seq!r} is no BraTS modality; choose one of {BRATS_SEQUENCES}")
+    seq = _sequence(cfg, "t1c", BRATS_SEQUENCES, "BraTS modality")
     result = IndexResult([])
     cases = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("BraTS"))
     if not cases:
@@ -123,15 +128,13 @@ def index_brats(cfg: DataConfig) -> IndexResult:
             _problem(result, cfg, f"{case}: missing modality file(s) {missing}")
             continue
         patient = "-".join(case.name.split("-")[:3])  # BraTS-GLI-xxxxx (timepoints share a patient)
-        result.records.append(Record(case.name, patient, 1, (str(image), str(seg)), "volume", {"seg": str(seg)}))
+        result.records.append(Record(case.name, patient, 1, (str(image),), "volume", {"seg": str(seg)}))
     return result
 
 
 def index_ixi(cfg: DataConfig) -> IndexResult:
     root = _root(cfg)
-    seq = cfg.sequence or "T1"
-    if seq not in IXI_SEQUENCES:
-        raise DataError(f"data.sequence={seq!r} is no IXI contrast; choose one of {IXI_SEQUENCES}")
+    seq = _sequence(cfg, "T1", IXI_SEQUENCES, "IXI contrast")
     result = IndexResult([])
     for f in sorted(root.rglob("IXI*.nii*")):
         m = IXI_NAME.match(f.name)
