@@ -22,10 +22,10 @@ from configs import ExperimentConfig
 from meddiff.data.adapters import IndexResult, Record, index_dataset
 from meddiff.data.cache import ArrayCache, content_digest
 from meddiff.data.readers import DataError
+from meddiff.data.sites import MANIFEST_VERSION, check_disjoint, load_manifest  # noqa: F401  (re-exported)
 from meddiff.data.phantoms import make_phantoms
 from sim.partition import assign_sites, holdout, scanner_acquisition
 
-MANIFEST_VERSION = 1
 
 
 def index_phantoms(cfg: ExperimentConfig) -> IndexResult:
@@ -114,21 +114,6 @@ def build_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def check_disjoint(manifest: dict[str, Any]) -> None:
-    """Raise ``ValueError`` if a patient or sample appears in more than one split."""
-    seen: dict[str, str] = {}
-    seen_samples: dict[str, str] = {}
-    splits = [("global_test", manifest["global_test"])]
-    for site in manifest["sites"]:
-        splits += [(f"{site['name']}/train", site["train"]), (f"{site['name']}/test", site["test"])]
-    for where, split in splits:
-        for s in split["samples"]:
-            for key, table in ((s["patient"], seen), (s["id"], seen_samples)):
-                owner = table.setdefault(key, where)
-                if owner != where:
-                    raise ValueError(f"{key!r} is in both {owner} and {where}")
-
-
 def dumps(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, sort_keys=True, indent=1, default=list) + "\n"
 
@@ -140,20 +125,6 @@ def write_manifest(manifest: dict[str, Any], out_dir: str | Path) -> Path:
     path = out / "manifest.json"
     path.write_text(dumps(manifest))
     return path
-
-
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: unsupported manifest version {manifest.get('manifest_version')!r}")
-    check_disjoint(manifest)
-    return manifest
 
 
 def preview_table(manifest: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from meddiff.data.phantoms import Acquisition
+from meddiff.data.phantoms import site_acquisition as scanner_acquisition  # noqa: F401  (re-exported)
 
 SCHEMES = ("iid", "dirichlet", "quantity", "natural")
 
@@ -91,19 +91,6 @@ def _ensure_nonempty(sites: list[list[str]]) -> list[list[str]]:
                 raise ValueError("too few patients to give every site at least one")
             sites[s].append(sites[donor].pop())
     return [sorted(x) for x in sites]
-
-
-def scanner_acquisition(site: int, seed: int) -> Acquisition:
-    """A deterministic, site-specific scanner: contrast gamma, bias field, noise, blur and resolution."""
-    rng = _rng(seed, 11, site)
-    return Acquisition(
-        contrast_gamma=float(rng.uniform(0.75, 1.3)),
-        bias_field=float(rng.uniform(0.05, 0.3)),
-        noise_level=float(rng.uniform(0.01, 0.06)),
-        blur_sigma=float(rng.uniform(0.0, 0.8)),
-        resolution=float(rng.choice([1.0, 1.0, 0.75, 0.5])),
-        bias_seed=int(rng.integers(0, 2**31 - 1)),
-    )
 
 
 def assign_sites(

@@ -59,6 +59,19 @@ class Acquisition:
             raise ValueError(f"Acquisition field(s) out of range: {', '.join(f'{k}={getattr(self, k)}' for k in bad)}")
 
 
+def site_acquisition(site: int, seed: int) -> Acquisition:
+    """A deterministic, site-specific scanner: contrast gamma, bias field, noise, blur and resolution."""
+    rng = np.random.default_rng([seed, 11, site])
+    return Acquisition(
+        contrast_gamma=float(rng.uniform(0.75, 1.3)),
+        bias_field=float(rng.uniform(0.05, 0.3)),
+        noise_level=float(rng.uniform(0.01, 0.06)),
+        blur_sigma=float(rng.uniform(0.0, 0.8)),
+        resolution=float(rng.choice([1.0, 1.0, 0.75, 0.5])),
+        bias_seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
 DEFAULT_ACQUISITION = Acquisition(bias_field=0.1, noise_level=0.02, blur_sigma=0.3)
 
 

@@ -1,7 +1,14 @@
-"""Datasets of one pseudo-site, read from a split manifest, with that site's scanner effects."""
+"""What a site reads: split manifests and the datasets of one site.
+
+A manifest is written by the simulation harness (``sim/manifest.py``); sites only read it here.
+Without a manifest, the embedded phantom default generates each site's data directly
+(:func:`phantom_site`): its own seed stream, tumour prevalence and scanner.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +18,41 @@ from torch.utils.data import Dataset
 from configs import ExperimentConfig
 from meddiff.data.adapters import index_dataset
 from meddiff.data.cache import MedicalDataset, content_digest
-from meddiff.data.phantoms import Acquisition, apply_acquisition, make_phantoms
+from meddiff.data.phantoms import Acquisition, apply_acquisition, make_phantoms, site_acquisition
+
+MANIFEST_VERSION = 1
+
+
+def check_disjoint(manifest: dict[str, Any]) -> None:
+    """Raise ``ValueError`` if a patient or sample appears in more than one split."""
+    seen: dict[str, str] = {}
+    seen_samples: dict[str, str] = {}
+    splits = [("global_test", manifest["global_test"])]
+    for site in manifest["sites"]:
+        splits += [(f"{site['name']}/train", site["train"]), (f"{site['name']}/test", site["test"])]
+    for where, split in splits:
+        for s in split["samples"]:
+            for key, table in ((s["patient"], seen), (s["id"], seen_samples)):
+                owner = table.setdefault(key, where)
+                if owner != where:
+                    raise ValueError(f"{key!r} is in both {owner} and {where}")
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise ValueError(f"{path}: unsupported manifest version {manifest.get('manifest_version')!r}")
+    check_disjoint(manifest)
+    return manifest
+
+
+
 
 
 def _site_entry(manifest: dict[str, Any], site: int | str) -> tuple[int, dict[str, Any]]:
@@ -90,3 +131,33 @@ class _Tensors(Dataset):
 
     def __getitem__(self, i: int):
         return self.images[i], self.labels[i]
+
+
+def phantom_site_plan(site: int, num_sites: int, cfg: ExperimentConfig) -> dict[str, Any]:
+    """How the embedded default generates site ``site`` of ``num_sites`` (no manifest needed).
+
+    Each site draws from its own seed stream (so sites are disjoint by construction), has its own
+    tumour prevalence (label skew: evenly spread over 0.2..0.8 across sites) and, with
+    ``partition.scanner_shift``, its own scanner (:func:`site_acquisition`). The site holds
+    ``data.num_samples // num_sites`` slices, of which ``partition.site_test_fraction`` are held out.
+    """
+    if not 0 <= site < num_sites:
+        raise ValueError(f"site {site} out of range 0..{num_sites - 1}")
+    n = max(2, cfg.data.num_samples // num_sites)
+    n_test = max(1, int(round(cfg.partition.site_test_fraction * n)))
+    prevalence = 0.5 if num_sites == 1 else 0.2 + 0.6 * site / (num_sites - 1)
+    acq = site_acquisition(site, cfg.partition.seed) if cfg.partition.scanner_shift else None
+    return {"seed": 100_003 * (site + 1) + cfg.data.seed, "num_train": n - n_test, "num_test": n_test,
+            "lesion_fraction": prevalence, "acquisition": acq}
+
+
+def phantom_site(site: int, num_sites: int, cfg: ExperimentConfig, *, split: str = "train") -> Dataset:
+    """The generated data of one embedded-default site (see :func:`phantom_site_plan`)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    plan = phantom_site_plan(site, num_sites, cfg)
+    num, start = (plan["num_train"], 0) if split == "train" else (plan["num_test"], plan["num_train"])
+    kwargs = {"acquisition": plan["acquisition"]} if plan["acquisition"] else {}
+    images, labels = make_phantoms(num, cfg.data.image_size, seed=plan["seed"], lesion_fraction=plan["lesion_fraction"],
+                                   start=start, **kwargs)
+    return _Tensors(images[:, None] * 2.0 - 1.0, labels.tolist())
