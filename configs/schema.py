@@ -168,6 +168,8 @@ class FederationConfig:
     server_lr: float = _f(1e-2, help="server learning rate (FedAdam/FedYogi)", min_exclusive=0.0)
     round_timeout: float = _f(600.0, help="seconds to wait for replies in a round", min_exclusive=0.0)
     transport_dtype: str = _f("fp32", help="dtype of weights on the wire", choices=("fp32", "fp16"))
+    server_ema_decay: float = _f(0.9, help="EMA decay of the global weights across rounds", min=0.0, max=1.0)
+    max_update_norm_ratio: float = _f(10.0, help="reject updates farther than this x the round median; 0 = off", min=0.0)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None, *, extend=None) -> int:
     args = build_parser(extend).parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:  # DataError is a ValueError
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:  # DataError is a ValueError
         print(f"meddiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,71 @@
+"""Which data a site trains on.
+
+- Simulation: ``node_config["partition-id"]`` picks the site. With a manifest (``manifest-path``
+  in the run config, written by ``meddiff simulate``/``meddiff data split``) the site reads its
+  samples from it; without one, the embedded phantom default generates the site's data.
+- Deployment: ``--node-config "data-path=... site-name=..."``; the hospital's own folder is read
+  with the same adapters, and patients whose id hashes to the last decile are held out for
+  evaluation (deterministic, no manifest needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from functools import lru_cache
+from typing import Mapping
+
+from torch.utils.data import Dataset
+
+from configs import ExperimentConfig, config_to_yaml, load_config_dict
+from meddiff.data.adapters import index_dataset
+from meddiff.data.cache import MedicalDataset
+from meddiff.data.sites import load_manifest, phantom_site, site_dataset
+
+
+def _held_out(patient_id: str) -> bool:
+    return int(hashlib.sha256(patient_id.encode()).hexdigest(), 16) % 10 == 9
+
+
+@dataclasses.dataclass
+class SiteData:
+    name: str
+    index: int
+    train: Dataset
+    test: Dataset
+
+
+def site_data(cfg: ExperimentConfig, node_config: Mapping, manifest_path: str = "") -> SiteData:
+    """Resolve the site's train and held-out data (memoised per process)."""
+    key = tuple(sorted((k, str(v)) for k, v in node_config.items()))
+    return _site_data(config_to_yaml(cfg), key, manifest_path)
+
+
+@lru_cache(maxsize=8)
+def _site_data(cfg_yaml: str, node_items: tuple, manifest_path: str) -> SiteData:
+    import yaml
+
+    cfg = load_config_dict(yaml.safe_load(cfg_yaml))
+    node = dict(node_items)
+    if "data-path" in node:
+        data_cfg = dataclasses.replace(cfg.data, path=node["data-path"], dataset=node.get("dataset", cfg.data.dataset))
+        records = index_dataset(data_cfg).records
+        train = [r for r in records if not _held_out(r.patient_id)]
+        test = [r for r in records if _held_out(r.patient_id)] or records[:1]
+        dims = cfg.model.spatial_dims
+        name = node.get("site-name", "site")
+        return SiteData(name, int(node.get("site-index", -1)), MedicalDataset(train, data_cfg, spatial_dims=dims, train=True),
+                        MedicalDataset(test, data_cfg, spatial_dims=dims))
+    if "partition-id" not in node:
+        raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
+    pid, num = int(node["partition-id"]), int(node.get("num-partitions", cfg.federation.num_sites))
+    if manifest_path:
+        manifest = load_manifest(manifest_path)
+        if len(manifest["sites"]) != num:
+            raise ValueError(f"{manifest_path} has {len(manifest['sites'])} sites but the simulation runs {num} SuperNodes")
+        name = manifest["sites"][pid]["name"]
+        return SiteData(name, pid, site_dataset(manifest, pid, cfg, split="train"), site_dataset(manifest, pid, cfg, split="test"))
+    if cfg.data.dataset != "phantoms":
+        raise ValueError(f"data.dataset={cfg.data.dataset!r} needs a split manifest: run `meddiff simulate` "
+                         "or `meddiff data split` and pass manifest-path")
+    return SiteData(f"site_{pid}", pid, phantom_site(pid, num, cfg, split="train"), phantom_site(pid, num, cfg, split="test"))
