@@ -22,7 +22,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from client.records import arrays_to_state
 from configs import ExperimentConfig, config_to_dict, config_to_yaml, load_config_dict
 from meddiff.build import build_model
 from meddiff.checkpoint import load_checkpoint, save_checkpoint
@@ -35,6 +34,11 @@ from server.strategy import create_strategy, load_strategy_state, strategy_state
 log = logging.getLogger("meddiff.server")
 
 METRIC_FIELDS = ["round", "scope", "node", "accepted", "reason", "num_examples", "train_loss", "eval_loss", "steps", "seconds"]
+
+
+def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Float32 tensors of an aggregated ``ArrayRecord`` (the strategy may return float64)."""
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in record.to_torch_state_dict().items()}
 
 
 def _numpy(state) -> dict[str, np.ndarray]:
