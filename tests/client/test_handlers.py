@@ -1,0 +1,93 @@
+import pytest
+import torch
+from flwr.app import Context, MessageType, RecordDict
+from opacus import GradSampleModule
+
+from client.client_app import evaluate, train
+from client.local import local_train
+from client.records import TRAIN_METRIC_KEYS, arrays_to_state, state_to_arrays
+from meddiff.build import build_model
+from meddiff.data.sites import phantom_site
+from tests.conftest import tiny_config
+from tests.flower_helpers import as_node, server_message
+
+
+def _context(pid=0, num=2):
+    return Context(run_id=1, node_id=11 + pid, node_config={"partition-id": pid, "num-partitions": num}, state=RecordDict(), run_config={})
+
+
+@pytest.mark.parametrize("transport", ["fp32", "fp16"])
+def test_train_reply_schema_unwrapped_keys_and_transport(transport):
+    cfg = tiny_config(extra=["federation.local_steps=2", "data.num_samples=40", f"federation.transport_dtype={transport}",
+                             "model.num_classes=2"])
+    model = build_model(cfg.model, cfg.data.image_size)
+    msg = server_message(cfg, model.state_dict(), dst=11)
+    as_node(11)
+    out = train(msg, _context(0))
+    content = out.content
+    assert len(content.array_records) == 1 and len(content.metric_records) == 1
+    assert set(content["metrics"].keys()) == set(TRAIN_METRIC_KEYS)
+    assert content["metrics"]["steps"] == 2 and content["metrics"]["num-examples"] == 18
+    state = content["arrays"].to_torch_state_dict()
+    assert set(state) == set(model.state_dict())
+    assert not any(k.startswith("_module.") for k in state)
+    expected = torch.float16 if transport == "fp16" else torch.float32
+    assert all(v.dtype == expected for v in state.values() if v.is_floating_point())
+    changed = any(not torch.allclose(v.float(), model.state_dict()[k]) for k, v in state.items())
+    assert changed
+
+
+def test_same_metric_keys_from_every_site():
+    cfg = tiny_config(extra=["federation.local_steps=1", "data.num_samples=40"])
+    model = build_model(cfg.model, cfg.data.image_size)
+    keys = []
+    for pid in (0, 1):
+        as_node(11 + pid)
+        keys.append(set(train(server_message(cfg, model.state_dict(), dst=11 + pid), _context(pid)).content["metrics"].keys()))
+    assert keys[0] == keys[1]
+
+
+def test_evaluate_reports_held_out_loss():
+    cfg = tiny_config(extra=["data.num_samples=40"])
+    model = build_model(cfg.model, cfg.data.image_size)
+    msg = server_message(cfg, model.state_dict(), dst=11, message_type=MessageType.EVALUATE)
+    as_node(11)
+    metrics = evaluate(msg, _context(0)).content["metrics"]
+    assert metrics["num-examples"] == 2 and metrics["eval_loss"] > 0  # 10% of 20 phantoms held out
+
+
+def test_state_codec_strips_opacus_prefix():
+    model = build_model(tiny_config().model, 16)
+    wrapped = GradSampleModule(model)
+    record = state_to_arrays(wrapped.state_dict(), "fp16")
+    state = arrays_to_state(record)
+    assert set(state) == set(model.state_dict()) and all(v.dtype == torch.float32 for v in state.values())
+    with pytest.raises(ValueError, match="transport dtype"):
+        state_to_arrays(model.state_dict(), "bf16")
+    wrapped._close()
+
+
+def test_local_training_is_deterministic_per_round_and_site():
+    cfg = tiny_config(extra=["federation.local_steps=2", "data.num_samples=40"])
+    state = build_model(cfg.model, 16).state_dict()
+    data = phantom_site(0, 2, cfg)
+    a, _ = local_train(cfg, state, data, server_round=3, site_index=0)
+    b, _ = local_train(cfg, state, data, server_round=3, site_index=0)
+    c, _ = local_train(cfg, state, data, server_round=4, site_index=0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_phantom_sites_are_skewed_and_disjoint():
+    cfg = tiny_config(extra=["data.num_samples=300"])
+    s0, s2 = phantom_site(0, 3, cfg), phantom_site(2, 3, cfg)
+    assert s0.labels.float().mean() < s2.labels.float().mean()  # label skew: prevalence rises with site index
+    assert not torch.equal(s0.images[0], s2.images[0])
+
+
+def test_node_config_without_site_is_an_error():
+    cfg = tiny_config()
+    msg = server_message(cfg, build_model(cfg.model, 16).state_dict(), dst=11)
+    ctx = Context(run_id=1, node_id=11, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="neither 'data-path'"):
+        train(msg, ctx)

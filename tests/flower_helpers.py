@@ -1,0 +1,31 @@
+"""Build real flwr Messages in-process, as the Flower runtime would."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from configs import config_to_yaml
+
+
+def as_node(node_id: int) -> None:
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = node_id
+
+
+def server_message(cfg, state, *, dst: int, round_: int = 1, message_type=MessageType.TRAIN, extra=None) -> Message:
+    as_node(0)
+    config = ConfigRecord({"experiment-config": config_to_yaml(cfg), "server-round": round_, "manifest-path": "", **(extra or {})})
+    return Message(content=RecordDict({"arrays": ArrayRecord(state), "config": config}), dst_node_id=dst, message_type=message_type)
+
+
+def reply(msg: Message, content: RecordDict) -> Message:
+    as_node(msg.metadata.dst_node_id)
+    out = Message(content=content, reply_to=msg)
+    as_node(0)
+    return out
+
+
+def train_reply(msg: Message, state, metrics: dict) -> Message:
+    return reply(msg, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}))
