@@ -1,4 +1,4 @@
-# meddiff-fl: `make run` trains on the embedded phantoms, `make test` runs the test suite.
+# meddiff-fl: `make run` trains federated on the embedded phantoms, `make test` runs the test suite.
 # Both create .venv when missing and install the CPU torch wheel first (an unpinned torch would
 # pull a multi-GB CUDA build).
 
@@ -13,7 +13,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: run test test-fast bench setup clean
+.PHONY: run train-centralized test test-fast bench setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/meddiff train --config configs/default.yaml output.name=$(RUN_NAME)-$$(date +%Y%m%d-%H%M%S)
+	FLWR_HOME=$(CURDIR)/.flwr_home PATH=$(CURDIR)/$(BIN):$$PATH \
+	  $(BIN)/meddiff simulate --config configs/default.yaml output.name=$(RUN_NAME)-$$(date +%Y%m%d-%H%M%S)
+
+train-centralized: $(STAMP)
+	$(BIN)/meddiff train --config configs/default.yaml output.name=centralized-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15

@@ -3,7 +3,8 @@
 - Simulation: ``node_config["partition-id"]`` picks the site. With a manifest (``manifest-path``
   in the run config, written by ``meddiff simulate``/``meddiff data split``) the site reads its
   samples from it; without one, the embedded phantom default generates the site's data.
-- Deployment: ``--node-config "data-path=... site-name=..."``; the hospital's own folder is read
+- Deployment: ``--node-config "data-path=... site-name=..."`` (optionally ``dataset=...``,
+  ``labels-csv=...`` and a numeric ``site-index``); the hospital's own folder is read
   with the same adapters, and patients whose id hashes to the last decile are held out for
   evaluation (deterministic, no manifest needed).
 """
@@ -48,7 +49,8 @@ def _site_data(cfg_yaml: str, node_items: tuple, manifest_path: str) -> SiteData
     cfg = load_config_dict(yaml.safe_load(cfg_yaml))
     node = dict(node_items)
     if "data-path" in node:
-        data_cfg = dataclasses.replace(cfg.data, path=node["data-path"], dataset=node.get("dataset", cfg.data.dataset))
+        data_cfg = dataclasses.replace(cfg.data, path=node["data-path"], dataset=node.get("dataset", cfg.data.dataset),
+                                       labels_csv=node.get("labels-csv", cfg.data.labels_csv))
         records = index_dataset(data_cfg).records
         train = [r for r in records if not _held_out(r.patient_id)]
         test = [r for r in records if _held_out(r.patient_id)] or records[:1]

@@ -246,9 +246,5 @@ def _check_cross_fields(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"'data.target_spacing' must be empty or three positive numbers (mm), got {list(d.target_spacing)}")
     if len(d.intensity_percentiles) != 2 or d.intensity_percentiles[0] >= d.intensity_percentiles[1]:
         raise ConfigError(f"'data.intensity_percentiles' must be [lower, upper] with lower < upper, got {list(d.intensity_percentiles)}")
-    if d.dataset == "folder" and not d.labels_csv:
-        raise ConfigError("'data.labels_csv' is required for data.dataset='folder'")
-    if d.dataset != "phantoms" and not d.path:
-        raise ConfigError(f"'data.path' is required for data.dataset={d.dataset!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda", "mps") and not cfg.train.device.startswith("cuda:"):
         raise ConfigError(f"'train.device' is {cfg.train.device!r}; use auto, cpu, cuda, cuda:N or mps")

@@ -67,6 +67,8 @@ def build_dataset(data_cfg: DataConfig, model_cfg: ModelConfig) -> Dataset:
             data_cfg.num_samples, data_cfg.image_size, seed=data_cfg.seed, lesion_fraction=data_cfg.lesion_fraction
         )
     if data_cfg.dataset == "medmnist":
+        if not data_cfg.path:
+            raise ValueError("data.path is empty: point it at a MedMNIST .npz file")
         images, labels = read_medmnist_npz(data_cfg.path, data_cfg.split, spatial_dims=model_cfg.spatial_dims)
         return ArrayDataset(images, labels, image_size=data_cfg.image_size, channels=model_cfg.in_channels)
     from meddiff.data.adapters import index_dataset

@@ -75,6 +75,8 @@ def _is_nifti(p: Path) -> bool:
 
 
 def _root(cfg: DataConfig) -> Path:
+    if not cfg.path:
+        raise DataError(f"data.path is empty: point it at the {cfg.dataset} data (a site sets it with --node-config data-path=...)")
     root = Path(cfg.path)
     if not root.exists():
         raise DataError(f"{root}: dataset path does not exist (data.path)")
@@ -232,6 +234,8 @@ def index_lidc(cfg: DataConfig) -> IndexResult:
 
 
 def _labels_from_csv(cfg: DataConfig) -> dict[str, tuple]:
+    if not cfg.labels_csv:
+        raise DataError(f"data.labels_csv is empty: data.dataset={cfg.dataset!r} needs a CSV of path,label[,patient_id][,site]")
     table = Path(cfg.labels_csv)
     if not table.is_file():
         raise DataError(f"{table}: labels CSV not found (data.labels_csv)")

@@ -91,3 +91,14 @@ def test_node_config_without_site_is_an_error():
     ctx = Context(run_id=1, node_id=11, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="neither 'data-path'"):
         train(msg, ctx)
+
+
+def test_fedprox_term_pulls_towards_the_global_weights():
+    from client.local import add_proximal_term
+
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = torch.optim.SGD([w], lr=0.1)
+    add_proximal_term(opt, [torch.tensor([0.0])], mu=2.0)
+    w.grad = torch.tensor([0.0])  # no data gradient: only the proximal term mu * (w - w_global) acts
+    opt.step()
+    assert float(w) == pytest.approx(1.0 - 0.1 * 2.0 * 1.0)

@@ -68,8 +68,6 @@ def test_cross_field_errors():
         load_config_dict({"model": {"attention_resolutions": [12]}})
     with pytest.raises(ConfigError, match="out_channels"):
         load_config_dict({"model": {"out_channels": 3}})
-    with pytest.raises(ConfigError, match="data.path' is required"):
-        load_config_dict({"data": {"dataset": "medmnist"}})
     with pytest.raises(ConfigError, match="divisible by 4"):
         load_config_dict({"data": {"image_size": 18}, "model": {"attention_resolutions": []}})
 

@@ -42,6 +42,8 @@ def test_brats_bad_input(tmp_path):
     write_nifti(case / "BraTS-GLI-00000-000-seg.nii.gz", np.zeros((5, 5, 5), np.uint8))
     with pytest.raises(DataError, match="segmentation shape .* does not match image shape"):
         load_record(index.records[0], cfg("brats", root))
+    with pytest.raises(DataError, match="data.path is empty"):
+        index_dataset(cfg("brats", ""))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no BraTS case folders"):
         index_dataset(cfg("brats", tmp_path / "empty"))
