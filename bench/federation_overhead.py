@@ -46,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run = simulate(cfg, config_path=CONFIG, overrides=overrides, run_dir=Path(tmp) / "run", flwr_home=Path(tmp) / "flwr_home",
-                       http_port=free_port(), control_port=free_port())
+                       http_port=free_port(), control_port=free_port(), log_path=Path(tmp) / "flwr.log")
         wall = time.perf_counter() - t0
         rows = list(csv.DictReader(open(run / "metrics.csv")))
     site_train = sum(float(r["seconds"]) for r in rows if r["scope"].startswith("site_") and r["steps"])

@@ -147,8 +147,11 @@ def start_superlink(flwr_home: Path, env: dict[str, str], http_port: int, contro
 
 def simulate(cfg: ExperimentConfig, *, config_path: Optional[Path], overrides: list[str], run_dir: Optional[Path] = None,
              resume_from: str = "", flwr_home: Optional[Path] = None, timeout: float = 3600.0,
-             http_port: Optional[int] = None, control_port: Optional[int] = None) -> Path:
-    """Run ``cfg`` as a local Flower simulation; returns the run directory."""
+             http_port: Optional[int] = None, control_port: Optional[int] = None, log_path: Optional[Path] = None) -> Path:
+    """Run ``cfg`` as a local Flower simulation; returns the run directory.
+
+    The Flower log streams to the console, or to ``log_path`` when given.
+    """
     from sim.manifest import build_manifest, write_manifest
 
     run_dir = (run_dir or Path(cfg.output.root) / (cfg.output.name or f"federated-{_dt.datetime.now():%Y%m%d-%H%M%S}")).resolve()
@@ -157,7 +160,8 @@ def simulate(cfg: ExperimentConfig, *, config_path: Optional[Path], overrides: l
     manifest_path = ""
     if cfg.data.dataset != "phantoms":
         manifest_path = str(write_manifest(build_manifest(cfg), run_dir))
-        print(f"[meddiff] split manifest: {manifest_path}")
+        if not log_path:
+            print(f"[meddiff] split manifest: {manifest_path}")
     flwr_home = (flwr_home or Path(os.environ.get("FLWR_HOME", PROJECT / ".flwr_home"))).resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
     if not (flwr_home / "config.toml").exists():
@@ -181,14 +185,18 @@ def simulate(cfg: ExperimentConfig, *, config_path: Optional[Path], overrides: l
            "--federation-config", f"num-supernodes={fed.num_sites} client-resources-num-cpus=1"]
     superlink = start_superlink(flwr_home, env, http_port, control_port)
     (run_dir / "flower_pids.txt").write_text(f"superlink {superlink.pid}\n")
-    print(f"[meddiff] local SuperLink pid {superlink.pid} on 127.0.0.1:{http_port}; run dir {run_dir}", flush=True)
+    say = (lambda m: None) if log_path else (lambda m: print(m, flush=True))
+    say(f"[meddiff] local SuperLink pid {superlink.pid} on 127.0.0.1:{http_port}; run dir {run_dir}")
+    log = open(log_path, "w") if log_path else None
     try:
-        subprocess.run(cmd, env=env, check=True, timeout=timeout, cwd=PROJECT)
+        subprocess.run(cmd, env=env, check=True, timeout=timeout, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT if log else None)
     finally:
+        if log:
+            log.close()
         stopped = stop_process_tree(superlink.pid)
-        print(f"[meddiff] stopped Flower processes {stopped}", flush=True)
+        say(f"[meddiff] stopped Flower processes {stopped}")
     if not (run_dir / "summary.json").exists():
         raise RuntimeError(f"the federated run ended without writing {run_dir / 'summary.json'}; "
                            f"see {flwr_home / 'local-superlink' / 'superlink.log'}")
-    print(f"[meddiff] done: {run_dir / 'summary.md'}")
+    say(f"[meddiff] done: {run_dir / 'summary.md'}")
     return run_dir
