@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/unet_speed.py
 	$(BIN)/python bench/sampler_speed.py
 	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/federation_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
