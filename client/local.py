@@ -54,6 +54,8 @@ def local_train(
     Randomness (batch order, t, noise, label dropout) is seeded by (train.seed, round, site), so
     a round replays identically after a crash. Returns the new state dict and the metrics.
     """
+    if cfg.privacy.enabled:
+        raise ValueError("privacy.enabled=true, but this site has no DP-SGD support yet; refusing to train without it")
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)

@@ -50,9 +50,17 @@ def _say(msg: str) -> None:
     print(f"[meddiff] {msg}", flush=True)
 
 
+def check_supported(cfg: ExperimentConfig) -> None:
+    """Refuse configs this version cannot honour, rather than silently training without them."""
+    if cfg.privacy.enabled:
+        raise ValueError("privacy.enabled=true, but site-level DP-SGD is not available in this version of meddiff-fl; "
+                         "refusing to train without the privacy the config asks for (set privacy.enabled=false)")
+
+
 def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_from: str = "",
                    manifest_path: str = "") -> dict:
     """Run ``federation.num_rounds`` rounds; returns a summary dict (also written to ``summary.json``)."""
+    check_supported(cfg)
     fed, out = cfg.federation, cfg.output
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -102,3 +102,13 @@ def test_fedprox_term_pulls_towards_the_global_weights():
     w.grad = torch.tensor([0.0])  # no data gradient: only the proximal term mu * (w - w_global) acts
     opt.step()
     assert float(w) == pytest.approx(1.0 - 0.1 * 2.0 * 1.0)
+
+
+def test_privacy_requested_but_unavailable_is_refused():
+    from server.federation import check_supported
+
+    cfg = tiny_config(extra=["privacy.enabled=true"])
+    with pytest.raises(ValueError, match="refusing to train without"):
+        check_supported(cfg)
+    with pytest.raises(ValueError, match="refusing to train without"):
+        local_train(cfg, build_model(cfg.model, 16).state_dict(), phantom_site(0, 2, tiny_config()), server_round=1, site_index=0)
