@@ -22,14 +22,16 @@ CHECKPOINT_FORMAT = "meddiff-checkpoint/1"
 _PREFIX = "_module."
 
 
+def strip_opacus_prefix(key: str) -> str:
+    """``_module.a.b`` (Opacus ``GradSampleModule``, possibly nested) -> ``a.b``."""
+    while key.startswith(_PREFIX):
+        key = key[len(_PREFIX):]
+    return key
+
+
 def unwrap_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
     """Strip Opacus's ``_module.`` prefixes so keys match a freshly built model."""
-    out = {}
-    for k, v in state.items():
-        while k.startswith(_PREFIX):
-            k = k[len(_PREFIX):]
-        out[k] = v
-    return out
+    return {strip_opacus_prefix(k): v for k, v in state.items()}
 
 
 @dataclass

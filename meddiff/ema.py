@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from meddiff.checkpoint import unwrap_state_dict
+from meddiff.checkpoint import strip_opacus_prefix, unwrap_state_dict
 
 
 class EMA:
@@ -68,15 +68,10 @@ class EMA:
 
 def _unwrapped_named_parameters(model: nn.Module):
     for k, p in model.named_parameters():
-        yield _strip(k), p
+        yield strip_opacus_prefix(k), p
 
 
 def _unwrapped_named_buffers(model: nn.Module):
     for k, b in model.named_buffers():
-        yield _strip(k), b
+        yield strip_opacus_prefix(k), b
 
-
-def _strip(key: str) -> str:
-    while key.startswith("_module."):
-        key = key[len("_module."):]
-    return key

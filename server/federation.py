@@ -64,7 +64,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
     fed, out = cfg.federation, cfg.output
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    cfg_yaml = config_to_yaml(cfg)
+    (run_dir / "config.yaml").write_text(cfg_yaml)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.image_size)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -87,7 +88,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
         first_round = ckpt.step + 1
         _say(f"resuming from {resume_from} at round {first_round}")
 
-    cfg_yaml = config_to_yaml(cfg)
+    payload = {"experiment-config": cfg_yaml, "manifest-path": manifest_path}
     metrics = MetricsCSV(run_dir / "metrics.csv", METRIC_FIELDS)
     ckpt_dir = run_dir / "checkpoints"
     sample_model = build_model(cfg.model, cfg.data.image_size)
@@ -101,8 +102,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
         for rnd in range(first_round, fed.num_rounds + 1):
             t0 = time.perf_counter()
             strategy.reference = _numpy(global_state)
-            config = ConfigRecord({"experiment-config": cfg_yaml, "manifest-path": manifest_path})
-            messages = strategy.configure_train(rnd, ArrayRecord(global_state), config, grid)
+            messages = strategy.configure_train(rnd, ArrayRecord(global_state), ConfigRecord(payload), grid)
             replies = list(grid.send_and_receive(messages=messages, timeout=fed.round_timeout))
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
             report = getattr(strategy, "round_report", [])
@@ -117,8 +117,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
                                "reason": r["reason"], "num_examples": r.get("num-examples", ""),
                                "train_loss": r.get("train_loss", ""), "steps": r.get("steps", ""), "seconds": r.get("seconds", "")})
             # evaluation of the new global model on every site's held-out data
-            eval_msgs = strategy.configure_evaluate(rnd, ArrayRecord(global_state), ConfigRecord(
-                {"experiment-config": cfg_yaml, "manifest-path": manifest_path}), grid)
+            eval_msgs = strategy.configure_evaluate(rnd, ArrayRecord(global_state), ConfigRecord(payload), grid)
             eval_rows = []
             for reply in grid.send_and_receive(messages=eval_msgs, timeout=fed.round_timeout):
                 if reply.has_error() or "metrics" not in reply.content:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from configs import ExperimentConfig, config_to_yaml
+from configs import ExperimentConfig
 
 PROJECT = Path(__file__).resolve().parents[1]
 FLOWER_ENV = {
@@ -94,10 +94,10 @@ def stop_process_tree(pid: int, *, grace: float = 10.0) -> list[int]:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _alive(p) for p in pids):
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
     for p in pids:
-        if Path(f"/proc/{p}").exists() and _alive(p):
+        if _alive(p):
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
@@ -158,8 +158,7 @@ def simulate(cfg: ExperimentConfig, *, config_path: Optional[Path], overrides: l
     check_supported(cfg)
 
     run_dir = (run_dir or Path(cfg.output.root) / (cfg.output.name or f"federated-{_dt.datetime.now():%Y%m%d-%H%M%S}")).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)  # the ServerApp writes config.yaml into it
     manifest_path = ""
     if cfg.data.dataset != "phantoms":
         manifest_path = str(write_manifest(build_manifest(cfg), run_dir))

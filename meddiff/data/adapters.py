@@ -95,18 +95,12 @@ def index_medmnist(cfg: DataConfig) -> IndexResult:
     from meddiff.data.medmnist import read_medmnist_npz
 
     path = _root(cfg)
-    _, labels = read_medmnist_npz(path, cfg.split, spatial_dims=2 if _npz_ndim(path, cfg.split) <= 4 else 3)
+    labels = _npz_split(str(path), cfg.split)[1]
     recs = [
         Record(f"{cfg.split}_{i:06d}", f"{cfg.split}_{i:06d}", int(lab), (str(path),), "npz", {"index": i, "split": cfg.split})
         for i, lab in enumerate(labels)
     ]
     return IndexResult(recs)
-
-
-def _npz_ndim(path: Path, split: str) -> int:
-    with np.load(path, allow_pickle=False) as npz:
-        shape = npz[f"{split}_images"].shape
-    return len(shape) if not (len(shape) == 4 and shape[-1] == 3) else 3
 
 
 def _sequence(cfg: DataConfig, default: str, allowed: tuple[str, ...], what: str) -> str:
@@ -300,10 +294,22 @@ def index_dataset(cfg: DataConfig) -> IndexResult:
 
 # ---------------------------------------------------------------- loading
 @lru_cache(maxsize=4)
-def _npz_images(path: str, split: str) -> np.ndarray:
+def _npz_split(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One read of a MedMNIST split per process: ``(images uint8 channels-first, labels)``."""
     from meddiff.data.medmnist import read_medmnist_npz
 
-    return read_medmnist_npz(path, split, spatial_dims=2 if _npz_ndim(Path(path), split) <= 4 else 3)[0]
+    return read_medmnist_npz(path, split, spatial_dims=None)
+
+
+def npz_images(records: list[Record], size: int) -> np.ndarray:
+    """MedMNIST records as model input: ``[n, 1, size, size]`` float32 in [-1, 1] (RGB averaged)."""
+    images = _npz_split(records[0].files[0], records[0].meta["split"])[0][[r.meta["index"] for r in records]]
+    arr = images.astype(np.float32) / 127.5 - 1.0
+    if arr.shape[1] == 3:
+        arr = arr.mean(1, keepdims=True)
+    if arr.shape[-1] != size:
+        arr = np.stack([fit_to_size(a[0], size)[None] for a in arr])
+    return arr
 
 
 def load_record(record: Record, cfg: DataConfig, *, spatial_dims: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -318,11 +324,7 @@ def load_record(record: Record, cfg: DataConfig, *, spatial_dims: int = 2) -> tu
     size = cfg.image_size
     modality = cfg.modality if cfg.modality != "auto" else DEFAULT_MODALITY.get(cfg.dataset, "mri")
     if record.kind == "npz":
-        img = _npz_images(record.files[0], record.meta["split"])[record.meta["index"]].astype(np.float32) / 127.5 - 1.0
-        if img.shape[0] == 3:
-            img = img.mean(0, keepdims=True)
-        img = fit_to_size(img[0], size)[None]
-        return img[None], np.asarray([record.label], np.int64)
+        return npz_images([record], size), np.asarray([record.label], np.int64)
     if record.kind == "image":
         img = read_image(record.files[0])[0] * 2.0 - 1.0
         if spatial_dims != 2:

@@ -23,9 +23,8 @@ from torch.utils.data import Dataset
 
 import meddiff
 from configs import DataConfig
-from meddiff.data.adapters import Record, _npz_images, load_record
+from meddiff.data.adapters import Record, load_record, npz_images
 from meddiff.data.readers import DataError, file_digest
-from meddiff.data.transforms import fit_to_size
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +105,7 @@ class MedicalDataset(Dataset):
         self.sample_ids: list[str] = []
         npz = [r for r in records if r.kind == "npz"]
         if npz:
-            images = _npz_images(npz[0].files[0], npz[0].meta["split"])[[r.meta["index"] for r in npz]]
-            arr = images.astype(np.float32) / 127.5 - 1.0
-            if arr.shape[1] == 3:
-                arr = arr.mean(1, keepdims=True)
-            if arr.shape[-1] != cfg.image_size:
-                arr = np.stack([fit_to_size(a[0], cfg.image_size)[None] for a in arr])
-            self._chunks.append(arr)
+            self._chunks.append(npz_images(npz, cfg.image_size))
             self._labels.append(np.asarray([r.label for r in npz], np.int64))
             self.sample_ids += [r.sample_id for r in npz]
         for r in records:

@@ -14,13 +14,14 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
-def read_medmnist_npz(path: str | Path, split: str = "train", *, spatial_dims: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def read_medmnist_npz(path: str | Path, split: str = "train", *, spatial_dims: int | None = 2) -> tuple[np.ndarray, np.ndarray]:
     """Load one split.
 
     Args:
         path: the ``.npz`` file.
         split: ``train``, ``val`` or ``test``.
-        spatial_dims: 2 for 2-D datasets (grey or RGB), 3 for the 3-D ones.
+        spatial_dims: 2 for 2-D datasets (grey or RGB), 3 for the 3-D ones, None to infer it from
+            the array (``[N,H,W]`` and ``[N,H,W,1|3]`` are 2-D, other ``[N,D,H,W]`` 3-D).
     Returns:
         ``images`` uint8 channels-first, ``[N, C, H, W]`` or ``[N, 1, D, H, W]``, and ``labels``
         int64 ``[N]`` (the first label column).
@@ -46,6 +47,8 @@ def read_medmnist_npz(path: str | Path, split: str = "train", *, spatial_dims: i
         raise ValueError(f"{path}: cannot read as .npz ({type(exc).__name__}: {exc})") from None
     if len(images) != len(labels):
         raise ValueError(f"{path}: {split}_images has {len(images)} items but {split}_labels has {len(labels)}")
+    if spatial_dims is None:
+        spatial_dims = 2 if images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3)) else 3
     if spatial_dims == 2:
         if images.ndim == 3:
             images = images[:, None]

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from configs import ExperimentConfig
 from meddiff.data.adapters import index_dataset
 from meddiff.data.cache import MedicalDataset, content_digest
+from meddiff.data.datasets import ArrayDataset
 from meddiff.data.phantoms import Acquisition, apply_acquisition, make_phantoms, site_acquisition
 
 MANIFEST_VERSION = 1
@@ -107,8 +108,8 @@ def site_dataset(manifest: dict[str, Any], site: int | str, cfg: ExperimentConfi
                                      **({"acquisition": acq} if acq else {}))
             images.append(img[0])
             labels.append(int(lab[0]))
-        dataset = _Tensors(np.stack(images)[:, None] * 2.0 - 1.0 if images else np.zeros((0, 1, d.image_size, d.image_size)), labels)
-        return dataset
+        stacked = np.stack(images)[:, None] if images else np.zeros((0, 1, d.image_size, d.image_size), np.float32)
+        return ArrayDataset(stacked, np.asarray(labels, np.int64))
     wanted = {s["id"]: s["sha256"] for s in samples}
     records = [r for r in index_dataset(d).records if r.sample_id in wanted]
     missing = sorted(set(wanted) - {r.sample_id for r in records})
@@ -119,18 +120,6 @@ def site_dataset(manifest: dict[str, Any], site: int | str, cfg: ExperimentConfi
             raise ValueError(f"{r.files[0]}: content changed since the split (sample {r.sample_id}); re-run `meddiff data split`")
     base = MedicalDataset(records, d, spatial_dims=cfg.model.spatial_dims, train=split == "train")
     return ScannerShift(base, acq, seed=seed, site=index) if acq else base
-
-
-class _Tensors(Dataset):
-    def __init__(self, images: np.ndarray, labels: list[int]):
-        self.images = torch.from_numpy(np.asarray(images, dtype=np.float32))
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.images[i], self.labels[i]
 
 
 def phantom_site_plan(site: int, num_sites: int, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -160,4 +149,4 @@ def phantom_site(site: int, num_sites: int, cfg: ExperimentConfig, *, split: str
     kwargs = {"acquisition": plan["acquisition"]} if plan["acquisition"] else {}
     images, labels = make_phantoms(num, cfg.data.image_size, seed=plan["seed"], lesion_fraction=plan["lesion_fraction"],
                                    start=start, **kwargs)
-    return _Tensors(images[:, None] * 2.0 - 1.0, labels.tolist())
+    return ArrayDataset(images[:, None], labels)
