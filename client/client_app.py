@@ -20,7 +20,7 @@ def _threads(context: Context) -> None:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     _threads(context)
-    return Message(content=handle_train(msg.content, dict(context.node_config)), reply_to=msg)
+    return Message(content=handle_train(msg.content, dict(context.node_config), context.state), reply_to=msg)
 
 
 @app.evaluate()

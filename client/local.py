@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import time
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -13,6 +15,9 @@ from configs import ExperimentConfig
 from meddiff.build import build_diffusion, build_model, build_optimizer
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.train import cycle, train_loop
+from privacy.accounting import PrivacyLedger
+from privacy.engine import make_private
+from privacy.site import Calibration
 
 
 def round_seed(*parts: int) -> int:
@@ -39,6 +44,22 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, global_params: list[torc
     optimizer.register_step_pre_hook(hook)
 
 
+def unpredictable_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the OS entropy pool, for DP noise and Poisson sampling.
+
+    They must not derive from the experiment seed, which the server knows: a server that can
+    replay the noise can subtract it, and one that knows which records were sampled voids
+    the subsampling amplification the accountant assumes.
+    """
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def non_private_metrics() -> dict[str, float]:
+    """The privacy keys every reply carries, for a site training without DP (epsilon is infinite)."""
+    return {"epsilon": math.inf, "delta": 0.0, "noise_multiplier": 0.0, "sample_rate": 0.0, "clip_fraction": 0.0,
+            "budget_exhausted": 0}
+
+
 def local_train(
     cfg: ExperimentConfig,
     global_state: Mapping[str, torch.Tensor],
@@ -48,15 +69,22 @@ def local_train(
     site_index: int,
     proximal_mu: float = 0.0,
     progress: bool = False,
+    ledger: Optional[PrivacyLedger] = None,
+    calibration: Optional[Calibration] = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the global model for ``federation.local_steps`` steps on the site's data.
 
-    Randomness (batch order, t, noise, label dropout) is seeded by (train.seed, round, site), so
-    a round replays identically after a crash. Returns the new state dict and the metrics.
+    Without DP, randomness (batch order, t, noise, label dropout) is seeded by (train.seed, round,
+    site), so a round replays identically after a crash. With ``privacy.enabled`` the site runs
+    DP-SGD (Opacus, Poisson sampling, logical batches of ``calibration.batch_size`` split into
+    physical ones of ``privacy.max_physical_batch_size``) at the calibrated sigma, on the accountant
+    history from ``ledger``, and records the round in the ledger; DP noise and sampling use
+    unpredictable randomness. Returns the new (unwrapped) state dict and the metrics.
     """
-    if cfg.privacy.enabled:
-        raise ValueError("privacy.enabled=true, but this site has no DP-SGD support yet; refusing to train without it")
     tc = cfg.train
+    private = cfg.privacy.enabled
+    if private and (ledger is None or calibration is None):
+        raise ValueError("privacy.enabled=true needs the site's ledger and calibration; refusing to train without DP")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if len(dataset) == 0:
@@ -69,21 +97,41 @@ def local_train(
     model.to(device)
     optimizer = build_optimizer(tc, model.parameters())
     add_proximal_term(optimizer, [p.detach().clone() for p in model.parameters()], proximal_mu)
-    batch = min(tc.batch_size, len(dataset))
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=tc.num_workers,
-                        generator=torch.Generator().manual_seed(seed))
     gen = torch.Generator(device=device).manual_seed(seed)
+    loop = dict(diffusion=build_diffusion(cfg.diffusion), steps=cfg.federation.local_steps, device=device,
+                noise_multiplicity=cfg.diffusion.noise_multiplicity, label_dropout=tc.label_dropout,
+                autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)), generator=gen,
+                progress=progress, desc=f"site {site_index} round {server_round}")
     start = time.perf_counter()
-    result = train_loop(
-        model=model, diffusion=build_diffusion(cfg.diffusion), optimizer=optimizer, batches=cycle(loader),
-        steps=cfg.federation.local_steps, device=device, noise_multiplicity=cfg.diffusion.noise_multiplicity,
-        label_dropout=tc.label_dropout, grad_clip=tc.grad_clip,
-        autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)), generator=gen,
-        progress=progress, desc=f"site {site_index} round {server_round}",
-    )
+    if private:
+        loader = DataLoader(dataset, batch_size=calibration.batch_size, num_workers=tc.num_workers,
+                            generator=unpredictable_generator())
+        dp = make_private(model, optimizer, loader, noise_multiplier=calibration.noise_multiplier,
+                          max_grad_norm=calibration.max_grad_norm, noise_multiplicity=cfg.diffusion.noise_multiplicity,
+                          accountant_history=ledger.history, grad_sample_mode=cfg.privacy.grad_sample_mode,
+                          noise_generator=unpredictable_generator(device))
+        batches = dp.batches(cfg.privacy.max_physical_batch_size)
+        try:
+            result = train_loop(model=dp.model, optimizer=dp.optimizer, batches=batches, step_fn=dp.step_fn,
+                                optimizer_stepped=dp.optimizer_stepped, **loop)
+        finally:
+            batches.close()
+        sigma, q, _ = dp.history[-1]
+        ledger.record(dp.history, {"study": calibration.study, "round": server_round, "steps": result.steps,
+                                   "noise_multiplier": sigma, "sample_rate": q, "max_grad_norm": calibration.max_grad_norm,
+                                   "clip_fraction": dp.stats.clip_fraction})
+        privacy_metrics = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "noise_multiplier": sigma, "sample_rate": q,
+                           "clip_fraction": dp.stats.clip_fraction, "budget_exhausted": 0}
+        state = dp.state_dict()
+    else:
+        loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(dataset)), shuffle=True, drop_last=True,
+                            num_workers=tc.num_workers, generator=torch.Generator().manual_seed(seed))
+        result = train_loop(model=model, optimizer=optimizer, batches=cycle(loader), grad_clip=tc.grad_clip, **loop)
+        privacy_metrics = non_private_metrics()
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     metrics = {"num-examples": len(dataset), "train_loss": result.mean_loss, "steps": result.steps,
-               "site-index": site_index, "seconds": time.perf_counter() - start}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
+               "site-index": site_index, "seconds": time.perf_counter() - start, **privacy_metrics}
+    return state, metrics
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ from meddiff.checkpoint import unwrap_state_dict
 TRANSPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 #: Every train reply carries exactly these metric keys, from every site (the reply contract).
-TRAIN_METRIC_KEYS = ("num-examples", "train_loss", "steps", "site-index", "seconds")
+TRAIN_METRIC_KEYS = ("num-examples", "train_loss", "steps", "site-index", "seconds", "epsilon", "delta", "noise_multiplier",
+                     "sample_rate", "clip_fraction", "budget_exhausted")
 EVALUATE_METRIC_KEYS = ("num-examples", "eval_loss", "site-index")
 
 

@@ -116,33 +116,49 @@ def train_loop(
     progress: bool = True,
     desc: str = "train",
     on_step: Optional[Callable[[int, float], None]] = None,
+    step_fn: Callable[..., float] = train_step,
+    optimizer_stepped: Optional[Callable[[], bool]] = None,
 ) -> LoopResult:
-    """Run ``steps`` optimizer steps; ``on_step(step_index, loss)`` is called after each."""
+    """Run ``steps`` optimizer steps; ``on_step(step_index, loss)`` is called after each.
+
+    ``step_fn`` has :func:`train_step`'s signature (DP swaps in its own). When the optimizer may
+    skip a step, as DP-SGD's does for the physical batches that make up one logical batch,
+    ``optimizer_stepped()`` says whether the last call really stepped: only real steps count,
+    and EMA and the learning-rate schedule advance only on them. The loss reported for a step
+    is the mean over all examples of its logical batch.
+    """
     num_classes = getattr(model, "num_classes", 0) or getattr(getattr(model, "_module", None), "num_classes", 0)
     model.train()
     result = LoopResult(steps=0, examples=0, seconds=0.0)
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
-    for i in bar:
+    bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    loss_sum, rows = 0.0, 0
+    while result.steps < steps:
         x0, y = next(batches)
         x0 = x0.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True) if num_classes else None
         if y is not None:
             y = drop_labels(y, p=label_dropout, null_label=num_classes, generator=generator)
-        loss = train_step(
+        loss = step_fn(
             model, diffusion, optimizer, x0, y,
             noise_multiplicity=noise_multiplicity, grad_clip=grad_clip, autocast=autocast, generator=generator,
         )
+        result.examples += x0.shape[0]
+        loss_sum, rows = loss_sum + loss * x0.shape[0], rows + x0.shape[0]
+        if optimizer_stepped is not None and not optimizer_stepped():
+            continue  # one physical batch of a larger logical batch: no step yet
+        loss, loss_sum, rows = loss_sum / max(rows, 1), 0.0, 0
         if ema is not None:
             ema.update(model)
         if lr_schedule is not None:
             lr_schedule.step()
         result.steps += 1
-        result.examples += x0.shape[0]
         result.losses.append(loss)
+        bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if on_step is not None:
-            on_step(i, loss)
+            on_step(result.steps - 1, loss)
+    bar.close()
     result.seconds = time.perf_counter() - start
     return result
 

@@ -10,14 +10,17 @@ alone, which is what lets an auditor reproduce it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from opacus.accountants import RDPAccountant
+from typing import Optional
+
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 
 
 def default_delta(num_examples: int) -> float:
@@ -27,15 +30,46 @@ def default_delta(num_examples: int) -> float:
     return 1.0 / (10.0 * num_examples)
 
 
-def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int) -> float:
+def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
+    """The sample rate Opacus's Poisson loader uses for ``batch_size``: ``1 / ceil(N / B)``."""
+    if num_examples < 1 or batch_size < 1:
+        raise ValueError(f"need at least one example and batch size >= 1, got {num_examples}, {batch_size}")
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
+def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
+                               prior_history=()) -> float:
     """sigma such that ``steps`` Poisson-subsampled Gaussian steps spend ``target_epsilon`` (RDP).
 
-    Called once per site, for the planned total (rounds x local steps), never per round.
+    Called once per site and study, for the planned total (rounds x local steps), never per round.
+    With an empty ``prior_history`` this is Opacus's ``get_noise_multiplier``. A site that already
+    spent privacy in an earlier study composes: sigma is the smallest one (bisection, to 0.5%)
+    whose steps, added to the prior history, stay within ``target_epsilon`` in total; Opacus has
+    no calibration on top of a history, hence the hand-written search.
+    Raises ``ValueError`` when the prior spending leaves no room.
     """
     if not 0 < sample_rate <= 1 or steps < 1:
         raise ValueError(f"need 0 < sample_rate <= 1 and steps >= 1, got {sample_rate}, {steps}")
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
-                                      steps=steps, accountant="rdp"))
+    prior = [tuple(h) for h in prior_history]
+    if not prior:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                          sample_rate=sample_rate, steps=steps, accountant="rdp"))
+    spent = epsilon_of(prior, target_delta)
+    if spent >= target_epsilon * 0.99:
+        raise ValueError(f"epsilon {spent:.3f} is already spent of the budget {target_epsilon:g}; no room for another study")
+
+    def eps(sigma: float) -> float:
+        return epsilon_of(prior + [(sigma, sample_rate, steps)], target_delta)
+
+    low, high = 0.1, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier keeps epsilon within {target_epsilon:g} after the prior spending of {spent:.3f}")
+    while high / low > 1.005:
+        mid = (low * high) ** 0.5
+        low, high = (low, mid) if eps(mid) <= target_epsilon else (mid, high)
+    return float(high)
 
 
 def epsilon_of(history, delta: float) -> float:
@@ -47,6 +81,20 @@ def epsilon_of(history, delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
+def prv_epsilon_of(history, delta: float) -> Optional[float]:
+    """A second opinion from Opacus's PRV accountant (Gopi et al. 2021), or None when PRV fails
+    numerically (it does for some settings, which is why RDP is the accountant of record)."""
+    if not history:
+        return 0.0
+    try:
+        accountant = PRVAccountant()
+        accountant.history = [tuple(h) for h in history]
+        value = float(accountant.get_epsilon(delta))
+    except Exception:  # noqa: BLE001 - PRV's numerical failures are varied (ValueError, RuntimeError, ...)
+        return None
+    return value if math.isfinite(value) else None
+
+
 @dataclass
 class PrivacyLedger:
     """One site's cumulative privacy spending, persisted at ``path``."""
@@ -56,20 +104,38 @@ class PrivacyLedger:
     delta: float
     budget: float
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    #: one entry per study: ``{"study", "noise_multiplier", "sample_rate", "planned_steps", "max_grad_norm", ...}``
+    calibrations: list[dict] = field(default_factory=list)
+    #: one entry per trained round: ``{"study", "round", "steps", "epsilon", "clip_fraction", ...}``
+    rounds: list[dict] = field(default_factory=list)
 
     @classmethod
     def open(cls, path: str | Path, *, site: str, delta: float, budget: float) -> "PrivacyLedger":
-        """Load the ledger at ``path`` (or start an empty one). The stored budget and delta win: a
-        restarted site cannot loosen them."""
+        """Load the ledger at ``path`` (or start an empty one). The stored delta wins and the budget
+        can only be tightened: a restarted site, or a server, cannot loosen them."""
         path = Path(path)
         if not path.exists():
             return cls(path=path, site=site, delta=delta, budget=budget)
+        return cls.from_json(path.read_text(), path=path, budget_cap=budget)
+
+    @classmethod
+    def from_json(cls, text: str, *, path: str | Path, budget_cap: float = math.inf) -> "PrivacyLedger":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
             history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
-            return cls(path=path, site=data["site"], delta=float(data["delta"]), budget=float(data["budget"]), history=history)
+            return cls(path=Path(path), site=data["site"], delta=float(data["delta"]),
+                       budget=min(float(data["budget"]), float(budget_cap)), history=history,
+                       calibrations=list(data.get("calibrations", [])), rounds=list(data.get("rounds", [])))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: unreadable privacy ledger ({type(exc).__name__}: {exc}); it was not modified") from None
+
+    @property
+    def steps(self) -> int:
+        return _steps(self.history)
+
+    def calibration(self, study: str) -> Optional[dict]:
+        """The calibration fixed at enrolment in ``study``, if the site enrolled in it."""
+        return next((c for c in self.calibrations if c["study"] == study), None)
 
     def epsilon(self) -> float:
         return epsilon_of(self.history, self.delta)
@@ -78,21 +144,33 @@ class PrivacyLedger:
         """Epsilon after ``steps`` more steps at ``(noise_multiplier, sample_rate)``."""
         return epsilon_of(self.history + [(noise_multiplier, sample_rate, steps)], self.delta)
 
-    def record(self, history) -> None:
-        """Replace the history by the accountant's (which extends the stored one) and save."""
+    def record(self, history, round_info: Optional[dict] = None) -> None:
+        """Replace the history by the accountant's (which extends the stored one), note the round
+        (with the epsilon reached) and save."""
         history = [(float(s), float(q), int(n)) for s, q, n in history]
         if _steps(history) < _steps(self.history):  # Opacus merges equal consecutive entries, so compare totals
             raise ValueError(f"{self.path}: refusing to record a history that forgets spent privacy")
         self.history = history
+        if round_info is not None:
+            self.rounds.append({**round_info, "total_steps": self.steps, "epsilon": self.epsilon()})
         self.save()
 
+    def to_dict(self) -> dict:
+        return {"version": LEDGER_VERSION, "site": self.site, "delta": self.delta, "budget": self.budget,
+                "accountant": "rdp", "history": [list(h) for h in self.history], "epsilon": self.epsilon(),
+                "calibrations": self.calibrations, "rounds": self.rounds}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
     def save(self) -> None:
+        """Atomic write (temporary file, then rename): a crash never leaves half a ledger."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"version": LEDGER_VERSION, "site": self.site, "delta": self.delta, "budget": self.budget,
-                   "accountant": "rdp", "history": [list(h) for h in self.history], "epsilon": self.epsilon()}
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
+            fh.write(self.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.path)
 
 

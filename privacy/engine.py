@@ -10,21 +10,36 @@ clips, :func:`make_private` averages them back to one gradient per *image*
 (:func:`meddiff.diffusion.collapse_noise_multiplicity`), so each image contributes exactly one
 clipped gradient and the accountant's epsilon is correct. Hand-written as an instance hook on
 the ``DPOptimizer`` because Opacus has no notion of several rows per privacy unit.
+
+Two per-sample-gradient modes, both validated against one-image-at-a-time autograd:
+
+- ``hooks``: Opacus's backward hooks on every layer (``train_step`` unchanged);
+- ``no_op``: Opacus does clipping, noise and accounting, while :func:`vmap_train_step` computes
+  per-image gradients itself with ``torch.func.vmap(grad(...))`` over the whole model, one
+  image (its K rows) per vmapped call. Opacus's own ``functorch`` mode works layer by layer;
+  vmapping the whole model is the faster variant on CPU, and it yields per-*image* gradients
+  directly, with nothing to collapse.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.data import DataLoader
 
 from meddiff.checkpoint import unwrap_state_dict
-from meddiff.diffusion import collapse_noise_multiplicity
+from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, row_mse
+from meddiff.train import train_step
+
+GRAD_SAMPLE_MODES = ("hooks", "no_op")
 
 
 @dataclass
@@ -47,6 +62,25 @@ class PrivateTraining:
     loader: DataLoader
     engine: PrivacyEngine
     stats: ClipStats
+    grad_sample_mode: str = "hooks"
+
+    @property
+    def step_fn(self) -> Callable[..., float]:
+        """The training step for this mode (``meddiff.train.train_step`` signature)."""
+        return vmap_train_step if self.grad_sample_mode == "no_op" else train_step
+
+    def optimizer_stepped(self) -> bool:
+        """Whether the last ``optimizer.step()`` really stepped (not one physical batch of a logical one)."""
+        return not self.optimizer._is_last_step_skipped
+
+    def batches(self, max_physical_batch_size: int) -> Iterator:
+        """Poisson batches forever (a fresh Poisson draw each pass), split by Opacus's
+        ``BatchMemoryManager`` into physical batches of at most ``max_physical_batch_size``;
+        empty logical batches are yielded too, and still step."""
+        with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=max_physical_batch_size,
+                                optimizer=self.optimizer) as loader:
+            while True:
+                yield from loader
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The unwrapped model's weights (no ``_module.`` prefix): what may cross a boundary."""
@@ -110,16 +144,79 @@ def make_private(
     Returns:
         The wrapped model, optimizer and (Poisson) loader, the engine and clipping statistics.
     """
-    if grad_sample_mode != "hooks":
-        raise ValueError(f"grad_sample_mode {grad_sample_mode!r} is not supported yet; use 'hooks'")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode {grad_sample_mode!r} is not supported; choose one of {GRAD_SAMPLE_MODES}")
     if noise_multiplier < 0 or max_grad_norm <= 0:
         raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}")
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = [tuple(h) for h in accountant_history]
     private_model, private_opt, private_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks", noise_generator=noise_generator,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode, noise_generator=noise_generator,
     )
+    if loader.num_workers:  # BatchMemoryManager's skip signal assumes batches are fetched when sampled
+        private_loader = DataLoader(private_loader.dataset, batch_sampler=private_loader.batch_sampler,
+                                    collate_fn=private_loader.collate_fn, generator=private_loader.generator)
     stats = ClipStats()
-    _install_collapse(private_opt, noise_multiplicity, stats)
-    return PrivateTraining(private_model, private_opt, private_loader, engine, stats)
+    # vmap computes per-image gradients already; hooks compute per-row ones that must be collapsed
+    _install_collapse(private_opt, 1 if grad_sample_mode == "no_op" else noise_multiplicity, stats)
+    return PrivateTraining(private_model, private_opt, private_loader, engine, stats, grad_sample_mode)
+
+
+def per_image_gradients(
+    module: nn.Module,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    y: Optional[torch.Tensor] = None,
+    *,
+    noise_multiplicity: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-image gradients of each image's loss (its mean over K draws), by ``vmap`` over images.
+
+    The (t, noise) draws are those of ``diffusion.training_losses`` with the same generator.
+    Shapes: ``x0 [N, C, *S]``, ``y [N]``; returns ``({name: [N, *param.shape]}, losses [N])``.
+    """
+    k, n = int(noise_multiplicity), x0.shape[0]
+    x_t, t, y_rows, target = diffusion.training_inputs(x0, y=y, noise_multiplicity=k, generator=generator)
+    params = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+    buffers = dict(module.named_buffers())
+    if n == 0:
+        return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}, x0.new_zeros(0)
+
+    def image_loss(p, x_t, t, target, y=None):  # one image: its K rows
+        args = (x_t, t) if y is None else (x_t, t, y)
+        return row_mse(functional_call(module, (p, buffers), args), target).mean()
+
+    group = lambda a: a.reshape(n, k, *a.shape[1:])  # noqa: E731
+    args = [params, group(x_t), group(t), group(target)] + ([] if y_rows is None else [group(y_rows)])
+    in_dims = (None,) + (0,) * (len(args) - 1)
+    grads, losses = vmap(grad_and_value(image_loss), in_dims=in_dims, randomness="error")(*args)
+    return grads, losses
+
+
+def vmap_train_step(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    optimizer: DPOptimizer,
+    x0: torch.Tensor,
+    y: Optional[torch.Tensor] = None,
+    *,
+    noise_multiplicity: int = 1,
+    grad_clip: float = 0.0,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    generator: Optional[torch.Generator] = None,
+) -> float:
+    """:func:`meddiff.train.train_step` for ``no_op`` mode: per-image gradients by ``vmap``, then
+    Opacus clips, adds noise and accounts. ``grad_clip`` must be 0 (DP clips per image)."""
+    if grad_clip:
+        raise ValueError("grad_clip is replaced by per-image clipping (privacy.max_grad_norm) under DP")
+    module = model._module if hasattr(model, "_module") else model
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        grads, losses = per_image_gradients(module, diffusion, x0, y, noise_multiplicity=noise_multiplicity, generator=generator)
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            p.grad_sample = grads[name].to(p.dtype)
+    optimizer.step()
+    return float(losses.sum()) / max(len(losses), 1)

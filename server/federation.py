@@ -3,10 +3,15 @@
 Each round: configure and send training to sampled sites, screen and aggregate their updates,
 update the server-side EMA, evaluate on every site's held-out data, append per-site and global
 rows to ``metrics.csv``, draw a sample grid every ``output.sample_every`` rounds, and write a
-checkpoint (global and EMA weights, strategy state, round, config, per-site metrics, RNG state).
-``resume_from`` continues at the round after the checkpoint's; with fixed seeds the result equals
-an uninterrupted run, since sites seed their randomness by (seed, round, site) and updates are
-aggregated in site order.
+checkpoint (global and EMA weights, strategy state, round, config, per-site metrics, per-site
+privacy ledgers, RNG state). ``resume_from`` continues at the round after the checkpoint's; with
+fixed seeds and no DP the result equals an uninterrupted run, since sites seed their randomness
+by (seed, round, site) and updates are aggregated in site order (DP noise is unpredictable on
+purpose, so DP runs resume correctly but not bit-identically).
+
+Privacy: a site whose budget does not cover a round refuses it; the server stops sampling it and
+ends the run cleanly, saying why, once fewer than ``min_train_nodes`` sites have budget left. The
+privacy report (``privacy_report.{json,md,png}``) is written at the end of every DP run.
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ from meddiff.ema import EMA
 from meddiff.outputs import write_samples
 from meddiff.runs import MetricsCSV
 from meddiff.train import sample_images, seed_everything
+from privacy.report import load_site_ledgers, save_site_ledgers, update_site_ledgers, write_privacy_report
 from server.strategy import create_strategy, load_strategy_state, strategy_state
 
 log = logging.getLogger("meddiff.server")
 
-METRIC_FIELDS = ["round", "scope", "node", "accepted", "reason", "num_examples", "train_loss", "eval_loss", "steps", "seconds"]
+PRIVACY_FIELDS = ["epsilon", "delta", "noise_multiplier", "sample_rate", "clip_fraction", "budget_exhausted"]
+METRIC_FIELDS = ["round", "scope", "node", "accepted", "reason", "num_examples", "train_loss", "eval_loss", "steps", "seconds",
+                 *PRIVACY_FIELDS]
 
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -50,17 +58,9 @@ def _say(msg: str) -> None:
     print(f"[meddiff] {msg}", flush=True)
 
 
-def check_supported(cfg: ExperimentConfig) -> None:
-    """Refuse configs this version cannot honour, rather than silently training without them."""
-    if cfg.privacy.enabled:
-        raise ValueError("privacy.enabled=true, but site-level DP-SGD is not available in this version of meddiff-fl; "
-                         "refusing to train without the privacy the config asks for (set privacy.enabled=false)")
-
-
 def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_from: str = "",
                    manifest_path: str = "") -> dict:
     """Run ``federation.num_rounds`` rounds; returns a summary dict (also written to ``summary.json``)."""
-    check_supported(cfg)
     fed, out = cfg.federation, cfg.output
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +74,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
     strategy.norm_factor = fed.max_update_norm_ratio
     first_round = 1
     history: dict = {"rounds": []}
+    # the sites' privacy state belongs to the study, which a resumed run continues
+    study = {"study-id": f"{run_dir.name}-{time.strftime('%Y%m%dT%H%M%S')}", "site-state-root": str(run_dir / "site_state")}
+    ledgers: dict = {}
+    exhausted_sites: set[str] = set()
     if resume_from:
         ckpt = load_checkpoint(resume_from)
         stored = load_config_dict(ckpt.config)
@@ -86,9 +90,14 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
         if "torch_rng" in ckpt.extra:
             torch.set_rng_state(ckpt.extra["torch_rng"])
         first_round = ckpt.step + 1
-        _say(f"resuming from {resume_from} at round {first_round}")
+        study = json.loads(ckpt.extra.get("study", json.dumps(study)))
+        ledgers = json.loads(ckpt.extra.get("privacy_ledgers", "{}"))
+        exhausted_sites = set(json.loads(ckpt.extra.get("exhausted_sites", "[]")))
+        _say(f"resuming from {resume_from} at round {first_round} (study {study['study-id']})")
 
-    payload = {"experiment-config": cfg_yaml, "manifest-path": manifest_path}
+    payload = {"experiment-config": cfg_yaml, "manifest-path": manifest_path, **study}
+    exhausted_nodes: set[int] = set()
+    stop_reason = ""
     metrics = MetricsCSV(run_dir / "metrics.csv", METRIC_FIELDS)
     ckpt_dir = run_dir / "checkpoints"
     sample_model = build_model(cfg.model, cfg.data.image_size)
@@ -101,9 +110,19 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
     with metrics:
         for rnd in range(first_round, fed.num_rounds + 1):
             t0 = time.perf_counter()
+            if exhausted_nodes and len(set(grid.get_node_ids()) - exhausted_nodes) < fed.min_train_nodes:
+                stop_reason = (f"stopped before round {rnd}: only {len(set(grid.get_node_ids()) - exhausted_nodes)} site(s) have "
+                               f"privacy budget left, fewer than min_train_nodes={fed.min_train_nodes} "
+                               f"(exhausted: {', '.join(sorted(exhausted_sites))})")
+                _say(stop_reason)
+                break
             strategy.reference = _numpy(global_state)
             messages = strategy.configure_train(rnd, ArrayRecord(global_state), ConfigRecord(payload), grid)
+            messages = [m for m in messages if m.metadata.dst_node_id not in exhausted_nodes]
             replies = list(grid.send_and_receive(messages=messages, timeout=fed.round_timeout))
+            ledgers, refused = _collect_privacy(replies, ledgers)
+            exhausted_nodes |= set(refused)
+            exhausted_sites |= set(refused.values())
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
             report = getattr(strategy, "round_report", [])
             kept = new_arrays is None
@@ -115,7 +134,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
             for r in report:
                 metrics.write({"round": rnd, "scope": f"site_{r['site']}", "node": r["node"], "accepted": int(r["accepted"]),
                                "reason": r["reason"], "num_examples": r.get("num-examples", ""),
-                               "train_loss": r.get("train_loss", ""), "steps": r.get("steps", ""), "seconds": r.get("seconds", "")})
+                               "train_loss": r.get("train_loss", ""), "steps": r.get("steps", ""), "seconds": r.get("seconds", ""),
+                               **{k: r.get(k, "") for k in PRIVACY_FIELDS}})
             # evaluation of the new global model on every site's held-out data
             eval_msgs = strategy.configure_evaluate(rnd, ArrayRecord(global_state), ConfigRecord(payload), grid)
             eval_rows = []
@@ -134,24 +154,57 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
             metrics.write({"round": rnd, "scope": "global", "accepted": len(accepted),
                            "reason": "kept previous global model" if kept else "", "num_examples": n_train,
                            "train_loss": train_loss, "eval_loss": eval_loss, "seconds": seconds})
+            max_eps = max((float(r["epsilon"]) for r in accepted if "epsilon" in r), default=float("nan"))
             history["rounds"].append({"round": rnd, "accepted": len(accepted), "rejected": len(report) - len(accepted),
-                                      "train_loss": train_loss, "eval_loss": eval_loss, "seconds": seconds})
-            _say(f"round {rnd}/{fed.num_rounds}: {len(accepted)} update(s) aggregated, {len(report) - len(accepted)} rejected; "
-                 f"train loss {train_loss:.4f}, held-out loss {eval_loss:.4f} ({seconds:.1f}s)")
+                                      "refused": len(refused), "train_loss": train_loss, "eval_loss": eval_loss,
+                                      "max_epsilon": max_eps, "seconds": seconds})
+            _say(f"round {rnd}/{fed.num_rounds}: {len(accepted)} update(s) aggregated, {len(report) - len(accepted)} rejected "
+                 f"({len(refused)} refused for budget); train loss {train_loss:.4f}, held-out loss {eval_loss:.4f}"
+                 + (f", max site epsilon {max_eps:.3f}" if cfg.privacy.enabled else "") + f" ({seconds:.1f}s)")
+            if cfg.privacy.enabled:
+                save_site_ledgers(run_dir, ledgers, exhausted=sorted(exhausted_sites))
             if out.sample_every and rnd % out.sample_every == 0 and rnd != fed.num_rounds:
                 draw(rnd)
             extra = {"round": rnd, "ema_updates": ema.num_updates, "strategy_state": strategy_state(strategy),
                      "site_metrics": json.dumps(report, default=float), "history": json.dumps(history),
-                     "torch_rng": torch.get_rng_state()}
+                     "torch_rng": torch.get_rng_state(), "study": json.dumps(study), "privacy_ledgers": json.dumps(ledgers),
+                     "exhausted_sites": json.dumps(sorted(exhausted_sites))}
             for name in (f"round_{rnd:04d}.pt", "last.pt"):
                 save_checkpoint(ckpt_dir / name, model_state=global_state, ema_state=ema.state_dict(),
                                 config=config_to_dict(cfg), step=rnd, extra=extra)
-    draw(fed.num_rounds)
+    last_round = history["rounds"][-1]["round"] if history["rounds"] else 0
+    draw(last_round)
     summary = {"run_dir": str(run_dir), "rounds": history["rounds"], "checkpoint": str(ckpt_dir / "last.pt"),
-               "samples": str(run_dir / "samples" / f"round_{fed.num_rounds:04d}.png")}
+               "samples": str(run_dir / "samples" / f"round_{last_round:04d}.png"), "stop_reason": stop_reason,
+               "private": cfg.privacy.enabled}
+    if cfg.privacy.enabled:
+        save_site_ledgers(run_dir, ledgers, exhausted=sorted(exhausted_sites))
+        if ledgers:
+            summary["privacy_report"] = str(write_privacy_report(run_dir)["md"])
+            summary["epsilon"] = {name: led["epsilon"] for name, led in sorted(ledgers.items())}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     _write_summary_md(run_dir, cfg, summary)
     return summary
+
+
+def _collect_privacy(replies, ledgers: dict) -> tuple[dict, dict[int, str]]:
+    """Merge the ledgers carried by DP replies; ``{node_id: site}`` of the sites that refused for budget."""
+    found, refused = {}, {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        content, node = reply.content, reply.metadata.src_node_id
+        site = f"node {node}"
+        if "privacy" in content.config_records:
+            text = str(content["privacy"].get("ledger", ""))
+            try:
+                site = json.loads(text)["site"]
+                found[site] = text
+            except (json.JSONDecodeError, KeyError, TypeError):
+                log.warning("node %s sent an unreadable privacy ledger; ignored", node)
+        if "refusal" in content.config_records:
+            refused[node] = site
+    return update_site_ledgers(ledgers, found), refused
 
 
 def _write_summary_md(run_dir: Path, cfg: ExperimentConfig, summary: dict) -> None:
@@ -161,9 +214,16 @@ def _write_summary_md(run_dir: Path, cfg: ExperimentConfig, summary: dict) -> No
         f"- strategy: `{fed.strategy}`, {fed.num_rounds} rounds x {fed.local_steps} local steps, {fed.num_sites} sites",
         f"- data: `{cfg.data.dataset}` at {cfg.data.image_size}px; model: ADM, {cfg.model.model_channels} base channels",
         f"- config: `{run_dir / 'config.yaml'}`", f"- metrics: `{run_dir / 'metrics.csv'}`",
-        f"- final checkpoint: `{summary['checkpoint']}`", f"- final EMA samples: `{summary['samples']}`", "",
-        "| round | accepted | rejected | train loss | held-out loss | seconds |", "| --- | --- | --- | --- | --- | --- |",
+        f"- final checkpoint: `{summary['checkpoint']}`", f"- final EMA samples: `{summary['samples']}`",
+        f"- privacy: " + (f"DP-SGD at every site; report `{summary.get('privacy_report', 'none (no DP site replied)')}`; "
+                          f"final epsilon per site: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.get("epsilon", {}).items())
+                          if cfg.privacy.enabled else "none (privacy.enabled=false: epsilon is infinite)"),
     ]
+    if summary.get("stop_reason"):
+        lines.append(f"- **ended early**: {summary['stop_reason']}")
+    lines += ["", "| round | accepted | rejected | refused (budget) | train loss | held-out loss | max site epsilon | seconds |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["rounds"]:
-        lines.append(f"| {r['round']} | {r['accepted']} | {r['rejected']} | {r['train_loss']:.4f} | {r['eval_loss']:.4f} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['round']} | {r['accepted']} | {r['rejected']} | {r.get('refused', 0)} | {r['train_loss']:.4f} | "
+                     f"{r['eval_loss']:.4f} | {r.get('max_epsilon', float('nan')):.3f} | {r['seconds']:.1f} |")
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n")

@@ -38,6 +38,13 @@ class ScreenedAggregation:
                 self.round_report.append({"node": node, "site": -1, "accepted": False, "reason": f"error reply: {msg.error.reason}"})
                 continue
             content = msg.content
+            if "refusal" in content.config_records:
+                m = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+                reason = str(content["refusal"].get("reason", "no reason given"))
+                log.warning("round %d: node %s refused: %s", server_round, node, reason)
+                self.round_report.append({**m, "node": node, "site": int(m.get("site-index", -1)), "accepted": False,
+                                          "refused": True, "reason": f"refused: {reason}"})
+                continue
             if len(content.array_records) != 1 or len(content.metric_records) != 1 or "arrays" not in content:
                 self.round_report.append({"node": node, "site": -1, "accepted": False,
                                           "reason": "reply must hold exactly one ArrayRecord 'arrays' and one MetricRecord"})

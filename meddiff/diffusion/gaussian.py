@@ -137,6 +137,23 @@ class GaussianDiffusion:
         Returns:
             ``[N]`` float32 loss, the mean over each example's K draws of the per-row MSE.
         """
+        x_t, t, y_rows, target = self.training_inputs(x0, y=y, noise_multiplicity=noise_multiplicity, generator=generator)
+        out = model(x_t, t, y_rows) if y_rows is not None else model(x_t, t)
+        return collapse_noise_multiplicity(row_mse(out, target), noise_multiplicity)
+
+    def training_inputs(
+        self,
+        x0: torch.Tensor,
+        *,
+        y: Optional[torch.Tensor] = None,
+        noise_multiplicity: int = 1,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """The network inputs and regression target of :meth:`training_losses`.
+
+        Returns ``(x_t [N*K, C, *S], t [N*K], y_rows [N*K] | None, target [N*K, C, *S])``, rows
+        grouped by example (``repeat_interleave``); ``t`` is drawn before the noise, always.
+        """
         k = int(noise_multiplicity)
         n = x0.shape[0]
         rows = x0.repeat_interleave(k, dim=0) if k > 1 else x0
@@ -144,11 +161,12 @@ class GaussianDiffusion:
         t = torch.randint(0, self.num_train_timesteps, (n * k,), generator=generator, device=_gen_device(generator, x0))
         noise = torch.randn(rows.shape, generator=generator, device=_gen_device(generator, x0), dtype=rows.dtype)
         t, noise = t.to(x0.device), noise.to(x0.device)
-        x_t = self.q_sample(rows, t, noise)
-        out = model(x_t, t, y_rows) if y_rows is not None else model(x_t, t)
-        target = self.training_target(rows, t, noise)
-        per_row = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # [N*K]; N = 0 works
-        return collapse_noise_multiplicity(per_row, k)
+        return self.q_sample(rows, t, noise), t, y_rows, self.training_target(rows, t, noise)
+
+
+def row_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row mean squared error in float32: ``[R, C, *S] -> [R]`` (R = 0 works)."""
+    return (out.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 def _gen_device(generator: Optional[torch.Generator], like: torch.Tensor) -> torch.device:

@@ -2,13 +2,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from meddiff.diffusion import GaussianDiffusion, make_noise_schedule
-from meddiff.train import train_step
-from privacy.engine import make_private
+from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, make_noise_schedule, row_mse
+from meddiff.train import cycle, train_loop, train_step
+from privacy.engine import make_private, per_image_gradients, vmap_train_step
 from tests.conftest import tiny_unet
 
 
-def _setup(n=6, k=1, noise=0.0, clip=1e6, seed=0):
+def _setup(n=6, k=1, noise=0.0, clip=1e6, seed=0, mode="hooks"):
     torch.manual_seed(seed)
     model = tiny_unet(num_classes=2)
     with torch.no_grad():
@@ -20,8 +20,40 @@ def _setup(n=6, k=1, noise=0.0, clip=1e6, seed=0):
     y = torch.arange(n) % 2
     loader = DataLoader(TensorDataset(x0, y), batch_size=n)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    private = make_private(model, opt, loader, noise_multiplier=noise, max_grad_norm=clip, noise_multiplicity=k)
+    private = make_private(model, opt, loader, noise_multiplier=noise, max_grad_norm=clip, noise_multiplicity=k,
+                           grad_sample_mode=mode)
     return private, reference, x0, y
+
+
+def _reference_per_image(reference, diffusion, x0, y, k, seed):
+    """One image at a time: the gradient of that image's mean loss over its K draws."""
+    x_t, t, y_rows, target = diffusion.training_inputs(x0, y=y, noise_multiplicity=k, generator=torch.Generator().manual_seed(seed))
+    grads = []
+    for i in range(len(x0)):
+        rows = slice(i * k, (i + 1) * k)
+        loss = row_mse(reference(x_t[rows], t[rows], y_rows[rows]), target[rows]).mean()
+        grads.append(torch.autograd.grad(loss, list(reference.parameters())))
+    return [torch.stack(g) for g in zip(*grads)]  # per parameter: [N, *shape]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "no_op"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_each_per_image_gradient_equals_one_image_at_a_time_autograd(k, mode):
+    private, reference, x0, y = _setup(k=k, mode=mode)
+    diffusion = GaussianDiffusion(make_noise_schedule("cosine", 100), prediction_type="v")
+    expected = _reference_per_image(reference, diffusion, x0, y, k, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    if mode == "hooks":
+        private.optimizer.zero_grad()
+        diffusion.training_losses(private.model, x0, y=y, noise_multiplicity=k, generator=gen).mean().backward()
+        got = [collapse_noise_multiplicity(p.grad_sample, k) for p in private.optimizer.params]
+    else:
+        grads, _ = per_image_gradients(private.model._module, diffusion, x0, y, noise_multiplicity=k, generator=gen)
+        got = [grads[name] for name, _ in private.model._module.named_parameters()]
+    for g, e in zip(got, expected):
+        assert g.shape[0] == len(x0)  # one gradient per image, not per row
+        rel = float((g - e).norm() / e.norm().clamp_min(1e-12))
+        assert rel <= 1e-5, rel
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -69,10 +101,11 @@ def test_added_noise_has_std_sigma_c_over_b():
     assert abs(float(noise.mean())) < 3 * expected / noise.numel() ** 0.5
 
 
-def test_empty_poisson_batch_steps_and_advances_the_accountant():
-    private, _, x0, y = _setup(n=6, noise=1.0, clip=1.0)
+@pytest.mark.parametrize("mode", ["hooks", "no_op"])
+def test_empty_poisson_batch_steps_and_advances_the_accountant(mode):
+    private, _, x0, y = _setup(n=6, noise=1.0, clip=1.0, mode=mode)
     diffusion = GaussianDiffusion(make_noise_schedule("cosine", 100))
-    loss = train_step(private.model, diffusion, private.optimizer, x0[:0], y[:0])
+    loss = private.step_fn(private.model, diffusion, private.optimizer, x0[:0], y[:0])
     assert loss == 0.0
     sigma, q, steps = private.engine.accountant.history[-1]
     assert (sigma, steps) == (1.0, 1)  # the empty step is accounted for
@@ -90,3 +123,20 @@ def test_history_is_restored_and_weights_are_unwrapped():
                          accountant_history=[(1.0, 0.5, 10)])
     assert again.history == [(1.0, 0.5, 10)]
     assert again.engine.get_epsilon(1e-5) > 0
+
+
+def test_batch_memory_manager_counts_only_real_steps_and_accounts_each_logical_batch():
+    torch.manual_seed(0)
+    model = tiny_unet(num_classes=2)
+    x0, y = torch.randn(40, 1, 16, 16), torch.arange(40) % 2
+    loader = DataLoader(TensorDataset(x0, y), batch_size=20)  # logical batch 20 -> q = 0.5
+    private = make_private(model, torch.optim.SGD(model.parameters(), lr=0.01), loader, noise_multiplier=1.0,
+                           max_grad_norm=1.0, noise_multiplicity=2)
+    ema_updates = []
+    result = train_loop(model=private.model, diffusion=GaussianDiffusion(make_noise_schedule("cosine", 100)),
+                        optimizer=private.optimizer, batches=private.batches(max_physical_batch_size=4), steps=3,
+                        device=torch.device("cpu"), noise_multiplicity=2, progress=False,
+                        optimizer_stepped=private.optimizer_stepped, on_step=lambda i, loss: ema_updates.append(i))
+    assert result.steps == 3 and ema_updates == [0, 1, 2]
+    assert result.examples > 3 * 4  # several physical batches per logical one
+    assert private.history == [(1.0, 0.5, 3)]

@@ -1,0 +1,193 @@
+"""The server's per-site privacy ledgers and the privacy-budget report of a run.
+
+Each DP site sends its ledger (accountant history, delta, budget, calibration, per-round epsilon;
+no data) with every train reply. The server keeps the latest one per site in
+``<run>/privacy/site_ledgers.json`` and in every checkpoint, and ``meddiff privacy report RUN_DIR``
+(also written at the end of every DP run) turns them into ``privacy_report.{json,md,png}``.
+
+The report recomputes every epsilon from the ledger's history alone (a fresh Opacus RDP
+accountant), so an auditor can reproduce it, and asks the PRV accountant for a second opinion,
+flagged when the two differ by more than 5%.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional
+
+from privacy.accounting import epsilon_of, prv_epsilon_of
+
+LEDGERS_FILE = Path("privacy") / "site_ledgers.json"
+PRV_TOLERANCE = 0.05
+
+COVERED = ("Record-level (epsilon, delta)-DP for each site's own training data: whatever the server, the other "
+           "sites or anyone holding the released weights or samples does, the distribution of what the site sent "
+           "changes by at most e^epsilon (plus delta) when any one training record (one image or slice) of that "
+           "site is added or removed. It holds for every round the site took part in, composed over its whole "
+           "ledger, including earlier studies on the same state directory.")
+NOT_COVERED = (
+    "A patient who contributes several records (slices, follow-up scans) is protected at group level only: "
+    "k records give roughly k x epsilon.",
+    "The held-out evaluation loss each site reports is computed without DP on records that are not in its "
+    "training set.",
+    "Anything trained without DP, for example an autoencoder pre-trained or trained as 'not private', and any "
+    "public data.",
+    "Choices made by looking at the data (hyperparameter tuning, data selection) outside this accounting.",
+)
+
+
+def update_site_ledgers(ledgers: dict, replies_ledgers: Mapping[str, str]) -> dict:
+    """Merge the ledgers from this round's replies (``{site: ledger JSON}``) into ``ledgers``;
+    a ledger with fewer steps than the one held never replaces it."""
+    for site, text in replies_ledgers.items():
+        data = json.loads(text)
+        held = ledgers.get(site)
+        if held is None or _steps(data["history"]) >= _steps(held["history"]):
+            ledgers[site] = data
+    return ledgers
+
+
+def load_site_ledgers(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / LEDGERS_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())["sites"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: unreadable site ledgers ({type(exc).__name__}: {exc})") from None
+
+
+def save_site_ledgers(run_dir: str | Path, ledgers: dict, *, exhausted: Optional[list[str]] = None) -> Path:
+    path = Path(run_dir) / LEDGERS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".site_ledgers.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"sites": ledgers, "exhausted": sorted(exhausted or [])}, fh, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def _steps(history) -> int:
+    return sum(int(h[2]) for h in history)
+
+
+def site_summary(ledger: dict) -> dict:
+    """One site's figures, every epsilon recomputed from the history."""
+    history = [tuple(h) for h in ledger["history"]]
+    delta, budget = float(ledger["delta"]), float(ledger["budget"])
+    rdp = epsilon_of(history, delta)
+    prv = prv_epsilon_of(history, delta)
+    differs = None if prv is None or rdp == 0 else abs(prv - rdp) / rdp
+    rounds = ledger.get("rounds", [])
+    cals = ledger.get("calibrations", [])
+    last = cals[-1] if cals else {}
+    clip = [r["clip_fraction"] for r in rounds if "clip_fraction" in r]
+    reported = float(ledger.get("epsilon", rdp))
+    return {
+        "site": ledger["site"],
+        "epsilon": rdp,
+        "epsilon_reported_by_site": reported,
+        "reported_matches_history": math.isclose(reported, rdp, rel_tol=1e-6, abs_tol=1e-9),
+        "delta": delta,
+        "budget": budget,
+        "remaining": max(0.0, budget - rdp),
+        "steps": _steps(history),
+        "noise_multiplier": last.get("noise_multiplier"),
+        "sample_rate": last.get("sample_rate"),
+        "max_grad_norm": last.get("max_grad_norm"),
+        "batch_size": last.get("batch_size"),
+        "num_examples": last.get("num_examples"),
+        "clip_fraction_mean": sum(clip) / len(clip) if clip else None,
+        "clip_fraction_last": clip[-1] if clip else None,
+        "accountant": "rdp",
+        "prv_epsilon": prv,
+        "prv_relative_difference": differs,
+        "prv_flag": (prv is None) or (differs is not None and differs > PRV_TOLERANCE),
+        "rounds": [{"study": r.get("study"), "round": r["round"], "steps": r["steps"], "epsilon": r["epsilon"],
+                    "clip_fraction": r.get("clip_fraction")} for r in rounds],
+        "calibrations": cals,
+        "history": [list(h) for h in history],
+    }
+
+
+def privacy_report(run_dir: str | Path) -> dict:
+    """The report of a run directory (reads ``privacy/site_ledgers.json``)."""
+    run_dir = Path(run_dir)
+    path = run_dir / LEDGERS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a run with privacy.enabled=true "
+                                "(or no DP site has replied yet)")
+    data = json.loads(path.read_text())
+    sites = [site_summary(data["sites"][name]) for name in sorted(data["sites"])]
+    return {"run_dir": str(run_dir), "sites": sites, "exhausted": data.get("exhausted", []),
+            "guarantee": {"covers": COVERED, "does_not_cover": list(NOT_COVERED)},
+            "audit": "epsilon = opacus.accountants.RDPAccountant with .history = the site's history, "
+                     ".get_epsilon(delta); nothing else enters it"}
+
+
+def write_privacy_report(run_dir: str | Path) -> dict[str, Path]:
+    """Write ``privacy_report.json``, ``.md`` and ``.png`` into the run directory."""
+    run_dir = Path(run_dir)
+    report = privacy_report(run_dir)
+    out = {"json": run_dir / "privacy_report.json", "md": run_dir / "privacy_report.md", "png": run_dir / "privacy_report.png"}
+    out["json"].write_text(json.dumps(report, indent=2))
+    out["md"].write_text(_markdown(report))
+    _plot(report, out["png"])
+    return out
+
+
+def _fmt(v, spec=".4g") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _markdown(report: dict) -> str:
+    lines = ["# Privacy-budget report", "", f"Run: `{report['run_dir']}`", "",
+             "| site | epsilon (RDP) | delta | budget | remaining | sigma | sample rate | steps | C | clip fraction (mean) | PRV epsilon | PRV check |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in report["sites"]:
+        if s["prv_epsilon"] is None:
+            check = "PRV failed (RDP stands)"
+        else:
+            check = f"{'FLAG ' if s['prv_flag'] else 'ok '}{100 * (s['prv_relative_difference'] or 0):.1f}%"
+        lines.append(f"| {s['site']} | {s['epsilon']:.4f} | {s['delta']:.2e} | {s['budget']:g} | {s['remaining']:.4f} | "
+                     f"{_fmt(s['noise_multiplier'])} | {_fmt(s['sample_rate'])} | {s['steps']} | {_fmt(s['max_grad_norm'])} | "
+                     f"{_fmt(s['clip_fraction_mean'], '.3f')} | {_fmt(s['prv_epsilon'])} | {check} |")
+    if report["exhausted"]:
+        lines += ["", f"Sites that refused a round because their budget did not cover it: {', '.join(report['exhausted'])}."]
+    bad = [s["site"] for s in report["sites"] if not s["reported_matches_history"]]
+    lines += ["", "Every epsilon above is recomputed from the site's accountant history alone. "
+              + (f"**Mismatch** between the epsilon reported by {', '.join(bad)} and its history." if bad
+                 else "Each site's reported epsilon matches its history.")]
+    lines += ["", "## Epsilon by round", "", "| site | study | round | steps | epsilon | clip fraction |", "| --- | --- | --- | --- | --- | --- |"]
+    for s in report["sites"]:
+        for r in s["rounds"]:
+            lines.append(f"| {s['site']} | {r['study']} | {r['round']} | {r['steps']} | {r['epsilon']:.4f} | {_fmt(r['clip_fraction'], '.3f')} |")
+    lines += ["", "## What the guarantee covers", "", report["guarantee"]["covers"], "", "## What it does not cover", ""]
+    lines += [f"- {item}" for item in report["guarantee"]["does_not_cover"]]
+    lines += ["", "## Reproducing it", "", f"`{report['audit']}`; the histories are in `privacy_report.json`.", ""]
+    return "\n".join(lines)
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for s in report["sites"]:
+        one_study = len({r["study"] for r in s["rounds"]}) <= 1
+        xs = [r["round"] for r in s["rounds"]] if one_study else list(range(1, len(s["rounds"]) + 1))
+        line, = ax.plot(xs, [r["epsilon"] for r in s["rounds"]], marker="o", label=f"{s['site']} (budget {s['budget']:g})")
+        ax.axhline(s["budget"], color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.set_xlabel("round (or, across studies, the site's n-th round)")
+    ax.set_ylabel("epsilon (RDP)")
+    ax.set_title("Per-site privacy spending")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

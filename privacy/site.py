@@ -1,0 +1,118 @@
+"""A site's privacy bookkeeping around each round: its ledger, enrolment and budget check.
+
+The guarantee is record-level (epsilon, delta)-DP for each site's own dataset:
+
+1. **Ledger.** ``<state-dir>/privacy_ledger.json`` on the site's own disk, reloaded before every
+   round and mirrored in the ClientApp's ``context.state``. If the file vanished mid-run while
+   the mirror holds more steps, the mirror is written back: spending is never forgotten.
+2. **Enrolment.** The first round of a study fixes sigma from the site's own budget, its delta
+   (default ``1/(10 N)``), its Poisson sample rate and the planned rounds x local steps, on top
+   of what earlier studies already spent. Later rounds of the study reuse it.
+3. **Budget check.** Before training, the site projects epsilon after this round's steps; above
+   the budget it refuses, so no site ever trains past it.
+
+The budget comes from the site's configuration (``--node-config epsilon-budget=...`` in a
+deployment), and a stored ledger's budget can only be tightened, never raised by a server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from configs import PrivacyConfig
+from privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, default_delta, poisson_sample_rate
+
+log = logging.getLogger("meddiff.privacy")
+
+LEDGER_FILE = "privacy_ledger.json"
+
+
+class BudgetExhausted(RuntimeError):
+    """The site refuses to train: its privacy budget does not cover the round."""
+
+    def __init__(self, reason: str, *, epsilon: float, ledger: Optional[PrivacyLedger] = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.epsilon = epsilon
+        self.ledger = ledger
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a site fixed at enrolment in a study."""
+
+    study: str
+    noise_multiplier: float
+    sample_rate: float
+    planned_steps: int
+    max_grad_norm: float
+    batch_size: int
+    num_examples: int
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def site_delta(privacy_cfg: PrivacyConfig, num_examples: int, site: str) -> float:
+    """The configured delta, or ``1/(10 N)``; a delta of ``1/N`` or more means little and is refused."""
+    if privacy_cfg.target_delta is None:
+        return default_delta(num_examples)
+    if privacy_cfg.target_delta >= 1.0 / num_examples:
+        raise ValueError(f"site {site}: privacy.target_delta={privacy_cfg.target_delta:g} is not below 1/N = "
+                         f"{1.0 / num_examples:g} for its {num_examples} records; use null for 1/(10N)")
+    return float(privacy_cfg.target_delta)
+
+
+def open_site_ledger(state_dir: str | Path, *, site: str, num_examples: int, privacy_cfg: PrivacyConfig,
+                     budget: float, mirror: Optional[str] = None) -> PrivacyLedger:
+    """The site's ledger (a fresh one at its first round), reconciled with the in-memory mirror."""
+    path = Path(state_dir) / LEDGER_FILE
+    ledger = PrivacyLedger.open(path, site=site, delta=site_delta(privacy_cfg, num_examples, site), budget=budget)
+    if mirror:
+        copy = PrivacyLedger.from_json(mirror, path=path, budget_cap=ledger.budget)
+        if copy.steps > ledger.steps:
+            log.warning("site %s: %s holds %d steps but this process spent %d; restoring the larger ledger",
+                        site, path, ledger.steps, copy.steps)
+            ledger = copy
+            ledger.save()
+    return ledger
+
+
+def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, batch_size: int, planned_steps: int,
+          privacy_cfg: PrivacyConfig) -> Calibration:
+    """The study's calibration: stored at the first round, reused after (sigma is never re-fitted per round)."""
+    stored = ledger.calibration(study)
+    if stored is not None:
+        return Calibration.from_dict(stored)
+    q = poisson_sample_rate(num_examples, batch_size)
+    try:
+        sigma = calibrate_noise_multiplier(target_epsilon=ledger.budget, target_delta=ledger.delta, sample_rate=q,
+                                           steps=planned_steps, prior_history=ledger.history)
+    except ValueError as exc:
+        raise BudgetExhausted(f"site {ledger.site}: cannot enrol in study {study!r}: {exc}", epsilon=ledger.epsilon(),
+                              ledger=ledger) from None
+    cal = Calibration(study=study, noise_multiplier=sigma, sample_rate=q, planned_steps=int(planned_steps),
+                      max_grad_norm=privacy_cfg.max_grad_norm, batch_size=int(batch_size), num_examples=int(num_examples))
+    ledger.calibrations.append({**cal.__dict__, "budget": ledger.budget, "delta": ledger.delta,
+                                "prior_epsilon": ledger.epsilon(), "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    ledger.save()
+    log.info("site %s enrolled in %s: sigma %.4f, q %.5f, %d planned steps, budget %g", ledger.site, study, sigma, q,
+             planned_steps, ledger.budget)
+    return cal
+
+
+def check_budget(ledger: PrivacyLedger, cal: Calibration, steps: int, *, sample_rate: Optional[float] = None) -> None:
+    """Raise :class:`BudgetExhausted` if ``steps`` more steps would take epsilon past the budget.
+
+    ``sample_rate`` is the rate of the site's data today (default: the enrolment's)."""
+    epsilon = ledger.epsilon()
+    projected = ledger.projected_epsilon(cal.noise_multiplier, sample_rate or cal.sample_rate, steps)
+    if projected > ledger.budget * (1 + 1e-9):
+        raise BudgetExhausted(
+            f"site {ledger.site}: {steps} more steps would raise epsilon from {epsilon:.3f} to {projected:.3f}, "
+            f"above its budget {ledger.budget:g} (delta {ledger.delta:.2e}); refusing to train", epsilon=epsilon, ledger=ledger)
