@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sampler_speed.py
 	$(BIN)/python bench/data_throughput.py
 	$(BIN)/python bench/federation_overhead.py
+	$(BIN)/python bench/dp_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+
+from bench.common import peak_memory_mib  # noqa: E402
 
 SIZE, BATCH = 32, 32
 
@@ -109,43 +110,10 @@ def make_step(name: str, device: torch.device):
     return model, step
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_memory(name: str, device: torch.device) -> float:
-    """Peak memory of three train steps beyond what the model, optimizer and data hold before, MiB.
-
-    CUDA: ``max_memory_allocated``. CPU: resident set size sampled every millisecond by a thread.
-    """
-    if device.type == "cuda":
-        _, step = make_step(name, device)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(3):
-            step()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    import threading
-
+    """Peak memory of three train steps beyond what the model, optimizer and data hold before, MiB."""
     _, step = make_step(name, device)
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    for _ in range(3):
-        step()
-    done.set()
-    thread.join()
-    return (peak[0] - base) / 2**20
+    return peak_memory_mib(step, device)
 
 
 def main() -> None:

@@ -248,3 +248,7 @@ def _check_cross_fields(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"'data.intensity_percentiles' must be [lower, upper] with lower < upper, got {list(d.intensity_percentiles)}")
     if cfg.train.device not in ("auto", "cpu", "cuda", "mps") and not cfg.train.device.startswith("cuda:"):
         raise ConfigError(f"'train.device' is {cfg.train.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    pc, fed = cfg.privacy, cfg.federation
+    if pc.central_dp != "off" and fed.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(f"'privacy.central_dp' ({pc.central_dp}) needs federation.strategy fedavg or fedprox: its noise is "
+                          f"calibrated to the sensitivity of an average of clipped updates, not of {fed.strategy}")

@@ -148,6 +148,10 @@ class PrivacyConfig:
     grad_sample_mode: str = _f("hooks", help="per-sample gradients: Opacus hooks, or no_op (torch.func.vmap over the whole model)",
                                choices=("hooks", "no_op"))
     max_physical_batch_size: int = _f(64, help="largest batch held in memory at once", min=1)
+    central_dp: str = _f("off", help="central user-level DP: Flower's client-side fixed or adaptive clipping plus server noise",
+                         choices=("off", "fixed", "adaptive"))
+    central_noise_multiplier: float = _f(1.0, help="central DP noise multiplier (std = multiplier x clipping norm / sites)", min=0.0)
+    central_clipping_norm: float = _f(1.0, help="central DP update clipping norm (initial norm when adaptive)", min_exclusive=0.0)
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,10 @@ def make_private(
         max_grad_norm: per-image clipping norm C.
         noise_multiplicity: K rows per image in the loss (collapsed before clipping).
         accountant_history: the site's ledger so far; the new steps are appended to it.
+        grad_sample_mode: ``hooks`` (train with :func:`meddiff.train.train_step`) or ``no_op``
+            (train with :func:`vmap_train_step`); ``PrivateTraining.step_fn`` picks the right one.
+        noise_generator: source of the DP noise; pass an unpredictable one (the server knows
+            the experiment seed).
     Returns:
         The wrapped model, optimizer and (Poisson) loader, the engine and clipping statistics.
     """

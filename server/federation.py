@@ -34,8 +34,16 @@ from meddiff.ema import EMA
 from meddiff.outputs import write_samples
 from meddiff.runs import MetricsCSV
 from meddiff.train import sample_images, seed_everything
-from privacy.report import load_site_ledgers, save_site_ledgers, update_site_ledgers, write_privacy_report
-from server.strategy import create_strategy, load_strategy_state, strategy_state
+from privacy.report import save_central, save_site_ledgers, update_site_ledgers, write_privacy_report
+from server.strategy import (
+    base_strategy,
+    create_strategy,
+    is_refusal,
+    load_strategy_state,
+    refusal_report,
+    sampled_sites,
+    strategy_state,
+)
 
 log = logging.getLogger("meddiff.server")
 
@@ -70,14 +78,18 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
     model = build_model(cfg.model, cfg.data.image_size)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ema = EMA(model, decay=fed.server_ema_decay)
-    strategy = create_strategy(fed)
-    strategy.norm_factor = fed.max_update_norm_ratio
+    strategy = create_strategy(fed, cfg.privacy)
+    screened = base_strategy(strategy)
+    screened.norm_factor = fed.max_update_norm_ratio
     first_round = 1
     history: dict = {"rounds": []}
     # the sites' privacy state belongs to the study, which a resumed run continues
     study = {"study-id": f"{run_dir.name}-{time.strftime('%Y%m%dT%H%M%S')}", "site-state-root": str(run_dir / "site_state")}
     ledgers: dict = {}
     exhausted_sites: set[str] = set()
+    central = {"mode": cfg.privacy.central_dp, "noise_multiplier": cfg.privacy.central_noise_multiplier,
+               "clipping_norm": cfg.privacy.central_clipping_norm, "sampled_sites": sampled_sites(fed),
+               "num_sites": fed.num_sites, "releases": 0, "clipping_norms": []}
     if resume_from:
         ckpt = load_checkpoint(resume_from)
         stored = load_config_dict(ckpt.config)
@@ -85,7 +97,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
             raise ValueError(f"{resume_from}: its model/diffusion config differs from this run's; resume with the same config")
         global_state = ckpt.model
         ema.load_state_dict(ckpt.ema, num_updates=int(ckpt.extra.get("ema_updates", 0)))
-        load_strategy_state(strategy, ckpt.extra.get("strategy_state", {}))
+        load_strategy_state(screened, ckpt.extra.get("strategy_state", {}))
         history = json.loads(ckpt.extra.get("history", '{"rounds": []}'))
         if "torch_rng" in ckpt.extra:
             torch.set_rng_state(ckpt.extra["torch_rng"])
@@ -93,9 +105,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
         study = json.loads(ckpt.extra.get("study", json.dumps(study)))
         ledgers = json.loads(ckpt.extra.get("privacy_ledgers", "{}"))
         exhausted_sites = set(json.loads(ckpt.extra.get("exhausted_sites", "[]")))
+        central = json.loads(ckpt.extra.get("central_dp", json.dumps(central)))
         _say(f"resuming from {resume_from} at round {first_round} (study {study['study-id']})")
 
-    payload = {"experiment-config": cfg_yaml, "manifest-path": manifest_path, **study}
+    payload = {"experiment-config": cfg_yaml, "manifest-path": manifest_path, "central-dp": cfg.privacy.central_dp, **study}
     exhausted_nodes: set[int] = set()
     stop_reason = ""
     metrics = MetricsCSV(run_dir / "metrics.csv", METRIC_FIELDS)
@@ -116,16 +129,20 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
                                f"(exhausted: {', '.join(sorted(exhausted_sites))})")
                 _say(stop_reason)
                 break
-            strategy.reference = _numpy(global_state)
+            screened.reference = _numpy(global_state)
             messages = strategy.configure_train(rnd, ArrayRecord(global_state), ConfigRecord(payload), grid)
             messages = [m for m in messages if m.metadata.dst_node_id not in exhausted_nodes]
             replies = list(grid.send_and_receive(messages=messages, timeout=fed.round_timeout))
             ledgers, refused = _collect_privacy(replies, ledgers)
             exhausted_nodes |= set(refused)
             exhausted_sites |= set(refused.values())
-            new_arrays, _ = strategy.aggregate_train(rnd, replies)
-            report = getattr(strategy, "round_report", [])
+            new_arrays, _ = strategy.aggregate_train(rnd, [r for r in replies if not is_refusal(r)])
+            report = getattr(screened, "round_report", []) + [refusal_report(rnd, r) for r in replies if is_refusal(r)]
             kept = new_arrays is None
+            if not kept and central["mode"] != "off":  # one more noisy release of the central mechanism
+                central["releases"] += 1
+                central["clipping_norms"].append(float(strategy.clipping_norm))
+                save_central(run_dir, central)
             if not kept:
                 global_state = arrays_to_state(new_arrays)
                 model.load_state_dict(global_state)
@@ -165,10 +182,10 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
                 save_site_ledgers(run_dir, ledgers, exhausted=sorted(exhausted_sites))
             if out.sample_every and rnd % out.sample_every == 0 and rnd != fed.num_rounds:
                 draw(rnd)
-            extra = {"round": rnd, "ema_updates": ema.num_updates, "strategy_state": strategy_state(strategy),
+            extra = {"round": rnd, "ema_updates": ema.num_updates, "strategy_state": strategy_state(screened),
                      "site_metrics": json.dumps(report, default=float), "history": json.dumps(history),
                      "torch_rng": torch.get_rng_state(), "study": json.dumps(study), "privacy_ledgers": json.dumps(ledgers),
-                     "exhausted_sites": json.dumps(sorted(exhausted_sites))}
+                     "exhausted_sites": json.dumps(sorted(exhausted_sites)), "central_dp": json.dumps(central)}
             for name in (f"round_{rnd:04d}.pt", "last.pt"):
                 save_checkpoint(ckpt_dir / name, model_state=global_state, ema_state=ema.state_dict(),
                                 config=config_to_dict(cfg), step=rnd, extra=extra)
@@ -179,9 +196,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
                "private": cfg.privacy.enabled}
     if cfg.privacy.enabled:
         save_site_ledgers(run_dir, ledgers, exhausted=sorted(exhausted_sites))
-        if ledgers:
-            summary["privacy_report"] = str(write_privacy_report(run_dir)["md"])
-            summary["epsilon"] = {name: led["epsilon"] for name, led in sorted(ledgers.items())}
+        summary["epsilon"] = {name: led["epsilon"] for name, led in sorted(ledgers.items())}
+    if ledgers or central["releases"]:
+        summary["privacy_report"] = str(write_privacy_report(run_dir)["md"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     _write_summary_md(run_dir, cfg, summary)
     return summary

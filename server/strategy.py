@@ -8,9 +8,20 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
 
-from configs import FederationConfig
+from configs import FederationConfig, PrivacyConfig
 from server.validation import screen_updates
 
 log = logging.getLogger("meddiff.server")
@@ -38,13 +49,6 @@ class ScreenedAggregation:
                 self.round_report.append({"node": node, "site": -1, "accepted": False, "reason": f"error reply: {msg.error.reason}"})
                 continue
             content = msg.content
-            if "refusal" in content.config_records:
-                m = dict(content["metrics"]) if "metrics" in content.metric_records else {}
-                reason = str(content["refusal"].get("reason", "no reason given"))
-                log.warning("round %d: node %s refused: %s", server_round, node, reason)
-                self.round_report.append({**m, "node": node, "site": int(m.get("site-index", -1)), "accepted": False,
-                                          "refused": True, "reason": f"refused: {reason}"})
-                continue
             if len(content.array_records) != 1 or len(content.metric_records) != 1 or "arrays" not in content:
                 self.round_report.append({"node": node, "site": -1, "accepted": False,
                                           "reason": "reply must hold exactly one ArrayRecord 'arrays' and one MetricRecord"})
@@ -76,6 +80,21 @@ class ScreenedAggregation:
             msg.content["arrays"] = ArrayRecord({k: torch.from_numpy(v.astype(np.float32)) if v.dtype.kind == "f" else torch.from_numpy(v)
                                                  for k, v in updates[lab].items()})
         return super().aggregate_train(server_round, [messages[lab] for lab in accepted])
+
+
+def is_refusal(msg: Message) -> bool:
+    """A site's budget refusal: metrics and a reason, no weights."""
+    return not msg.has_error() and "refusal" in msg.content.config_records
+
+
+def refusal_report(server_round: int, msg: Message) -> dict:
+    """The ``round_report`` entry of a refusal (refusals never reach a strategy's aggregation)."""
+    content, node = msg.content, msg.metadata.src_node_id
+    m = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+    reason = str(content["refusal"].get("reason", "no reason given"))
+    log.warning("round %d: node %s refused: %s", server_round, node, reason)
+    return {**m, "node": node, "site": int(m.get("site-index", -1)), "accepted": False, "refused": True,
+            "reason": f"refused: {reason}"}
 
 
 class ScreenedFedAvg(ScreenedAggregation, FedAvg):
@@ -125,15 +144,39 @@ STRATEGIES = {
 STATEFUL_ATTRIBUTES = ("m_t", "v_t")
 
 
-def create_strategy(fed: FederationConfig) -> ScreenedAggregation:
-    """The strategy named by ``federation.strategy``, gated by ``min_train_nodes``."""
+def create_strategy(fed: FederationConfig, privacy: Optional[PrivacyConfig] = None):
+    """The strategy named by ``federation.strategy``, gated by ``min_train_nodes``; wrapped in
+    Flower's client-side fixed or adaptive clipping DP strategy when ``privacy.central_dp`` asks.
+
+    Central DP averages the sites' clipped updates with *equal* weights (weighted by ``steps``,
+    which every site reports as ``federation.local_steps``): the noise std ``sigma * S / m`` is
+    calibrated to one site's influence on an unweighted mean.
+    """
     if fed.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {fed.strategy!r}; choose one of {sorted(STRATEGIES)}")
     cls, extra = STRATEGIES[fed.strategy]
+    central = privacy.central_dp if privacy is not None else "off"
+    weighting = {"weighted_by_key": "steps"} if central != "off" else {}
     strategy = cls(fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_train_nodes=fed.min_train_nodes,
-                   min_evaluate_nodes=fed.min_train_nodes, min_available_nodes=fed.min_train_nodes, **extra(fed))
+                   min_evaluate_nodes=fed.min_train_nodes, min_available_nodes=fed.min_train_nodes, **weighting, **extra(fed))
     strategy.min_valid = fed.min_train_nodes
+    if central == "fixed":
+        return DifferentialPrivacyClientSideFixedClipping(strategy, privacy.central_noise_multiplier,
+                                                          privacy.central_clipping_norm, sampled_sites(fed))
+    if central == "adaptive":
+        return DifferentialPrivacyClientSideAdaptiveClipping(strategy, privacy.central_noise_multiplier, sampled_sites(fed),
+                                                             initial_clipping_norm=privacy.central_clipping_norm)
     return strategy
+
+
+def sampled_sites(fed: FederationConfig) -> int:
+    """Sites sampled per round, as Flower's sampling computes it for ``fraction_train``."""
+    return max(fed.min_train_nodes, int(fed.num_sites * fed.fraction_train))
+
+
+def base_strategy(strategy) -> ScreenedAggregation:
+    """The screened strategy inside a DP wrapper (or the strategy itself)."""
+    return getattr(strategy, "strategy", strategy)
 
 
 def strategy_state(strategy) -> dict:

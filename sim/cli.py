@@ -35,6 +35,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_report(args: argparse.Namespace) -> int:
+    from privacy.report import privacy_report, write_privacy_report
+
+    paths = write_privacy_report(args.run_dir)
+    for s in privacy_report(args.run_dir)["sites"]:
+        prv = "PRV failed" if s["prv_epsilon"] is None else f"PRV {s['prv_epsilon']:.3f}{' (FLAG: >5% apart)' if s['prv_flag'] else ''}"
+        print(f"[meddiff] {s['site']}: epsilon {s['epsilon']:.3f} of {s['budget']:g} (delta {s['delta']:.1e}, "
+              f"{s['steps']} steps, sigma {s['noise_multiplier']}); {prv}")
+    print(f"[meddiff] wrote {paths['md']}, {paths['json'].name}, {paths['png'].name}")
+    return 0
+
+
 def _extend(sub) -> None:
     p = sub.add_parser("simulate", help="federated training of all sites on Flower's local simulation engine")
     p.add_argument("--config", "-c", type=Path, default=None, help="experiment YAML")
@@ -52,6 +64,12 @@ def _extend(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <output.root>/splits/<dataset>-<scheme>-seed<seed>)")
     p.add_argument("--preview", action="store_true", help="print per-site counts by label and save a bar chart")
     p.set_defaults(func=cmd_data_split)
+
+    privacy = sub.add_parser("privacy", help="privacy tools")
+    privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
+    p = privacy_sub.add_parser("report", help="per-site privacy-budget report of a DP run (JSON, Markdown, PNG)")
+    p.add_argument("run_dir", type=Path, help="run directory of a federated run with privacy.enabled=true")
+    p.set_defaults(func=cmd_privacy_report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

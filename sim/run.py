@@ -152,10 +152,7 @@ def simulate(cfg: ExperimentConfig, *, config_path: Optional[Path], overrides: l
 
     The Flower log streams to the console, or to ``log_path`` when given.
     """
-    from server.federation import check_supported
     from sim.manifest import build_manifest, write_manifest
-
-    check_supported(cfg)
 
     run_dir = (run_dir or Path(cfg.output.root) / (cfg.output.name or f"federated-{_dt.datetime.now():%Y%m%d-%H%M%S}")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)  # the ServerApp writes config.yaml into it

@@ -154,3 +154,38 @@ def test_dp_training_still_lowers_the_loss_on_phantoms(tmp_path):
     after = local_evaluate(cfg, trained, held_out, site_index=0)["eval_loss"]
     assert metrics["epsilon"] <= 10.0 and math.isfinite(after)
     assert after < 0.8 * before, (before, after, cal.noise_multiplier)
+
+
+def test_central_dp_mod_clips_the_update_only_when_the_server_asks():
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from client.client_app import app
+
+    cfg = tiny_config(extra=["federation.local_steps=2", "data.num_samples=40", "train.lr=0.05"])
+    start = build_model(cfg.model, 16).state_dict()
+
+    def update_norm(extra):
+        msg = server_message(cfg, start, dst=11, extra=extra)
+        as_node(11)
+        out = app(msg, _ctx({"partition-id": 0, "num-partitions": 2}))
+        assert not out.has_error(), out.error
+        new = out.content["arrays"].to_torch_state_dict()
+        return float(torch.sqrt(sum(((new[k].float() - start[k].float()) ** 2).sum() for k in start)))
+
+    free = update_norm({})
+    clipped = update_norm({KEY_CLIPPING_NORM: 0.01, "central-dp": "fixed"})
+    assert free > 0.05 and clipped == pytest.approx(0.01, rel=1e-3)
+
+
+def test_central_dp_config_rules_and_strategy_wrapper():
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    from configs import ConfigError
+    from server.strategy import base_strategy, create_strategy
+
+    cfg = tiny_config(extra=["privacy.central_dp=fixed", "privacy.central_noise_multiplier=0.5"])
+    strategy = create_strategy(cfg.federation, cfg.privacy)
+    assert isinstance(strategy, DifferentialPrivacyClientSideFixedClipping) and strategy.noise_multiplier == 0.5
+    assert base_strategy(strategy).weighted_by_key == "steps"  # equal weights: the noise is calibrated to a plain mean
+    with pytest.raises(ConfigError, match="central_dp.*fedavg or fedprox"):
+        tiny_config(extra=["privacy.central_dp=fixed", "federation.strategy=fedmedian"])

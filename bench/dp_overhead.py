@@ -1,0 +1,135 @@
+"""DP-SGD step time and memory over non-DP step time, on the default ADM.
+
+Variants, each one logical batch of ``train.batch_size`` images at ``data.image_size`` (default
+config: 32 x 32, batch 32, the default UNet), AdamW, v-prediction loss with K (t, noise) draws:
+
+- ``nondp_k{K}``: the plain training step (the reference for K);
+- ``hooks_k{K}``: Opacus hooks mode, per-row gradients collapsed to per-image before clipping;
+- ``no_op_k{K}``: Opacus no_op mode, per-image gradients from ``torch.func.vmap`` over the whole
+  model (``privacy.grad_sample_mode: no_op``).
+
+The variants run round-robin in one process after warm-up (machine noise hits all alike); the
+median step is reported with the ratio to the non-DP step of the same K (variants of one K run
+together; K groups one after the other, to bound memory). Peak memory is measured per variant
+in a fresh subprocess.
+
+    python bench/dp_overhead.py [--reps 8] [--device auto] [--threads 0]
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from bench.common import peak_memory_mib, pick_device  # noqa: E402
+from configs import load_config  # noqa: E402
+from meddiff.build import build_diffusion, build_model, build_optimizer  # noqa: E402
+from meddiff.train import train_step  # noqa: E402
+from privacy.engine import make_private  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+VARIANTS = ("nondp_k1", "hooks_k1", "no_op_k1", "nondp_k4", "hooks_k4", "no_op_k4")
+
+
+def make_step(variant: str, device: torch.device):
+    cfg = load_config(DEFAULT_CONFIG, [])
+    mode, k = variant.rsplit("_k", 1)
+    k = int(k)
+    torch.manual_seed(0)
+    size, batch = cfg.data.image_size, cfg.train.batch_size
+    model = build_model(cfg.model, size).to(device).train()
+    optimizer = build_optimizer(cfg.train, model.parameters())
+    diffusion = build_diffusion(cfg.diffusion)
+    x0 = torch.randn(batch, cfg.model.in_channels, size, size, device=device).clamp(-1, 1)
+    y = (torch.arange(batch, device=device) % cfg.model.num_classes) if cfg.model.num_classes else None
+    step_fn = train_step
+    if mode != "nondp":
+        loader = DataLoader(TensorDataset(x0.cpu(), torch.zeros(batch, dtype=torch.long)), batch_size=batch)
+        private = make_private(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0, noise_multiplicity=k,
+                               grad_sample_mode=mode)
+        model, optimizer, step_fn = private.model, private.optimizer, private.step_fn
+    gen = torch.Generator(device=device).manual_seed(1)
+    n_params = sum(p.numel() for p in (model._module if hasattr(model, "_module") else model).parameters())
+
+    def step() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step_fn(model, diffusion, optimizer, x0, y, noise_multiplicity=k, generator=gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        optimizer.zero_grad(set_to_none=True)  # release per-sample gradients between steps (as the next step would)
+        return elapsed
+
+    return step, n_params, (size, batch)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if args.memory_of:
+        step, _, _ = make_step(args.memory_of, device)
+        step()  # first call allocates optimizer state and Opacus buffers, as in training
+        print(json.dumps({"peak_mib": peak_memory_mib(step, device)}))
+        return
+
+    variants = [v for v in args.variants.split(",") if v]
+    median = {}
+    for k in sorted({v.rsplit("_k", 1)[1] for v in variants}):  # one K at a time bounds memory
+        group = [v for v in variants if v.endswith(f"_k{k}")]
+        steps = {}
+        for v in group:
+            steps[v], n_params, (size, batch) = make_step(v, device)
+            for _ in range(args.warmup):
+                steps[v]()
+        times = {v: [] for v in group}
+        for _ in range(args.reps):  # round-robin within the group: noise hits every variant alike
+            for v in group:
+                times[v].append(steps[v]())
+        median.update({v: statistics.median(t) for v, t in times.items()})
+        del steps
+    memory = {}
+    for v in variants:
+        cmd = [sys.executable, __file__, "--memory-of", v, "--device", str(device)] + (["--threads", str(args.threads)] if args.threads else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        memory[v] = round(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"], 1)
+    ratio = {v: round(median[v] / median[f"nondp_k{v.rsplit('_k', 1)[1]}"], 3)
+             for v in variants if not v.startswith("nondp") and f"nondp_k{v.rsplit('_k', 1)[1]}" in median}
+    best = min(ratio, key=ratio.get) if ratio else None
+    print(json.dumps({
+        "benchmark": "dp_overhead", "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "model": "ADM of configs/default.yaml", "params_millions": round(n_params / 1e6, 3), "resolution": size, "batch": batch,
+        "reps": args.reps, "median_step_s": {v: round(t, 4) for v, t in median.items()},
+        "ratio_to_nondp_same_k": ratio, "peak_memory_mib": memory,
+        "memory_ratio_to_nondp_same_k": {v: round(memory[v] / max(memory[f"nondp_k{v.rsplit('_k', 1)[1]}"], 1e-9), 2)
+                                         for v in ratio},
+        "fastest_dp_variant": best, "target_ratio": 1.5,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
