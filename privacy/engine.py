@@ -49,6 +49,7 @@ class ClipStats:
     clipped: int = 0
     total: int = 0
     steps: list[float] = field(default_factory=list)
+    rows: Optional[int] = None  # rows the model saw in its last forward (N*K), for the shape check
 
     @property
     def clip_fraction(self) -> float:
@@ -105,6 +106,9 @@ def _install_collapse(optimizer: DPOptimizer, noise_multiplicity: int, stats: Cl
                 gs = torch.cat(gs, dim=0)
             if gs is None:
                 continue
+            if stats.rows is not None and gs.shape[0] != stats.rows:
+                raise RuntimeError(f"per-sample gradients have {gs.shape[0]} rows but the model's last forward had "
+                                   f"{stats.rows}; refusing to clip (one clipped gradient per image)")
             collapsed = collapse_noise_multiplicity(gs, k)
             if images is None:
                 images = collapsed.shape[0]
@@ -162,6 +166,8 @@ def make_private(
         private_loader = DataLoader(private_loader.dataset, batch_sampler=private_loader.batch_sampler,
                                     collate_fn=private_loader.collate_fn, generator=private_loader.generator)
     stats = ClipStats()
+    if grad_sample_mode == "hooks":
+        private_model.register_forward_pre_hook(lambda _module, args: setattr(stats, "rows", args[0].shape[0]))
     # vmap computes per-image gradients already; hooks compute per-row ones that must be collapsed
     _install_collapse(private_opt, 1 if grad_sample_mode == "no_op" else noise_multiplicity, stats)
     return PrivateTraining(private_model, private_opt, private_loader, engine, stats, grad_sample_mode)

@@ -140,3 +140,13 @@ def test_batch_memory_manager_counts_only_real_steps_and_accounts_each_logical_b
     assert result.steps == 3 and ema_updates == [0, 1, 2]
     assert result.examples > 3 * 4  # several physical batches per logical one
     assert private.history == [(1.0, 0.5, 3)]
+
+
+def test_per_sample_rows_must_match_the_last_forward():
+    private, _, x0, y = _setup(n=4, k=2)
+    diffusion = GaussianDiffusion(make_noise_schedule("cosine", 100))
+    private.optimizer.zero_grad()
+    for _ in range(2):  # two backward passes without zero_grad: 16 per-row gradients for 8 rows
+        diffusion.training_losses(private.model, x0, y=y, noise_multiplicity=2).mean().backward()
+    with pytest.raises(RuntimeError, match="refusing to clip"):
+        private.optimizer.pre_step()
