@@ -13,7 +13,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: run train-centralized test test-fast bench setup clean
+.PHONY: run run-dp train-centralized test test-fast bench setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ setup: $(STAMP)
 run: $(STAMP)
 	FLWR_HOME=$(CURDIR)/.flwr_home PATH=$(CURDIR)/$(BIN):$$PATH \
 	  $(BIN)/meddiff simulate --config configs/default.yaml output.name=$(RUN_NAME)-$$(date +%Y%m%d-%H%M%S)
+
+run-dp: $(STAMP)
+	FLWR_HOME=$(CURDIR)/.flwr_home PATH=$(CURDIR)/$(BIN):$$PATH \
+	  $(BIN)/meddiff simulate --config configs/default.yaml privacy.enabled=true privacy.grad_sample_mode=no_op \
+	  output.name=$(RUN_NAME)-dp-$$(date +%Y%m%d-%H%M%S)
 
 train-centralized: $(STAMP)
 	$(BIN)/meddiff train --config configs/default.yaml output.name=centralized-$$(date +%Y%m%d-%H%M%S)

@@ -1,4 +1,5 @@
-"""The ``meddiff`` command line: ``train`` (centralized baseline) and ``sample``.
+"""The ``meddiff`` command line: ``train`` (centralized baseline), ``sample``, ``evaluate``,
+``train-encoder`` and ``plot``.
 
 The installed ``meddiff`` script is :func:`sim.cli.main`, which adds the commands that need the
 higher packages (``data split``) to this parser.
@@ -58,6 +59,44 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from meddiff.build import build_dataset
+    from meddiff.evaluate.encoders import save_encoder, train_domain_encoder
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.spatial_dims != 2:
+        raise ConfigError("the domain encoder is 2-D; evaluate 3-D models slice-wise")
+    dataset = build_dataset(cfg.data, cfg.model)
+    num_classes = cfg.model.num_classes or int(max(int(y) for _, y in dataset)) + 1
+    model, info = train_domain_encoder(dataset, in_channels=cfg.model.in_channels, num_classes=num_classes,
+                                       steps=args.steps, seed=cfg.train.seed, progress=not args.no_progress)
+    path = save_encoder(args.out, model, image_size=cfg.data.image_size, dataset=f"{cfg.data.dataset}:{cfg.data.path}",
+                        info=info)
+    print(f"[meddiff] domain encoder: {info['steps']} steps, train accuracy {info['train_accuracy_last_50_steps']:.3f}; wrote {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from meddiff.evaluate.run import evaluate_checkpoint
+
+    out = args.out or Path(args.checkpoint).resolve().parent.parent / "eval"
+    report = evaluate_checkpoint(args.checkpoint, out_dir=out, encoder=args.encoder, encoder_weights=args.encoder_weights,
+                                 data_path=args.data, num_samples=args.num, device=args.device, seed=args.seed,
+                                 progress=not args.no_progress)
+    print(f"[meddiff] FID {report['fid']:.3f}, precision {report['precision']:.3f}, recall {report['recall']:.3f}, "
+          f"MIA AUC {report['membership_inference']['mia_auc']:.3f}, near-duplicates "
+          f"{report['memorization']['near_duplicates']}; wrote {out / 'eval.md'}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from meddiff.runs import plot_run
+
+    path = plot_run(args.run_dir)
+    print(f"[meddiff] wrote {path}")
+    return 0
+
+
 def build_parser(extend=None) -> argparse.ArgumentParser:
     """The ``meddiff`` parser; ``extend(subparsers)`` lets higher packages (``sim``) add commands."""
     parser = argparse.ArgumentParser(prog="meddiff", description="Federated, private diffusion models for medical images.")
@@ -82,6 +121,29 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="quality, diversity, memorization and membership-inference report of a checkpoint")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", default=None, help="dataset file (default: the checkpoint's data.path)")
+    p.add_argument("--encoder", default="domain", help="domain | inception | pixels | random_projection")
+    p.add_argument("--encoder-weights", default=None, help="encoder file (domain: from train-encoder; inception: a local .pth)")
+    p.add_argument("--num", type=int, default=256, help="samples to generate")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train-encoder", help="train the domain encoder (a small classifier) on a dataset's real images")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="encoder file to write")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_encoder)
+
+    p = sub.add_parser("plot", help="plot loss, epsilon and FID against round for a federated run")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_plot)
     if extend is not None:
         extend(sub)
     return parser

@@ -63,3 +63,51 @@ class MetricsCSV:
 
 def _fmt(v: Any) -> Any:
     return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def _floats(rows, key):
+    out = []
+    for r in rows:
+        try:
+            out.append((int(r["round"]), float(r[key])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return [(x, y) for x, y in out if y == y and abs(y) != float("inf")]
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """``<run>/plots.png``: global train and held-out loss, each site's epsilon and, when the run
+    evaluated it, FID against round (from ``metrics.csv``)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a federated run directory?")
+    rows = list(csv.DictReader(open(path)))
+    if not rows or "round" not in rows[0]:
+        raise ValueError(f"{path} has no per-round rows (a centralized run has steps, not rounds)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    glob = [r for r in rows if r.get("scope") == "global"]
+    sites = sorted({r["scope"] for r in rows if r.get("scope", "").startswith("site_")})
+    panels = [("loss", [("train", _floats(glob, "train_loss")), ("held-out", _floats(glob, "eval_loss"))])]
+    eps = [(s, _floats([r for r in rows if r["scope"] == s and r.get("accepted") != ""], "epsilon")) for s in sites]
+    if any(points for _, points in eps):
+        panels.append(("epsilon", eps))
+    if any(r.get("fid") not in (None, "") for r in glob):
+        panels.append(("FID", [("global", _floats(glob, "fid"))]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), dpi=120, squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for label, points in series:
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = run_dir / "plots.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -24,6 +24,7 @@ Two per-sample-gradient modes, both validated against one-image-at-a-time autogr
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
@@ -40,6 +41,12 @@ from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, ro
 from meddiff.train import train_step
 
 GRAD_SAMPLE_MODES = ("hooks", "no_op")
+
+# Said once in the privacy report instead of every round: the noise comes from torch's PRNG seeded
+# from the OS entropy pool (Opacus's secure_mode needs torchcsprng, which is not installed).
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+# vmap has no batching rule for CPU flash attention and loops over it; measured in bench/dp_overhead.py.
+warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
 
 
 @dataclass

@@ -38,6 +38,8 @@ NOT_COVERED = (
     "Anything trained without DP, for example an autoencoder pre-trained or trained as 'not private', and any "
     "public data.",
     "Choices made by looking at the data (hyperparameter tuning, data selection) outside this accounting.",
+    "Attacks on the random number generator itself: the noise comes from PyTorch's generator seeded from the OS "
+    "entropy pool (unpredictable to the server), not from a cryptographically secure stream (Opacus secure_mode).",
 )
 
 
