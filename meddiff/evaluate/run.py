@@ -33,6 +33,7 @@ from meddiff.evaluate.metrics import (
     ms_ssim_diversity,
     precision_recall,
 )
+from meddiff.evaluate.utility import downstream_utility
 from meddiff.outputs import save_grid_png
 from meddiff.train import sample_images
 
@@ -59,8 +60,8 @@ def distribution_metrics(real: np.ndarray, fake: np.ndarray) -> dict:
 
 def evaluate_checkpoint(checkpoint: str | Path, *, out_dir: str | Path, encoder: str = "domain",
                         encoder_weights: Optional[str] = None, data_path: Optional[str] = None, num_samples: int = 256,
-                        max_real: int = 1000, mia_examples: int = 256, device: str = "auto", seed: int = 0,
-                        progress: bool = True) -> dict:
+                        max_real: int = 1000, mia_examples: int = 256, utility_steps: int = 300, device: str = "auto",
+                        seed: int = 0, progress: bool = True) -> dict:
     """Evaluate a checkpoint; returns the report dict (also written as ``eval.json``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, out_dir: str | Path, encoder:
     model, cfg, _ = model_from_checkpoint(checkpoint, device=dev)
     enc = build_encoder(encoder, encoder_weights)
     train_ds, test_ds = real_splits(cfg, data_path)
-    train_x, _ = dataset_images(train_ds, max_real)
+    train_x, train_y = dataset_images(train_ds, max_real)
     test_x, test_y = dataset_images(test_ds, max_real)
 
     k = cfg.model.num_classes
@@ -86,6 +87,9 @@ def evaluate_checkpoint(checkpoint: str | Path, *, out_dir: str | Path, encoder:
             real_c, gen_c = f_real[(test_y == c).numpy()], f_gen[(y == c).numpy()]
             if len(real_c) >= 2 and len(gen_c) >= 2:
                 report["per_class_fid"][str(c)] = fid_from_stats(FeatureStats.of(real_c), FeatureStats.of(gen_c))
+
+        report["utility"] = downstream_utility(real_train=(train_x, train_y), synthetic=(generated, y),
+                                               real_test=(test_x, test_y), num_classes=k, steps=utility_steps, seed=seed)
 
     mem = memorization(generated, train_x, test_x)
     report["memorization"] = mem.summary()
@@ -131,6 +135,12 @@ def _markdown(r: dict) -> str:
         lines.append(f"| {key} | {r[key]:.4f} |")
     for c, v in r.get("per_class_fid", {}).items():
         lines.append(f"| FID class {c} | {v:.4f} |")
+    u = r.get("utility")
+    if u:
+        lines += [f"| TSTR accuracy (train synthetic, test real) | {u['tstr_accuracy']:.3f} |",
+                  f"| TRTR accuracy (train real, test real) | {u['trtr_accuracy']:.3f} |",
+                  f"| real + synthetic accuracy | {u['real_plus_synthetic_accuracy']:.3f} |",
+                  f"| majority-class accuracy | {u['majority_class_accuracy']:.3f} |"]
     lines += [f"| DCR median generated / held-out | {m['dcr_generated_median']:.3f} / {m['dcr_heldout_median']:.3f} |",
               f"| near-duplicates of training images | {m['near_duplicates']} ({100 * m['near_duplicate_fraction']:.1f}%) |",
               f"| membership inference AUC | {a['mia_auc']:.3f} |", f"| MIA TPR at 1% FPR | {a['mia_tpr_at_1pct_fpr']:.3f} |",

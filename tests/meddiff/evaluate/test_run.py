@@ -49,6 +49,7 @@ def test_evaluate_train_encoder_and_plot_commands(tmp_path):
     report = json.loads((out / "eval.json").read_text())
     assert np.isfinite(report["fid"]) and 0 <= report["precision"] <= 1 and 0 <= report["membership_inference"]["mia_auc"] <= 1
     assert set(report["per_class_fid"]) == {"0", "1"} and "domain CNN encoder.pt" in report["encoder"]
+    assert {"tstr_accuracy", "trtr_accuracy", "real_plus_synthetic_accuracy"} <= set(report["utility"])
     for name in ("eval.md", "samples.png", "nearest_pairs.png", "precision_recall.png"):
         assert (out / name).is_file(), name
     # an Inception request without weights is a clear error, not a download
@@ -67,3 +68,21 @@ def test_plot_draws_loss_and_epsilon_against_round(tmp_path):
     assert main(["plot", str(tmp_path)]) == 0
     assert (tmp_path / "plots.png").stat().st_size > 1000
     assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_tstr_on_separable_toy_classes_and_on_useless_synthetic_data():
+    from meddiff.evaluate.utility import downstream_utility
+
+    torch.manual_seed(0)
+
+    def make(n, flip=False):
+        y = torch.arange(n) % 2
+        x = torch.randn(n, 1, 16, 16) * 0.3
+        x[:, :, :8] += (y.float() * 2 - 1).view(-1, 1, 1, 1) * (-1 if flip else 1)  # class = brightness of the top half
+        return x.clamp(-1, 1), y
+
+    real_train, real_test = make(128), make(128)
+    good = downstream_utility(real_train=real_train, synthetic=make(128), real_test=real_test, num_classes=2, steps=60)
+    bad = downstream_utility(real_train=real_train, synthetic=make(128, flip=True), real_test=real_test, num_classes=2, steps=60)
+    assert good["trtr_accuracy"] > 0.95 and good["tstr_accuracy"] > 0.95
+    assert bad["tstr_accuracy"] < 0.1  # synthetic images with swapped labels teach the opposite rule
