@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import yaml
-from flwr.app import ConfigRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from client.data import SiteData, site_data
-from client.local import local_evaluate, local_train, non_private_metrics
+from client.local import local_evaluate, local_feature_stats, local_train, non_private_metrics
 from client.records import EVALUATE_METRIC_KEYS, TRAIN_METRIC_KEYS, arrays_to_state, metric_record, state_to_arrays
 from configs import ExperimentConfig, load_config_dict
 from privacy.accounting import PrivacyLedger, poisson_sample_rate
@@ -125,8 +126,16 @@ def handle_train(content: RecordDict, node_config: Mapping, state: Optional[Reco
 
 
 def handle_evaluate(content: RecordDict, node_config: Mapping, state: Optional[RecordDict] = None) -> RecordDict:
-    """Held-out denoising loss of the received global model on the site's test data."""
+    """Held-out denoising loss of the received global model on the site's test data; when the
+    server asks (``fid-stats``), also the feature statistics of that data (ArrayRecord
+    ``feature-stats``: mean and covariance; the count in the metrics)."""
     cfg, record = _config(content)
     site = site_data(cfg, node_config, str(record.get("manifest-path", "")))
     metrics = local_evaluate(cfg, arrays_to_state(content["arrays"]), site.test, site_index=site.index)
-    return RecordDict({"metrics": metric_record(metrics, EVALUATE_METRIC_KEYS)})
+    reply = RecordDict()
+    if int(record.get("fid-stats", 0)):
+        stats = local_feature_stats(cfg, site.test)
+        metrics["feature-count"] = stats.count
+        reply["feature-stats"] = ArrayRecord({"mean": torch.from_numpy(stats.mean), "cov": torch.from_numpy(stats.cov)})
+    reply["metrics"] = metric_record(metrics, EVALUATE_METRIC_KEYS)
+    return reply

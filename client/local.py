@@ -152,4 +152,12 @@ def local_evaluate(cfg: ExperimentConfig, state: Mapping[str, torch.Tensor], dat
         losses = diffusion.training_losses(model, x0, y=y, noise_multiplicity=4, generator=gen)
         total += float(losses.sum())
         count += len(losses)
-    return {"num-examples": count, "eval_loss": total / max(count, 1), "site-index": site_index}
+    return {"num-examples": count, "eval_loss": total / max(count, 1), "site-index": site_index, "feature-count": 0}
+
+
+def local_feature_stats(cfg: ExperimentConfig, dataset: Dataset):
+    """The site's share of a federated FID: feature statistics of its held-out images (no images)."""
+    from meddiff.evaluate import build_encoder, site_feature_stats
+
+    ev = cfg.evaluation
+    return site_feature_stats(build_encoder(ev.encoder, ev.encoder_weights or None), dataset, max_examples=ev.max_real)

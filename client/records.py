@@ -14,7 +14,7 @@ TRANSPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 #: Every train reply carries exactly these metric keys, from every site (the reply contract).
 TRAIN_METRIC_KEYS = ("num-examples", "train_loss", "steps", "site-index", "seconds", "epsilon", "delta", "noise_multiplier",
                      "sample_rate", "clip_fraction", "budget_exhausted")
-EVALUATE_METRIC_KEYS = ("num-examples", "eval_loss", "site-index")
+EVALUATE_METRIC_KEYS = ("num-examples", "eval_loss", "site-index", "feature-count")
 
 
 def state_to_arrays(state: Mapping[str, torch.Tensor], transport_dtype: str = "fp32") -> ArrayRecord:

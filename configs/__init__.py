@@ -11,6 +11,7 @@ from configs.load import (
 from configs.schema import (
     DataConfig,
     DiffusionConfig,
+    EvaluationConfig,
     ExperimentConfig,
     FederationConfig,
     ModelConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "load_config_dict",
     "DataConfig",
     "DiffusionConfig",
+    "EvaluationConfig",
     "ExperimentConfig",
     "FederationConfig",
     "ModelConfig",

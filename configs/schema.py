@@ -177,6 +177,17 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """Light evaluation during federated training: FID from per-site feature statistics."""
+
+    every: int = _f(0, help="rounds between federated FID evaluations; 0 = off", min=0)
+    encoder: str = _f("random_projection", help="feature encoder", choices=("domain", "inception", "pixels", "random_projection"))
+    encoder_weights: str = _f("", help="encoder file, readable by the server and every site (domain / inception)")
+    num_samples: int = _f(64, help="images generated for each evaluation", min=2)
+    max_real: int = _f(512, help="held-out images each site encodes", min=2)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Run directory, checkpoints and sample grids."""
 
@@ -199,4 +210,5 @@ class ExperimentConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -48,8 +48,8 @@ from server.strategy import (
 log = logging.getLogger("meddiff.server")
 
 PRIVACY_FIELDS = ["epsilon", "delta", "noise_multiplier", "sample_rate", "clip_fraction", "budget_exhausted"]
-METRIC_FIELDS = ["round", "scope", "node", "accepted", "reason", "num_examples", "train_loss", "eval_loss", "steps", "seconds",
-                 *PRIVACY_FIELDS]
+METRIC_FIELDS = ["round", "scope", "node", "accepted", "reason", "num_examples", "train_loss", "eval_loss", "fid", "steps",
+                 "seconds", *PRIVACY_FIELDS]
 
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -153,16 +153,24 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
                                "reason": r["reason"], "num_examples": r.get("num-examples", ""),
                                "train_loss": r.get("train_loss", ""), "steps": r.get("steps", ""), "seconds": r.get("seconds", ""),
                                **{k: r.get(k, "") for k in PRIVACY_FIELDS}})
-            # evaluation of the new global model on every site's held-out data
-            eval_msgs = strategy.configure_evaluate(rnd, ArrayRecord(global_state), ConfigRecord(payload), grid)
-            eval_rows = []
+            # evaluation of the new global model on every site's held-out data (and, every
+            # evaluation.every rounds, the sites' feature statistics for a federated FID)
+            with_fid = bool(cfg.evaluation.every) and rnd % cfg.evaluation.every == 0
+            eval_payload = {**payload, "fid-stats": int(with_fid)}
+            eval_msgs = strategy.configure_evaluate(rnd, ArrayRecord(global_state), ConfigRecord(eval_payload), grid)
+            eval_rows, site_stats = [], {}
             for reply in grid.send_and_receive(messages=eval_msgs, timeout=fed.round_timeout):
                 if reply.has_error() or "metrics" not in reply.content:
                     continue
                 m = dict(reply.content["metrics"])
                 eval_rows.append(m)
-                metrics.write({"round": rnd, "scope": f"site_{int(m['site-index'])}", "node": reply.metadata.src_node_id,
-                               "accepted": "", "num_examples": m["num-examples"], "eval_loss": m["eval_loss"]})
+                if with_fid and "feature-stats" in reply.content.array_records:
+                    site_stats[f"site_{int(m['site-index'])}"] = _feature_stats(reply.content["feature-stats"], m)
+            fid = _federated_fid(cfg, ema, sample_model, site_stats) if site_stats else {}
+            for m in eval_rows:
+                scope = f"site_{int(m['site-index'])}"
+                metrics.write({"round": rnd, "scope": scope, "accepted": "", "num_examples": m["num-examples"],
+                               "eval_loss": m["eval_loss"], "fid": fid.get("fid_per_site", {}).get(scope, "")})
             n_train = sum(r.get("num-examples", 0) for r in accepted)
             train_loss = sum(r["train_loss"] * r["num-examples"] for r in accepted) / n_train if n_train else float("nan")
             n_eval = sum(m["num-examples"] for m in eval_rows)
@@ -170,11 +178,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
             seconds = time.perf_counter() - t0
             metrics.write({"round": rnd, "scope": "global", "accepted": len(accepted),
                            "reason": "kept previous global model" if kept else "", "num_examples": n_train,
-                           "train_loss": train_loss, "eval_loss": eval_loss, "seconds": seconds})
+                           "train_loss": train_loss, "eval_loss": eval_loss, "fid": fid.get("fid_global", ""), "seconds": seconds})
             max_eps = max((float(r["epsilon"]) for r in accepted if "epsilon" in r), default=float("nan"))
             history["rounds"].append({"round": rnd, "accepted": len(accepted), "rejected": len(report) - len(accepted),
                                       "refused": len(refused), "train_loss": train_loss, "eval_loss": eval_loss,
-                                      "max_epsilon": max_eps, "seconds": seconds})
+                                      "max_epsilon": max_eps, "fid": fid.get("fid_global"), "seconds": seconds})
             _say(f"round {rnd}/{fed.num_rounds}: {len(accepted)} update(s) aggregated, {len(report) - len(accepted)} rejected "
                  f"({len(refused)} refused for budget); train loss {train_loss:.4f}, held-out loss {eval_loss:.4f}"
                  + (f", max site epsilon {max_eps:.3f}" if cfg.privacy.enabled else "") + f" ({seconds:.1f}s)")
@@ -202,6 +210,27 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     _write_summary_md(run_dir, cfg, summary)
     return summary
+
+
+def _feature_stats(record: ArrayRecord, metrics: dict):
+    from meddiff.evaluate import FeatureStats
+
+    arrays = record.to_torch_state_dict()
+    return FeatureStats(int(metrics["feature-count"]), arrays["mean"].double().numpy(), arrays["cov"].double().numpy())
+
+
+def _federated_fid(cfg: ExperimentConfig, ema: EMA, model, site_stats: dict) -> dict:
+    """FID of EMA samples against the merged site statistics (and per site); no image left a site."""
+    from meddiff.evaluate import build_encoder, federated_fid
+
+    ev = cfg.evaluation
+    ema.copy_to(model)
+    samples = sample_images(model, cfg, num=ev.num_samples, device=torch.device("cpu"), seed=cfg.train.seed + 1, progress=False)
+    features = build_encoder(ev.encoder, ev.encoder_weights or None).encode(samples)
+    result = federated_fid(features, site_stats)
+    _say(f"federated FID ({ev.encoder}) {result['fid_global']:.3f}; per site: "
+         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result["fid_per_site"].items())))
+    return result
 
 
 def _collect_privacy(replies, ledgers: dict) -> tuple[dict, dict[int, str]]:

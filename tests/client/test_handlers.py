@@ -47,13 +47,20 @@ def test_same_metric_keys_from_every_site():
     assert keys[0] == keys[1]
 
 
-def test_evaluate_reports_held_out_loss():
+def test_evaluate_reports_held_out_loss_and_feature_statistics_on_request():
     cfg = tiny_config(extra=["data.num_samples=40"])
     model = build_model(cfg.model, cfg.data.image_size)
     msg = server_message(cfg, model.state_dict(), dst=11, message_type=MessageType.EVALUATE)
     as_node(11)
-    metrics = evaluate(msg, _context(0)).content["metrics"]
+    content = evaluate(msg, _context(0)).content
+    metrics = content["metrics"]
     assert metrics["num-examples"] == 2 and metrics["eval_loss"] > 0  # 10% of 20 phantoms held out
+    assert metrics["feature-count"] == 0 and "feature-stats" not in content.array_records
+    msg = server_message(cfg, model.state_dict(), dst=11, message_type=MessageType.EVALUATE, extra={"fid-stats": 1})
+    as_node(11)
+    content = evaluate(msg, _context(0)).content
+    stats = content["feature-stats"].to_torch_state_dict()
+    assert content["metrics"]["feature-count"] == 2 and stats["mean"].shape == (128,) and stats["cov"].shape == (128, 128)
 
 
 def test_state_codec_strips_opacus_prefix():

@@ -65,7 +65,8 @@ def test_dp_study_extended_past_its_plan_is_refused_and_ends_cleanly_with_a_repo
     """Sites calibrate sigma for the planned 1 round; resuming to 3 rounds asks for more than the budget
     covers: both sites refuse round 2, the server stops sampling them and ends before round 3."""
     dp = TINY + ["privacy.enabled=true", "privacy.target_epsilon=8", "train.batch_size=8", "privacy.max_physical_batch_size=4",
-                 "privacy.central_dp=fixed", "privacy.central_clipping_norm=0.5", "privacy.central_noise_multiplier=0.01"]
+                 "privacy.central_dp=fixed", "privacy.central_clipping_norm=0.5", "privacy.central_noise_multiplier=0.01",
+                 "evaluation.every=2", "evaluation.num_samples=8", "evaluation.max_real=8"]
     first = _run(tmp_path, "dp", dp + ["federation.num_rounds=1"])
     ledgers = json.loads((first / "privacy" / "site_ledgers.json").read_text())["sites"]
     assert sorted(ledgers) == ["site_0", "site_1"]
@@ -83,6 +84,9 @@ def test_dp_study_extended_past_its_plan_is_refused_and_ends_cleanly_with_a_repo
     refused = [r for r in rows if r["round"] == "2" and r["scope"].startswith("site_") and r["budget_exhausted"] == "1"]
     assert len(refused) == 2 and all("refused" in r["reason"] for r in refused)
     assert not [r for r in rows if r["round"] == "3"]
+    # the round-2 evaluation computed a federated FID from the sites' feature statistics
+    global2 = [r for r in rows if r["round"] == "2" and r["scope"] == "global"][0]
+    assert float(global2["fid"]) >= 0 and all(r["fid"] != "" for r in rows if r["round"] == "2" and r["eval_loss"])
     after = json.loads((resumed / "privacy" / "site_ledgers.json").read_text())
     assert {n: led["epsilon"] for n, led in after["sites"].items()} == eps_round1  # nobody trained past the budget
     assert sorted(after["exhausted"]) == ["site_0", "site_1"]
