@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from configs import ExperimentConfig
 from meddiff.build import build_dataset, build_diffusion, model_from_checkpoint
@@ -48,6 +48,26 @@ def real_splits(cfg: ExperimentConfig, data_path: Optional[str] = None) -> tuple
         return build_dataset(data, cfg.model), build_dataset(dataclasses.replace(data, seed=data.seed + 7919), cfg.model)
     raise ValueError(f"evaluation of data.dataset={data.dataset!r} is not supported yet: use a MedMNIST .npz "
                      "(--data file.npz with a medmnist checkpoint) or the embedded phantoms")
+
+
+def matched_indices(member_labels: torch.Tensor, nonmember_labels: torch.Tensor, total: int) -> tuple[list[int], list[int]]:
+    """Equal numbers of members and non-members *per class*, up to ``total`` each.
+
+    The loss differs between classes, so with different class mixes (PneumoniaMNIST's train split
+    is 74% pneumonia, its test split 62%) a loss attack scores the mix, not memorization.
+    """
+    classes = sorted(set(member_labels.tolist()) & set(nonmember_labels.tolist()))
+    per_class = max(1, total // max(len(classes), 1))
+    members, nonmembers = [], []
+    for c in classes:
+        m = (member_labels == c).nonzero().flatten().tolist()
+        n = (nonmember_labels == c).nonzero().flatten().tolist()
+        k = min(per_class, len(m), len(n))
+        members += m[:k]
+        nonmembers += n[:k]
+    if len(members) < 2:
+        raise ValueError("membership inference needs members and non-members of a common class")
+    return members, nonmembers
 
 
 def distribution_metrics(real: np.ndarray, fake: np.ndarray) -> dict:
@@ -98,9 +118,9 @@ def evaluate_checkpoint(checkpoint: str | Path, *, out_dir: str | Path, encoder:
     save_grid_png(pairs, out_dir / "nearest_pairs.png", nrow=2, upscale=2)
 
     diffusion = build_diffusion(cfg.diffusion)
-    n_mia = min(mia_examples, len(train_ds), len(test_ds))
-    members = diffusion_losses(model, diffusion, train_ds, device=dev, max_examples=n_mia, seed=seed)
-    nonmembers = diffusion_losses(model, diffusion, test_ds, device=dev, max_examples=n_mia, seed=seed)
+    member_idx, nonmember_idx = matched_indices(train_y, test_y, mia_examples)
+    members = diffusion_losses(model, diffusion, Subset(train_ds, member_idx), device=dev, seed=seed)
+    nonmembers = diffusion_losses(model, diffusion, Subset(test_ds, nonmember_idx), device=dev, seed=seed)
     report["membership_inference"] = membership_inference(members, nonmembers)
 
     save_grid_png(generated[:64], out_dir / "samples.png", upscale=2)
