@@ -117,3 +117,12 @@ def test_encoder_registry_never_downloads():
         build_encoder("domain")
     with pytest.raises(ValueError, match="unknown encoder"):
         build_encoder("clip")
+
+
+def test_membership_sets_are_matched_per_class():
+    from meddiff.evaluate.run import matched_indices
+
+    members = torch.tensor([1, 1, 1, 1, 0, 1, 0, 1])
+    nonmembers = torch.tensor([0, 0, 0, 1, 0, 1])
+    m, n = matched_indices(members, nonmembers, total=8)
+    assert sorted(members[m].tolist()) == sorted(nonmembers[n].tolist()) == [0, 0, 1, 1]
