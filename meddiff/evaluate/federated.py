@@ -19,11 +19,19 @@ from meddiff.evaluate.encoders import Encoder
 from meddiff.evaluate.metrics import FeatureStats, fid_from_stats, merge_stats
 
 
-def dataset_images(dataset: Dataset, max_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (or the first ``max_examples``) images ``[N, C, *S]`` and labels ``[N]`` of a dataset."""
-    n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
+def subset_indices(size: int, max_examples: int | None = None, *, seed: int = 0) -> list[int]:
+    """All indices, or a seeded random sorted subset of ``max_examples`` (never simply the first
+    ones: dataset files are often sorted by label, PneumoniaMNIST's training split among them)."""
+    if max_examples is None or max_examples >= size:
+        return list(range(size))
+    return sorted(torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:max_examples].tolist())
+
+
+def dataset_images(dataset: Dataset, max_examples: int | None = None, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[N, C, *S]`` and labels ``[N]`` at :func:`subset_indices` of a dataset."""
+    indices = subset_indices(len(dataset), max_examples, seed=seed)
     xs, ys = [], []
-    for x, y in DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=256):
+    for x, y in DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=256):
         xs.append(x)
         ys.append(torch.as_tensor(y))
     if not xs:

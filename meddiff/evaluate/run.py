@@ -24,7 +24,7 @@ from meddiff.build import build_dataset, build_diffusion, model_from_checkpoint
 from meddiff.device import resolve_device
 from meddiff.evaluate.audits import diffusion_losses, memorization, membership_inference
 from meddiff.evaluate.encoders import build_encoder
-from meddiff.evaluate.federated import dataset_images
+from meddiff.evaluate.federated import dataset_images, subset_indices
 from meddiff.evaluate.metrics import (
     FeatureStats,
     density_coverage,
@@ -68,6 +68,42 @@ def matched_indices(member_labels: torch.Tensor, nonmember_labels: torch.Tensor,
     if len(members) < 2:
         raise ValueError("membership inference needs members and non-members of a common class")
     return members, nonmembers
+
+
+def site_splits(cfg: ExperimentConfig, run_dir: Path) -> dict[str, tuple[Dataset, Dataset]]:
+    """``{site: (its training data, its own held-out data)}`` of a federated run, or ``{}``.
+
+    From the run's split ``manifest.json``, or, for the embedded phantoms, from the generated
+    sites. A site's held-out records share its acquisition, which makes them the right
+    non-members for that site's membership inference."""
+    from meddiff.data.sites import load_manifest, phantom_site, site_dataset
+
+    if (run_dir / "manifest.json").is_file():
+        manifest = load_manifest(run_dir / "manifest.json")
+        return {s["name"]: (site_dataset(manifest, i, cfg, split="train"), site_dataset(manifest, i, cfg, split="test"))
+                for i, s in enumerate(manifest["sites"])}
+    if cfg.data.dataset == "phantoms" and (run_dir / "summary.json").is_file():
+        n = cfg.federation.num_sites
+        return {f"site_{i}": (phantom_site(i, n, cfg), phantom_site(i, n, cfg, split="test")) for i in range(n)}
+    return {}
+
+
+def per_site_membership(model, diffusion, cfg: ExperimentConfig, run_dir: Path, *, examples: int, device, seed: int) -> dict:
+    """Loss-attack AUC and TPR at 1% FPR per site: its training records against its held-out ones."""
+    out = {}
+    for name, (train, test) in site_splits(cfg, run_dir).items():
+        if len(test) < 2:
+            continue
+        (_, train_y), (_, test_y) = dataset_images(train, 4 * examples), dataset_images(test, 4 * examples)
+        try:
+            m_pos, n_pos = matched_indices(train_y, test_y, examples)
+        except ValueError:
+            continue
+        m_idx, n_idx = subset_indices(len(train), 4 * examples), subset_indices(len(test), 4 * examples)
+        members = diffusion_losses(model, diffusion, Subset(train, [m_idx[i] for i in m_pos]), device=device, seed=seed)
+        nonmembers = diffusion_losses(model, diffusion, Subset(test, [n_idx[i] for i in n_pos]), device=device, seed=seed)
+        out[name] = membership_inference(members, nonmembers)
+    return out
 
 
 def distribution_metrics(real: np.ndarray, fake: np.ndarray) -> dict:
@@ -118,10 +154,15 @@ def evaluate_checkpoint(checkpoint: str | Path, *, out_dir: str | Path, encoder:
     save_grid_png(pairs, out_dir / "nearest_pairs.png", nrow=2, upscale=2)
 
     diffusion = build_diffusion(cfg.diffusion)
-    member_idx, nonmember_idx = matched_indices(train_y, test_y, mia_examples)
-    members = diffusion_losses(model, diffusion, Subset(train_ds, member_idx), device=dev, seed=seed)
-    nonmembers = diffusion_losses(model, diffusion, Subset(test_ds, nonmember_idx), device=dev, seed=seed)
+    m_pos, n_pos = matched_indices(train_y, test_y, mia_examples)
+    train_idx, test_idx = subset_indices(len(train_ds), max_real), subset_indices(len(test_ds), max_real)
+    members = diffusion_losses(model, diffusion, Subset(train_ds, [train_idx[i] for i in m_pos]), device=dev, seed=seed)
+    nonmembers = diffusion_losses(model, diffusion, Subset(test_ds, [test_idx[i] for i in n_pos]), device=dev, seed=seed)
     report["membership_inference"] = membership_inference(members, nonmembers)
+    sites = per_site_membership(model, diffusion, cfg, Path(checkpoint).resolve().parent.parent, examples=mia_examples,
+                                device=dev, seed=seed)
+    if sites:
+        report["membership_inference_per_site"] = sites
 
     save_grid_png(generated[:64], out_dir / "samples.png", upscale=2)
     _bars(report, out_dir / "precision_recall.png")
@@ -164,6 +205,8 @@ def _markdown(r: dict) -> str:
     lines += [f"| DCR median generated / held-out | {m['dcr_generated_median']:.3f} / {m['dcr_heldout_median']:.3f} |",
               f"| near-duplicates of training images | {m['near_duplicates']} ({100 * m['near_duplicate_fraction']:.1f}%) |",
               f"| membership inference AUC | {a['mia_auc']:.3f} |", f"| MIA TPR at 1% FPR | {a['mia_tpr_at_1pct_fpr']:.3f} |",
+              *[f"| MIA AUC / TPR at 1% FPR, {site} | {v['mia_auc']:.3f} / {v['mia_tpr_at_1pct_fpr']:.3f} |"
+                for site, v in r.get("membership_inference_per_site", {}).items()],
               "", "Lower SSIM diversity means more diverse. Near-duplicates: generated images closer to a training image "
               "than 99% of held-out images are. MIA: loss attack over t in {50, 100, 200, 400}; 0.5 means no leakage.",
               "", "Figures: `samples.png`, `nearest_pairs.png` (generated | nearest training image, closest first), "

@@ -105,3 +105,11 @@ def test_dp_study_extended_past_its_plan_is_refused_and_ends_cleanly_with_a_repo
     assert "does not cover" in (resumed / "privacy_report.md").read_text().lower()
     # central DP (user-level) ran alongside: one noisy release (round 1), none for the refused round 2
     assert report["central"]["releases"] == 1 and report["central"]["mode"] == "fixed" and report["central"]["epsilon"] > 0
+
+    # the evaluation report of the federated checkpoint has a membership-inference audit per site
+    from meddiff.cli import main as core_main
+
+    assert core_main(["evaluate", "--checkpoint", str(resumed / "checkpoints" / "last.pt"), "--encoder", "pixels",
+                      "--num", "8", "--no-progress"]) == 0
+    evaluation = json.loads((resumed / "eval" / "eval.json").read_text())
+    assert set(evaluation["membership_inference_per_site"]) == {"site_0", "site_1"}
