@@ -27,7 +27,7 @@ from client.local import local_evaluate, local_feature_stats, local_train, non_p
 from client.records import EVALUATE_METRIC_KEYS, TRAIN_METRIC_KEYS, arrays_to_state, metric_record, state_to_arrays
 from configs import ExperimentConfig, load_config_dict
 from privacy.accounting import PrivacyLedger, poisson_sample_rate
-from privacy.site import BudgetExhausted, Calibration, check_budget, enrol, open_site_ledger
+from privacy.site import Calibration, SiteRefusal, check_budget, enrol, open_site_ledger, require_dp
 
 MIRROR_KEY = "privacy-ledger"
 
@@ -86,10 +86,11 @@ def _mirror(ledger: PrivacyLedger, state: Optional[RecordDict]) -> None:
         state[MIRROR_KEY] = ConfigRecord({"json": ledger.to_json()})
 
 
-def refusal_reply(site: SiteData, exc: BudgetExhausted, ledger: Optional[PrivacyLedger]) -> RecordDict:
-    """Metrics only (every key, ``budget_exhausted=1``) and the reason: no weights leave the site."""
+def refusal_reply(site: SiteData, exc: SiteRefusal, ledger: Optional[PrivacyLedger]) -> RecordDict:
+    """Metrics only (every key; ``budget_exhausted=1`` for a budget refusal) and the reason: no
+    weights leave the site."""
     metrics = {"num-examples": len(site.train), "train_loss": math.nan, "steps": 0, "site-index": site.index,
-               "seconds": 0.0, **non_private_metrics(), "epsilon": exc.epsilon, "budget_exhausted": 1}
+               "seconds": 0.0, **non_private_metrics(), "epsilon": exc.epsilon, "budget_exhausted": int(exc.exhausted)}
     if ledger is not None:
         metrics["delta"] = ledger.delta
     reply = RecordDict({"metrics": metric_record(metrics, TRAIN_METRIC_KEYS),
@@ -105,12 +106,13 @@ def handle_train(content: RecordDict, node_config: Mapping, state: Optional[Reco
     cfg, record = _config(content)
     site = site_data(cfg, node_config, str(record.get("manifest-path", "")))
     ledger = cal = None
-    if cfg.privacy.enabled:
-        try:
+    try:
+        require_dp("epsilon-budget" in node_config, cfg.privacy.enabled, site.name)
+        if cfg.privacy.enabled:
             ledger, cal = prepare_privacy(cfg, site, node_config, record, state)
-        except BudgetExhausted as exc:
-            log.warning("%s", exc.reason)
-            return refusal_reply(site, exc, exc.ledger)
+    except SiteRefusal as exc:
+        log.warning("%s", exc.reason)
+        return refusal_reply(site, exc, exc.ledger)
     weights, metrics = local_train(
         cfg, arrays_to_state(content["arrays"]), site.train, server_round=int(record["server-round"]),
         site_index=site.index, proximal_mu=float(record.get("proximal-mu", 0.0)), ledger=ledger, calibration=cal,

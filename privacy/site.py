@@ -18,6 +18,7 @@ deployment), and a stored ledger's budget can only be tightened, never raised by
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +32,29 @@ log = logging.getLogger("meddiff.privacy")
 LEDGER_FILE = "privacy_ledger.json"
 
 
-class BudgetExhausted(RuntimeError):
-    """The site refuses to train: its privacy budget does not cover the round."""
+class SiteRefusal(RuntimeError):
+    """The site refuses to train this round; ``reason`` goes back to the server."""
+
+    exhausted = False
 
     def __init__(self, reason: str, *, epsilon: float, ledger: Optional[PrivacyLedger] = None):
         super().__init__(reason)
         self.reason = reason
         self.epsilon = epsilon
         self.ledger = ledger
+
+
+class BudgetExhausted(SiteRefusal):
+    """The site refuses to train: its privacy budget does not cover the round."""
+
+    exhausted = True
+
+
+def require_dp(node_config_budget: bool, privacy_enabled: bool, site: str) -> None:
+    """A site that set its own budget never trains without DP, whatever the server's config says."""
+    if node_config_budget and not privacy_enabled:
+        raise SiteRefusal(f"site {site}: its node config sets epsilon-budget, so it trains only with DP, but the "
+                          "server's config has privacy.enabled=false; refusing to train", epsilon=math.inf)
 
 
 @dataclass(frozen=True)

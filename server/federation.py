@@ -125,7 +125,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_f
             t0 = time.perf_counter()
             if exhausted_nodes and len(set(grid.get_node_ids()) - exhausted_nodes) < fed.min_train_nodes:
                 stop_reason = (f"stopped before round {rnd}: only {len(set(grid.get_node_ids()) - exhausted_nodes)} site(s) have "
-                               f"privacy budget left, fewer than min_train_nodes={fed.min_train_nodes} "
+                               f"privacy budget left (or accept this run's privacy settings), fewer than min_train_nodes={fed.min_train_nodes} "
                                f"(exhausted: {', '.join(sorted(exhausted_sites))})")
                 _say(stop_reason)
                 break

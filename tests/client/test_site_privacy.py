@@ -189,3 +189,11 @@ def test_central_dp_config_rules_and_strategy_wrapper():
     assert base_strategy(strategy).weighted_by_key == "steps"  # equal weights: the noise is calibrated to a plain mean
     with pytest.raises(ConfigError, match="central_dp.*fedavg or fedprox"):
         tiny_config(extra=["privacy.central_dp=fixed", "federation.strategy=fedmedian"])
+
+
+def test_a_site_with_its_own_budget_never_trains_without_dp(tmp_path):
+    cfg = tiny_config(extra=["federation.local_steps=1", "data.num_samples=40"])  # the server turned DP off
+    node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path), "epsilon-budget": 5.0}
+    content = _round(cfg, build_model(cfg.model, 16).state_dict(), 1, node)
+    assert "arrays" not in content and content["metrics"]["budget_exhausted"] == 0
+    assert "trains only with DP" in content["refusal"]["reason"]
