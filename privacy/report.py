@@ -127,10 +127,12 @@ def save_central(run_dir: str | Path, central: dict) -> Path:
 def central_summary(central: dict) -> dict:
     """User-level DP of the central mechanism (McMahan et al. 2018, DP-FedAvg): each release adds
     Gaussian noise of std ``sigma * S / m`` to the mean of ``m`` clipped site updates, so it is a
-    Gaussian mechanism with noise multiplier sigma on one site's whole contribution, subsampled at
-    ``m / num_sites``. For adaptive clipping, Flower enlarges the update noise so that, together
-    with the noisy clipped count, the release costs exactly sigma (Andrew et al. 2021, Thm. 1)."""
-    q = min(1.0, central["sampled_sites"] / max(central["num_sites"], 1))
+    Gaussian mechanism with noise multiplier sigma on one site's whole contribution. No
+    amplification by sampling is claimed (Flower samples a fixed number of sites, not Poisson;
+    Flower's own accountant makes the same choice). For adaptive clipping, Flower enlarges the
+    update noise so that, together with the noisy clipped count, the release costs exactly sigma
+    (Andrew et al. 2021, Thm. 1)."""
+    q = 1.0
     history = [(central["noise_multiplier"], q, central["releases"])] if central["releases"] else []
     delta = min(1e-5, 1.0 / (10 * max(central["num_sites"], 1)))
     eps = epsilon_of(history, delta) if central["noise_multiplier"] > 0 else math.inf
