@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from bench.common import peak_memory_mib  # noqa: E402
+from bench.common import peak_memory_mib, pick_device  # noqa: E402
 
 SIZE, BATCH = 32, 32
 
@@ -126,7 +126,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     if args.memory_of:
         print(json.dumps({"peak_mib": measure_memory(args.memory_of, device)}))
         return

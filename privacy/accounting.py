@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+
+from meddiff.checkpoint import atomic_write_text
 
 LEDGER_VERSION = 2
 
@@ -131,7 +131,7 @@ class PrivacyLedger:
 
     @property
     def steps(self) -> int:
-        return _steps(self.history)
+        return total_steps(self.history)
 
     def calibration(self, study: str) -> Optional[dict]:
         """The calibration fixed at enrolment in ``study``, if the site enrolled in it."""
@@ -148,7 +148,7 @@ class PrivacyLedger:
         """Replace the history by the accountant's (which extends the stored one), note the round
         (with the epsilon reached) and save."""
         history = [(float(s), float(q), int(n)) for s, q, n in history]
-        if _steps(history) < _steps(self.history):  # Opacus merges equal consecutive entries, so compare totals
+        if total_steps(history) < total_steps(self.history):  # Opacus merges equal consecutive entries, so compare totals
             raise ValueError(f"{self.path}: refusing to record a history that forgets spent privacy")
         self.history = history
         if round_info is not None:
@@ -164,18 +164,13 @@ class PrivacyLedger:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self) -> None:
-        """Atomic write (temporary file, then rename): a crash never leaves half a ledger."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        """Atomic write: a crash never leaves half a ledger."""
+        atomic_write_text(self.path, self.to_json())
 
 
-def _steps(history) -> int:
-    return sum(int(n) for _, _, n in history)
+def total_steps(history) -> int:
+    """Steps in an accountant history (Opacus merges equal consecutive entries, so count, never len)."""
+    return sum(int(h[2]) for h in history)
 
 
 def remaining(ledger: PrivacyLedger) -> float:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
-from privacy.accounting import epsilon_of, prv_epsilon_of
+from meddiff.checkpoint import atomic_write_text
+from privacy.accounting import epsilon_of, prv_epsilon_of, total_steps
 
 LEDGERS_FILE = Path("privacy") / "site_ledgers.json"
 CENTRAL_FILE = Path("privacy") / "central.json"
@@ -49,7 +48,7 @@ def update_site_ledgers(ledgers: dict, replies_ledgers: Mapping[str, str]) -> di
     for site, text in replies_ledgers.items():
         data = json.loads(text)
         held = ledgers.get(site)
-        if held is None or _steps(data["history"]) >= _steps(held["history"]):
+        if held is None or total_steps(data["history"]) >= total_steps(held["history"]):
             ledgers[site] = data
     return ledgers
 
@@ -65,17 +64,8 @@ def load_site_ledgers(run_dir: str | Path) -> dict:
 
 
 def save_site_ledgers(run_dir: str | Path, ledgers: dict, *, exhausted: Optional[list[str]] = None) -> Path:
-    path = Path(run_dir) / LEDGERS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".site_ledgers.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"sites": ledgers, "exhausted": sorted(exhausted or [])}, fh, indent=2)
-    os.replace(tmp, path)
-    return path
-
-
-def _steps(history) -> int:
-    return sum(int(h[2]) for h in history)
+    return atomic_write_text(Path(run_dir) / LEDGERS_FILE,
+                             json.dumps({"sites": ledgers, "exhausted": sorted(exhausted or [])}, indent=2))
 
 
 def site_summary(ledger: dict) -> dict:
@@ -98,7 +88,7 @@ def site_summary(ledger: dict) -> dict:
         "delta": delta,
         "budget": budget,
         "remaining": max(0.0, budget - rdp),
-        "steps": _steps(history),
+        "steps": total_steps(history),
         "noise_multiplier": last.get("noise_multiplier"),
         "sample_rate": last.get("sample_rate"),
         "max_grad_norm": last.get("max_grad_norm"),
@@ -118,10 +108,7 @@ def site_summary(ledger: dict) -> dict:
 
 
 def save_central(run_dir: str | Path, central: dict) -> Path:
-    path = Path(run_dir) / CENTRAL_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(central, indent=2))
-    return path
+    return atomic_write_text(Path(run_dir) / CENTRAL_FILE, json.dumps(central, indent=2))
 
 
 def central_summary(central: dict) -> dict:
