@@ -88,7 +88,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     from configs import load_config
-    from meddiff.build import build_dataset
+    from meddiff.build import build_image_dataset
     from meddiff.evaluate.encoders import save_encoder, train_domain_encoder
     from meddiff.evaluate.run import evaluate_checkpoint
 
@@ -96,7 +96,7 @@ def main() -> None:
     cfg = load_config(None, base_overrides(args.data, out, "encoder"))
     encoder_path = out / "domain_encoder.pt"
     if not encoder_path.is_file():
-        model, info = train_domain_encoder(build_dataset(cfg.data, cfg.model), in_channels=1, num_classes=2,
+        model, info = train_domain_encoder(build_image_dataset(cfg), in_channels=1, num_classes=2,
                                            steps=args.encoder_steps, progress=False)
         save_encoder(encoder_path, model, image_size=28, dataset=f"pneumoniamnist:{args.data.name}", info=info)
 

@@ -9,6 +9,7 @@ from configs.load import (
     load_config_dict,
 )
 from configs.schema import (
+    AutoencoderConfig,
     DataConfig,
     DiffusionConfig,
     EvaluationConfig,
@@ -23,6 +24,7 @@ from configs.schema import (
 )
 
 __all__ = [
+    "AutoencoderConfig",
     "ConfigError",
     "apply_overrides",
     "config_to_dict",

@@ -221,18 +221,20 @@ def _check_cross_fields(cfg: ExperimentConfig) -> None:
             f"'model.out_channels' ({m.out_channels}) must equal 'model.in_channels' ({m.in_channels}): "
             "the network predicts noise, velocity or x0 of the same shape as the image"
         )
+    _check_autoencoder(cfg)
+    size, what = (cfg.model_size, f"the latent side data.image_size / {cfg.latent_downsampling} = {cfg.model_size}") \
+        if cfg.autoencoder.enabled else (d.image_size, f"data.image_size={d.image_size}")
     factor = 2 ** (len(m.channel_mult) - 1)
-    if d.image_size % factor:
+    if size % factor:
         raise ConfigError(
-            f"'data.image_size' ({d.image_size}) must be divisible by {factor}, "
-            f"since 'model.channel_mult' has {len(m.channel_mult)} levels"
+            f"{what} must be divisible by {factor}, since 'model.channel_mult' has {len(m.channel_mult)} levels"
         )
-    sizes = [d.image_size // 2**i for i in range(len(m.channel_mult))]
+    sizes = [size // 2**i for i in range(len(m.channel_mult))]
     for r in m.attention_resolutions:
         if r not in sizes:
             raise ConfigError(
                 f"'model.attention_resolutions' has {r}, which is no feature-map size of this model; "
-                f"with data.image_size={d.image_size} the sizes are {sizes}"
+                f"with {what} the sizes are {sizes}"
             )
     if cfg.diffusion.noise_schedule == "linear" and cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
         raise ConfigError("'diffusion.beta_start' must be smaller than 'diffusion.beta_end'")
@@ -252,3 +254,33 @@ def _check_cross_fields(cfg: ExperimentConfig) -> None:
     if pc.central_dp != "off" and fed.strategy not in ("fedavg", "fedprox"):
         raise ConfigError(f"'privacy.central_dp' ({pc.central_dp}) needs federation.strategy fedavg or fedprox: its noise is "
                           f"calibrated to the sensitivity of an average of clipped updates, not of {fed.strategy}")
+
+
+def _check_autoencoder(cfg: ExperimentConfig) -> None:
+    ae, m = cfg.autoencoder, cfg.model
+    if not ae.enabled:
+        return
+    if not ae.channels or any(c < 1 for c in ae.channels):
+        raise ConfigError(f"'autoencoder.channels' must be a non-empty list of positive integers, got {list(ae.channels)}")
+    bad = [c for c in ae.channels if c % ae.norm_groups]
+    if bad:
+        raise ConfigError(f"'autoencoder.norm_groups' ({ae.norm_groups}) must divide every width in 'autoencoder.channels'; "
+                          f"it does not divide {bad}")
+    if cfg.data.image_size % cfg.latent_downsampling:
+        raise ConfigError(f"'data.image_size' ({cfg.data.image_size}) must be divisible by {cfg.latent_downsampling}, "
+                          f"since 'autoencoder.channels' has {len(ae.channels)} levels")
+    if m.in_channels != ae.latent_channels:
+        raise ConfigError(f"'model.in_channels' ({m.in_channels}) must equal 'autoencoder.latent_channels' "
+                          f"({ae.latent_channels}): with latent diffusion the UNet denoises latents")
+    if ae.perceptual_weight > 0 and not ae.perceptual_weights:
+        raise ConfigError("'autoencoder.perceptual_weight' > 0 needs 'autoencoder.perceptual_weights' (a domain encoder "
+                          "file from `meddiff train-encoder`); nothing is ever downloaded")
+    if ae.mode == "dp" and not cfg.privacy.enabled:
+        raise ConfigError("'autoencoder.mode' is 'dp' but 'privacy.enabled' is false; for a run without DP set "
+                          "autoencoder.mode=not_private (or public)")
+    if ae.attention and ae.mode == "dp":
+        raise ConfigError("'autoencoder.attention' cannot be used with autoencoder.mode=dp: MONAI's attention blocks fail on "
+                          "the empty batches of Poisson sampling; set autoencoder.attention=false")
+    if ae.mode == "public" and not ae.checkpoint and not (ae.public_path and ae.public_dataset):
+        raise ConfigError("'autoencoder.mode' is 'public': set 'autoencoder.checkpoint' (a trained autoencoder), or "
+                          "'autoencoder.public_dataset' and 'autoencoder.public_path' (public data to pre-train on)")

@@ -187,6 +187,44 @@ class EvaluationConfig:
     max_real: int = _f(512, help="held-out images each site encodes", min=2)
 
 
+AUTOENCODER_MODES = ("dp", "not_private", "public")
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Latent diffusion (Rombach et al. 2022): a KL autoencoder, trained first, then frozen.
+
+    With ``enabled`` the ADM UNet (``model``) runs on the autoencoder's scaled latents: set
+    ``model.in_channels`` and ``model.out_channels`` to ``latent_channels``. Federated runs train
+    in two phases: phase 1 the autoencoder, phase 2 the latent UNet.
+    """
+
+    enabled: bool = _f(False, help="latent diffusion: train the UNet on autoencoder latents")
+    mode: str = _f("dp", help="phase 1: dp (federated, DP-SGD at every site), not_private (federated, no DP; "
+                               "the report says so), public (pre-trained on public data or loaded from a checkpoint)",
+                   choices=AUTOENCODER_MODES)
+    image_channels: int = _f(1, help="channels of the images the autoencoder reads and writes", min=1)
+    latent_channels: int = _f(3, help="channels of the latent", min=1)
+    channels: tuple[int, ...] = _f((32, 64, 64), help="width per level; the latent is 2**(levels-1) times smaller per side")
+    num_res_blocks: int = _f(1, help="residual blocks per level", min=1)
+    attention: bool = _f(False, help="self-attention in the encoder's and decoder's middle blocks")
+    norm_groups: int = _f(16, help="GroupNorm groups (must divide every width)", min=1)
+    kl_weight: float = _f(1e-6, help="weight of the KL term against the L1 reconstruction", min=0.0)
+    perceptual_weight: float = _f(0.0, help="weight of a perceptual term (0 = off); needs perceptual_weights", min=0.0)
+    perceptual_weights: str = _f("", help="frozen feature network for the perceptual term: a domain encoder file "
+                                          "from `meddiff train-encoder` (2-D; 3-D volumes use it slice-wise)")
+    lr: float = _f(1e-4, help="AdamW learning rate of the autoencoder", min_exclusive=0.0)
+    batch_size: int = _f(16, help="images per autoencoder optimizer step", min=1)
+    steps: int = _f(500, help="autoencoder steps of centralized training or public pre-training", min=1)
+    num_rounds: int = _f(3, help="federated phase-1 rounds", min=1)
+    local_steps: int = _f(50, help="autoencoder steps per site per phase-1 round", min=1)
+    public_dataset: str = _f("", help="mode public: dataset layout of the public pre-training data", choices=("",) + DATASETS)
+    public_path: str = _f("", help="mode public: file or folder of the public pre-training data")
+    checkpoint: str = _f("", help="mode public: a trained autoencoder checkpoint to load instead of pre-training")
+    scale_factor: float = _f(0.0, help="latent scale (0 = 1 / std of the training latents, estimated from the data)",
+                             min=0.0)
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """Run directory, checkpoints and sample grids."""
@@ -211,4 +249,20 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def latent_downsampling(self) -> int:
+        """How many times smaller per side the UNet's input is than the image (1 without latents)."""
+        return 2 ** (len(self.autoencoder.channels) - 1) if self.autoencoder.enabled else 1
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the training images (the autoencoder's, or the UNet's without latents)."""
+        return self.autoencoder.image_channels if self.autoencoder.enabled else self.model.in_channels
+
+    @property
+    def model_size(self) -> int:
+        """Side length of what the UNet sees: the image, or the latent for latent diffusion."""
+        return self.data.image_size // self.latent_downsampling

@@ -15,6 +15,7 @@ from configs import DataConfig, DiffusionConfig, ExperimentConfig, ModelConfig, 
 from meddiff.data import ArrayDataset, PhantomDataset, read_medmnist_npz
 from meddiff.diffusion import GaussianDiffusion, make_noise_schedule
 from meddiff.nets import ADMUNet
+from meddiff.nets.autoencoder import AutoencoderObjective, KLAutoencoder
 from meddiff.sampling import SAMPLERS, Sampler
 
 
@@ -41,6 +42,36 @@ def build_model(model_cfg: ModelConfig, image_size: int) -> ADMUNet:
     )
 
 
+def build_unet(cfg: ExperimentConfig) -> ADMUNet:
+    """The experiment's UNet, sized for what it denoises (images, or latents for latent diffusion)."""
+    return build_model(cfg.model, cfg.model_size)
+
+
+def build_autoencoder(cfg: ExperimentConfig) -> KLAutoencoder:
+    """The first stage of latent diffusion (``autoencoder`` section)."""
+    ae = cfg.autoencoder
+    return KLAutoencoder(spatial_dims=cfg.model.spatial_dims, in_channels=ae.image_channels, latent_channels=ae.latent_channels,
+                         channels=ae.channels, num_res_blocks=ae.num_res_blocks, attention=ae.attention,
+                         norm_groups=ae.norm_groups)
+
+
+def build_autoencoder_objective(cfg: ExperimentConfig) -> AutoencoderObjective:
+    """L1 + KL (+ a perceptual term from a frozen domain encoder, when configured)."""
+    ae = cfg.autoencoder
+    perceptual = None
+    if ae.perceptual_weight > 0:
+        from meddiff.evaluate.encoders import load_domain_encoder
+
+        network, _ = load_domain_encoder(ae.perceptual_weights)
+        for p in network.parameters():
+            p.requires_grad_(False)
+        if network.config["in_channels"] != ae.image_channels:
+            raise ValueError(f"{ae.perceptual_weights}: the perceptual network reads {network.config['in_channels']} "
+                             f"channel(s) but the images have {ae.image_channels}")
+        perceptual = network.features
+    return AutoencoderObjective(kl_weight=ae.kl_weight, perceptual=perceptual, perceptual_weight=ae.perceptual_weight)
+
+
 def build_diffusion(diffusion_cfg: DiffusionConfig) -> GaussianDiffusion:
     betas = make_noise_schedule(
         diffusion_cfg.noise_schedule,
@@ -58,30 +89,36 @@ def build_sampler(sampler_cfg: SamplerConfig, diffusion: GaussianDiffusion) -> S
     return SAMPLERS[sampler_cfg.name](diffusion, **kwargs)
 
 
-def build_dataset(data_cfg: DataConfig, model_cfg: ModelConfig) -> Dataset:
-    """The training dataset named by ``data.dataset``."""
+def build_dataset(data_cfg: DataConfig, *, spatial_dims: int = 2, channels: int = 1) -> Dataset:
+    """The training images named by ``data.dataset``: ``(x [channels, *S] in [-1, 1], label)`` items."""
     if data_cfg.dataset == "phantoms":
-        if model_cfg.spatial_dims != 2 or model_cfg.in_channels != 1:
-            raise ValueError("data.dataset='phantoms' gives 1-channel 2-D slices: set model.spatial_dims=2 and model.in_channels=1")
+        if spatial_dims != 2 or channels != 1:
+            raise ValueError("data.dataset='phantoms' gives 1-channel 2-D slices: set model.spatial_dims=2 and 1 image channel")
         return PhantomDataset(
             data_cfg.num_samples, data_cfg.image_size, seed=data_cfg.seed, lesion_fraction=data_cfg.lesion_fraction
         )
     if data_cfg.dataset == "medmnist":
         if not data_cfg.path:
             raise ValueError("data.path is empty: point it at a MedMNIST .npz file")
-        images, labels = read_medmnist_npz(data_cfg.path, data_cfg.split, spatial_dims=model_cfg.spatial_dims)
-        return ArrayDataset(images, labels, image_size=data_cfg.image_size, channels=model_cfg.in_channels)
+        images, labels = read_medmnist_npz(data_cfg.path, data_cfg.split, spatial_dims=spatial_dims)
+        return ArrayDataset(images, labels, image_size=data_cfg.image_size, channels=channels)
     from meddiff.data.adapters import index_dataset
     from meddiff.data.cache import MedicalDataset
 
-    if model_cfg.in_channels != 1:
-        raise ValueError(f"data.dataset={data_cfg.dataset!r} gives 1-channel images: set model.in_channels=1")
+    if channels != 1:
+        raise ValueError(f"data.dataset={data_cfg.dataset!r} gives 1-channel images: use 1 image channel "
+                         "(model.in_channels, or autoencoder.image_channels for latent diffusion)")
     index = index_dataset(data_cfg)
-    dataset = MedicalDataset(index.records, data_cfg, spatial_dims=model_cfg.spatial_dims, train=True)
+    dataset = MedicalDataset(index.records, data_cfg, spatial_dims=spatial_dims, train=True)
     dataset.bad = index.bad + dataset.bad
     if dataset.bad:
         print(f"[meddiff] skipped {len(dataset.bad)} bad item(s) (data.skip_bad=true); first: {dataset.bad[0]}")
     return dataset
+
+
+def build_image_dataset(cfg: ExperimentConfig, data_cfg: DataConfig | None = None) -> Dataset:
+    """:func:`build_dataset` with the experiment's spatial dims and image channels."""
+    return build_dataset(data_cfg or cfg.data, spatial_dims=cfg.model.spatial_dims, channels=cfg.image_channels)
 
 
 def check_labels(dataset: Dataset, model_cfg: ModelConfig) -> None:
@@ -113,7 +150,13 @@ def build_lr_schedule(train_cfg: TrainConfig, optimizer: torch.optim.Optimizer, 
 
 
 def sample_shape(cfg: ExperimentConfig, num: int) -> tuple[int, ...]:
-    return (num, cfg.model.in_channels) + (cfg.data.image_size,) * cfg.model.spatial_dims
+    """Shape of what the UNet generates: images, or latents for latent diffusion."""
+    return (num, cfg.model.in_channels) + (cfg.model_size,) * cfg.model.spatial_dims
+
+
+def sample_spacing(cfg: ExperimentConfig) -> tuple[float, ...]:
+    """Voxel spacing (mm) of generated volumes: ``data.target_spacing``, or 1 mm when unset."""
+    return tuple(cfg.data.target_spacing) if cfg.data.target_spacing else (1.0,) * 3
 
 
 def model_from_checkpoint(path, *, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -125,14 +168,30 @@ def model_from_checkpoint(path, *, use_ema: bool = True, device: str | torch.dev
     from meddiff.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
+    if "autoencoder" == ckpt.extra.get("phase", ckpt.extra.get("kind")):
+        raise ValueError(f"{path} holds latent diffusion's phase-1 autoencoder, not a denoiser; use a diffusion-phase "
+                         "checkpoint (checkpoints/round_*.pt, or last.pt once phase 2 has run)")
     try:
         cfg = load_config_dict(ckpt.config)
     except ConfigError as exc:
         raise ValueError(f"{path}: the stored config is not valid for this meddiff version: {exc}") from None
-    model = build_model(cfg.model, cfg.data.image_size)
+    model = build_unet(cfg)
     state = ckpt.ema if (use_ema and ckpt.ema is not None) else ckpt.model
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit the model built from the stored config: {exc}") from None
     return model.to(device).eval(), cfg, ckpt
+
+
+def codec_from_checkpoint(ckpt, cfg: ExperimentConfig, *, source: str = "checkpoint"):
+    """The frozen autoencoder a latent-diffusion checkpoint carries (``extra["autoencoder"]``), or
+    None for a pixel-space model."""
+    from meddiff.latent import LatentCodec
+
+    if not cfg.autoencoder.enabled:
+        return None
+    payload = ckpt.extra.get("autoencoder")
+    if payload is None:
+        raise ValueError(f"{source}: a latent-diffusion checkpoint without its autoencoder (phase 1 not finished?)")
+    return LatentCodec.from_payload(payload, build_autoencoder(cfg), source=source)

@@ -57,7 +57,6 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write a checkpoint. ``config`` is the plain-data experiment config."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": meddiff.__version__,
@@ -67,6 +66,11 @@ def save_checkpoint(
         "ema": None if ema_state is None else {k: v.detach().cpu() for k, v in unwrap_state_dict(ema_state).items()},
         "extra": dict(extra or {}),
     }
+    return _atomic_torch_save(path, payload)
+
+
+def _atomic_torch_save(path: Path, payload: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -76,6 +80,22 @@ def save_checkpoint(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_state_file(path: str | Path, state: Mapping[str, torch.Tensor]) -> Path:
+    """Atomically write a bare (unwrapped) state dict."""
+    return _atomic_torch_save(Path(path), {k: v.detach().cpu() for k, v in unwrap_state_dict(state).items()})
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict written by :func:`save_state_file` (``weights_only=True``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable state dict ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict")
+    return state
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -32,13 +32,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from meddiff.build import model_from_checkpoint
+    from meddiff.build import codec_from_checkpoint, model_from_checkpoint, sample_spacing
     from meddiff.device import resolve_device
     from meddiff.outputs import write_samples
     from meddiff.train import sample_images
 
     device = resolve_device(args.device)
     model, cfg, ckpt = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
+    codec = codec_from_checkpoint(ckpt, cfg, source=str(args.checkpoint))
     sampler_cfg = cfg.sampler
     changes = {k: v for k, v in {"name": args.sampler, "num_inference_steps": args.steps, "eta": args.eta,
                                  "guidance_scale": args.guidance_scale}.items() if v is not None}
@@ -50,25 +51,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not 0 <= args.class_label < cfg.model.num_classes:
             raise ConfigError(f"--class-label must be in 0..{cfg.model.num_classes - 1}")
         y = torch.full((args.num,), args.class_label, dtype=torch.long)
-    samples = sample_images(model, cfg, num=args.num, device=device, seed=args.seed, y=y, progress=not args.no_progress)
+    samples = sample_images(model, cfg, num=args.num, device=device, seed=args.seed, y=y, progress=not args.no_progress,
+                            codec=codec)
     out = args.out or Path(args.checkpoint).resolve().parent.parent / "samples"
     stem = f"sample_{cfg.sampler.name}{cfg.sampler.num_inference_steps}_seed{args.seed}"
-    written = write_samples(samples, out, stem)
+    written = write_samples(samples, out, stem, spacing=sample_spacing(cfg))
     for kind, path in written.items():
         print(f"[meddiff] wrote {kind}: {path}")
     return 0
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
-    from meddiff.build import build_dataset
+    from meddiff.build import build_image_dataset
     from meddiff.evaluate.encoders import save_encoder, train_domain_encoder
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.spatial_dims != 2:
         raise ConfigError("the domain encoder is 2-D; evaluate 3-D models slice-wise")
-    dataset = build_dataset(cfg.data, cfg.model)
+    dataset = build_image_dataset(cfg)
     num_classes = cfg.model.num_classes or int(max(int(y) for _, y in dataset)) + 1
-    model, info = train_domain_encoder(dataset, in_channels=cfg.model.in_channels, num_classes=num_classes,
+    model, info = train_domain_encoder(dataset, in_channels=cfg.image_channels, num_classes=num_classes,
                                        steps=args.steps, seed=cfg.train.seed, progress=not args.no_progress)
     path = save_encoder(args.out, model, image_size=cfg.data.image_size, dataset=f"{cfg.data.dataset}:{cfg.data.path}",
                         info=info)

@@ -76,8 +76,9 @@ def _floats(rows, key):
 
 
 def plot_run(run_dir: str | Path) -> Path:
-    """``<run>/plots.png``: global train and held-out loss, each site's epsilon and, when the run
-    evaluated it, FID against round (from ``metrics.csv``)."""
+    """``<run>/plots.png``: global train and held-out loss, each site's epsilon, the autoencoder's
+    losses (phase 1 of latent diffusion) and, when the run evaluated it, FID against round (from
+    ``metrics.csv``)."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.csv"
     if not path.is_file():
@@ -90,12 +91,17 @@ def plot_run(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    autoencoder = [r for r in rows if r.get("phase") == "autoencoder" and r.get("scope") == "global"]
+    rows = [r for r in rows if r.get("phase", "diffusion") in ("diffusion", "")]  # phase 2 of latent diffusion
     glob = [r for r in rows if r.get("scope") == "global"]
     sites = sorted({r["scope"] for r in rows if r.get("scope", "").startswith("site_")})
     panels = [("loss", [("train", _floats(glob, "train_loss")), ("held-out", _floats(glob, "eval_loss"))])]
     eps = [(s, _floats([r for r in rows if r["scope"] == s and r.get("accepted") != ""], "epsilon")) for s in sites]
     if any(points for _, points in eps):
         panels.append(("epsilon", eps))
+    if autoencoder:
+        panels.append(("autoencoder (phase 1)", [("train", _floats(autoencoder, "train_loss")),
+                                                 ("held-out recon. L1", _floats(autoencoder, "eval_loss"))]))
     if any(r.get("fid") not in (None, "") for r in glob):
         panels.append(("FID", [("global", _floats(glob, "fid"))]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), dpi=120, squeeze=False)

@@ -20,19 +20,22 @@ from tqdm.auto import tqdm
 
 from configs import ExperimentConfig, config_to_dict
 from meddiff.build import (
-    build_dataset,
     build_diffusion,
+    build_image_dataset,
     build_lr_schedule,
-    build_model,
     build_optimizer,
     build_sampler,
+    build_unet,
     check_labels,
     sample_shape,
+    sample_spacing,
 )
 from meddiff.checkpoint import save_checkpoint
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.diffusion import GaussianDiffusion
 from meddiff.ema import EMA
+from meddiff.latent import LatentCodec, encode_dataset
+from meddiff.nets.autoencoder import AutoencoderObjective
 from meddiff.outputs import write_samples
 from meddiff.runs import MetricsCSV, create_run_dir
 from meddiff.sampling import generate
@@ -49,7 +52,7 @@ def drop_labels(y: torch.Tensor, *, p: float, null_label: int, generator: Option
 
 def train_step(
     model: nn.Module,
-    diffusion: GaussianDiffusion,
+    objective: GaussianDiffusion | AutoencoderObjective,
     optimizer: torch.optim.Optimizer,
     x0: torch.Tensor,
     y: Optional[torch.Tensor] = None,
@@ -61,12 +64,14 @@ def train_step(
 ) -> float:
     """One optimizer step on the batch mean of the per-example loss.
 
-    The mean divides by ``max(N, 1)`` so an empty (Poisson) batch still steps. Shapes: ``x0
-    [N, C, *S]``, ``y [N]`` or None. Returns the loss as a float.
+    ``objective.training_losses(model, x0, y=, noise_multiplicity=, generator=) -> [N]``: the
+    diffusion loss, or the autoencoder's (the first stage of latent diffusion). The mean divides
+    by ``max(N, 1)`` so an empty (Poisson) batch still steps. Shapes: ``x0 [N, C, *S]``, ``y [N]``
+    or None. Returns the loss as a float.
     """
     optimizer.zero_grad(set_to_none=True)
     with autocast():
-        per_example = diffusion.training_losses(model, x0, y=y, noise_multiplicity=noise_multiplicity, generator=generator)
+        per_example = objective.training_losses(model, x0, y=y, noise_multiplicity=noise_multiplicity, generator=generator)
     loss = per_example.sum() / max(per_example.shape[0], 1)
     loss.backward()
     if grad_clip > 0:
@@ -101,7 +106,7 @@ class LoopResult:
 def train_loop(
     *,
     model: nn.Module,
-    diffusion: GaussianDiffusion,
+    objective: GaussianDiffusion | AutoencoderObjective,
     optimizer: torch.optim.Optimizer,
     batches: Iterator,
     steps: int,
@@ -140,7 +145,7 @@ def train_loop(
         if y is not None:
             y = drop_labels(y, p=label_dropout, null_label=num_classes, generator=generator)
         loss = step_fn(
-            model, diffusion, optimizer, x0, y,
+            model, objective, optimizer, x0, y,
             noise_multiplicity=noise_multiplicity, grad_clip=grad_clip, autocast=autocast, generator=generator,
         )
         result.examples += x0.shape[0]
@@ -174,26 +179,54 @@ def seed_everything(seed: int) -> None:
 
 
 def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: torch.device, seed: int = 0,
-                  y: Optional[torch.Tensor] = None, progress: bool = True) -> torch.Tensor:
-    """Draw ``num`` samples with the config's sampler; ``[num, C, *S]`` in [-1, 1]."""
+                  y: Optional[torch.Tensor] = None, progress: bool = True, codec: Optional[LatentCodec] = None) -> torch.Tensor:
+    """Draw ``num`` samples with the config's sampler; ``[num, C, *S]`` images in [-1, 1].
+
+    For latent diffusion the UNet generates latents and ``codec`` (the frozen first stage)
+    decodes them into images.
+    """
+    if cfg.autoencoder.enabled and codec is None:
+        raise ValueError("a latent-diffusion model samples latents: pass the autoencoder (codec) to decode them")
     diffusion = build_diffusion(cfg.diffusion)
     sampler = build_sampler(cfg.sampler, diffusion)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     autocast = autocast_factory(device, autocast_dtype(device, cfg.train.mixed_precision))
     if y is None and cfg.model.num_classes:
         y = torch.arange(num) % cfg.model.num_classes
-    return generate(
+    out = generate(
         model, sampler, shape=sample_shape(cfg, num), num_inference_steps=cfg.sampler.num_inference_steps,
         y=y, guidance_scale=cfg.sampler.guidance_scale, generator=gen, device=device, autocast=autocast,
         progress=progress,
     )
+    if codec is None:
+        return out
+    return codec.to(device).decode(out).clamp(-1.0, 1.0)
+
+
+def first_stage(cfg: ExperimentConfig, dataset, *, run_dir: Path, device: torch.device, progress: bool = True) -> LatentCodec:
+    """Latent diffusion's frozen first stage for centralized training: pre-trained on public data /
+    loaded (``autoencoder.mode: public``) or trained on ``dataset`` here; saved to
+    ``<run>/autoencoder.pt`` with its reconstructions."""
+    from meddiff.first_stage import fit_codec, public_codec, save_codec, train_autoencoder, write_reconstructions
+
+    if cfg.autoencoder.mode == "public":
+        return public_codec(cfg, device=device, run_dir=run_dir, progress=progress)
+    model, losses = train_autoencoder(cfg, dataset, device=device, seed=cfg.train.seed, progress=progress)
+    codec = fit_codec(cfg, model, dataset, device=device)
+    save_codec(run_dir / "autoencoder.pt", codec, cfg, step=len(losses), extra={"final_loss": losses[-1]})
+    write_reconstructions(codec, dataset, run_dir / "samples" / "autoencoder_reconstructions.png")
+    print(f"[meddiff] autoencoder: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, latent scale "
+          f"{codec.scale_factor:.4f}; {run_dir / 'autoencoder.pt'}")
+    return codec
 
 
 def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
     """Centralized training: the baseline for federated runs. Returns the run directory.
 
     Writes ``config.yaml``, ``metrics.csv`` (step, loss, lr, examples/s), checkpoints every
-    ``output.checkpoint_every`` steps plus ``checkpoints/last.pt``, and EMA sample grids.
+    ``output.checkpoint_every`` steps plus ``checkpoints/last.pt``, and EMA sample grids. For latent
+    diffusion it first trains (or loads) the autoencoder, encodes the data once, trains the UNet
+    on the latents, and every checkpoint carries the autoencoder.
     """
     if cfg.privacy.enabled:
         raise ValueError("privacy.enabled=true applies to federated sites; `meddiff train` is the non-private baseline")
@@ -204,15 +237,20 @@ def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
     device = resolve_device(tc.device)
     run_dir = create_run_dir(oc, cfg, kind="train")
 
-    dataset = build_dataset(cfg.data, cfg.model)
+    dataset = build_image_dataset(cfg)
     check_labels(dataset, cfg.model)
+    codec = None
+    if cfg.autoencoder.enabled:
+        codec = first_stage(cfg, dataset, run_dir=run_dir, device=device, progress=progress)
+        dataset = encode_dataset(codec, dataset, device=device, progress=progress)
+        codec.to(device)
     if len(dataset) < tc.batch_size:
         raise ValueError(f"the dataset has {len(dataset)} examples, fewer than train.batch_size={tc.batch_size}")
     loader = DataLoader(
         dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.num_workers,
         generator=torch.Generator().manual_seed(tc.seed), pin_memory=device.type == "cuda",
     )
-    model = build_model(cfg.model, cfg.data.image_size).to(device)
+    model = build_unet(cfg).to(device)
     diffusion = build_diffusion(cfg.diffusion)
     optimizer = build_optimizer(tc, model.parameters())
     lr_schedule = build_lr_schedule(tc, optimizer, tc.steps)
@@ -223,6 +261,7 @@ def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[meddiff] run dir {run_dir}\n[meddiff] {n_params / 1e6:.2f}M parameters, {len(dataset)} examples, device {device}")
+    codec_extra = {"autoencoder": codec.to_payload()} if codec is not None else {}
 
     window: list[float] = []
     t0 = time.perf_counter()
@@ -231,13 +270,14 @@ def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
     def save(step: int) -> None:
         for name in (f"step_{step:06d}.pt", "last.pt"):
             save_checkpoint(ckpt_dir / name, model_state=model.state_dict(), ema_state=ema.state_dict(),
-                            config=cfg_dict, step=step, extra={"ema_updates": ema.num_updates})
+                            config=cfg_dict, step=step, extra={"ema_updates": ema.num_updates, **codec_extra})
 
     def draw(step: int) -> None:
-        ema_model = build_model(cfg.model, cfg.data.image_size).to(device)
+        ema_model = build_unet(cfg).to(device)
         ema.copy_to(ema_model)
-        samples = sample_images(ema_model, cfg, num=oc.num_samples, device=device, seed=tc.seed, progress=progress)
-        write_samples(samples, run_dir / "samples", f"step_{step:06d}")
+        samples = sample_images(ema_model, cfg, num=oc.num_samples, device=device, seed=tc.seed, progress=progress,
+                                codec=codec)
+        write_samples(samples, run_dir / "samples", f"step_{step:06d}", spacing=sample_spacing(cfg))
 
     def on_step(i: int, loss: float) -> None:
         step = i + 1
@@ -254,7 +294,7 @@ def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
 
     with metrics:
         result = train_loop(
-            model=model, diffusion=diffusion, optimizer=optimizer, batches=cycle(loader), steps=tc.steps,
+            model=model, objective=diffusion, optimizer=optimizer, batches=cycle(loader), steps=tc.steps,
             device=device, noise_multiplicity=cfg.diffusion.noise_multiplicity, label_dropout=tc.label_dropout,
             grad_clip=tc.grad_clip, autocast=autocast, ema=ema, lr_schedule=lr_schedule, generator=gen,
             progress=progress, desc="train", on_step=on_step,

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from configs import ExperimentConfig
-from meddiff.build import build_dataset, build_diffusion, model_from_checkpoint
+from meddiff.build import build_diffusion, build_image_dataset, codec_from_checkpoint, model_from_checkpoint
 from meddiff.device import resolve_device
 from meddiff.evaluate.audits import diffusion_losses, memorization, membership_inference
 from meddiff.evaluate.encoders import build_encoder
@@ -34,6 +34,7 @@ from meddiff.evaluate.metrics import (
     precision_recall,
 )
 from meddiff.evaluate.utility import downstream_utility
+from meddiff.latent import encode_dataset
 from meddiff.outputs import save_grid_png
 from meddiff.train import sample_images
 
@@ -42,10 +43,10 @@ def real_splits(cfg: ExperimentConfig, data_path: Optional[str] = None) -> tuple
     """(training split, held-out split) of the checkpoint's dataset, or of ``data_path``."""
     data = cfg.data if not data_path else dataclasses.replace(cfg.data, path=str(data_path))
     if data.dataset == "medmnist":
-        return (build_dataset(dataclasses.replace(data, split="train"), cfg.model),
-                build_dataset(dataclasses.replace(data, split="test"), cfg.model))
+        return (build_image_dataset(cfg, dataclasses.replace(data, split="train")),
+                build_image_dataset(cfg, dataclasses.replace(data, split="test")))
     if data.dataset == "phantoms":
-        return build_dataset(data, cfg.model), build_dataset(dataclasses.replace(data, seed=data.seed + 7919), cfg.model)
+        return build_image_dataset(cfg, data), build_image_dataset(cfg, dataclasses.replace(data, seed=data.seed + 7919))
     raise ValueError(f"evaluation of data.dataset={data.dataset!r} is not supported yet: use a MedMNIST .npz "
                      "(--data file.npz with a medmnist checkpoint) or the embedded phantoms")
 
@@ -88,8 +89,10 @@ def site_splits(cfg: ExperimentConfig, run_dir: Path) -> dict[str, tuple[Dataset
     return {}
 
 
-def per_site_membership(model, diffusion, cfg: ExperimentConfig, run_dir: Path, *, examples: int, device, seed: int) -> dict:
-    """Loss-attack AUC and TPR at 1% FPR per site: its training records against its held-out ones."""
+def per_site_membership(model, diffusion, cfg: ExperimentConfig, run_dir: Path, *, examples: int, device, seed: int,
+                        to_model_space=lambda ds: ds) -> dict:
+    """Loss-attack AUC and TPR at 1% FPR per site: its training records against its held-out ones
+    (``to_model_space`` maps images to what the model denoises: latents for latent diffusion)."""
     out = {}
     for name, (train, test) in site_splits(cfg, run_dir).items():
         if len(test) < 2:
@@ -100,8 +103,9 @@ def per_site_membership(model, diffusion, cfg: ExperimentConfig, run_dir: Path, 
         except ValueError:
             continue
         m_idx, n_idx = subset_indices(len(train), 4 * examples), subset_indices(len(test), 4 * examples)
-        members = diffusion_losses(model, diffusion, Subset(train, [m_idx[i] for i in m_pos]), device=device, seed=seed)
-        nonmembers = diffusion_losses(model, diffusion, Subset(test, [n_idx[i] for i in n_pos]), device=device, seed=seed)
+        members = diffusion_losses(model, diffusion, to_model_space(Subset(train, [m_idx[i] for i in m_pos])), device=device, seed=seed)
+        nonmembers = diffusion_losses(model, diffusion, to_model_space(Subset(test, [n_idx[i] for i in n_pos])), device=device,
+                                      seed=seed)
         out[name] = membership_inference(members, nonmembers)
     return out
 
@@ -118,11 +122,17 @@ def evaluate_checkpoint(checkpoint: str | Path, *, out_dir: str | Path, encoder:
                         encoder_weights: Optional[str] = None, data_path: Optional[str] = None, num_samples: int = 256,
                         max_real: int = 1000, mia_examples: int = 256, utility_steps: int = 300, device: str = "auto",
                         seed: int = 0, progress: bool = True) -> dict:
-    """Evaluate a checkpoint; returns the report dict (also written as ``eval.json``)."""
+    """Evaluate a checkpoint; returns the report dict (also written as ``eval.json``).
+
+    For latent diffusion, samples are decoded by the checkpoint's autoencoder and the loss-based
+    membership attack scores the model on the encoded latents of real images.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    model, cfg, _ = model_from_checkpoint(checkpoint, device=dev)
+    model, cfg, ckpt = model_from_checkpoint(checkpoint, device=dev)
+    codec = codec_from_checkpoint(ckpt, cfg, source=str(checkpoint))
+    to_model_space = (lambda ds: encode_dataset(codec, ds, device=dev)) if codec is not None else (lambda ds: ds)
     enc = build_encoder(encoder, encoder_weights)
     train_ds, test_ds = real_splits(cfg, data_path)
     train_x, train_y = dataset_images(train_ds, max_real)
@@ -130,7 +140,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, out_dir: str | Path, encoder:
 
     k = cfg.model.num_classes
     y = torch.arange(num_samples) % k if k else None
-    generated = sample_images(model, cfg, num=num_samples, device=dev, seed=seed, y=y, progress=progress).cpu()
+    generated = sample_images(model, cfg, num=num_samples, device=dev, seed=seed, y=y, progress=progress, codec=codec).cpu()
 
     f_real, f_gen = enc.encode(test_x), enc.encode(generated)
     report: dict = {"checkpoint": str(checkpoint), "encoder": enc.description, "num_generated": num_samples,
@@ -156,11 +166,13 @@ def evaluate_checkpoint(checkpoint: str | Path, *, out_dir: str | Path, encoder:
     diffusion = build_diffusion(cfg.diffusion)
     m_pos, n_pos = matched_indices(train_y, test_y, mia_examples)
     train_idx, test_idx = subset_indices(len(train_ds), max_real), subset_indices(len(test_ds), max_real)
-    members = diffusion_losses(model, diffusion, Subset(train_ds, [train_idx[i] for i in m_pos]), device=dev, seed=seed)
-    nonmembers = diffusion_losses(model, diffusion, Subset(test_ds, [test_idx[i] for i in n_pos]), device=dev, seed=seed)
+    members = diffusion_losses(model, diffusion, to_model_space(Subset(train_ds, [train_idx[i] for i in m_pos])), device=dev,
+                               seed=seed)
+    nonmembers = diffusion_losses(model, diffusion, to_model_space(Subset(test_ds, [test_idx[i] for i in n_pos])), device=dev,
+                                  seed=seed)
     report["membership_inference"] = membership_inference(members, nonmembers)
     sites = per_site_membership(model, diffusion, cfg, Path(checkpoint).resolve().parent.parent, examples=mia_examples,
-                                device=dev, seed=seed)
+                                device=dev, seed=seed, to_model_space=to_model_space)
     if sites:
         report["membership_inference_per_site"] = sites
 

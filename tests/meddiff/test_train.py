@@ -27,7 +27,7 @@ def test_overfit_eight_phantoms_lowers_loss_fivefold():
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     before = _eval_loss(model, diffusion, ds.images, ds.labels)
     loader = DataLoader(ds, batch_size=8, shuffle=True)
-    result = train_loop(model=model, diffusion=diffusion, optimizer=opt, batches=cycle(loader), steps=300,
+    result = train_loop(model=model, objective=diffusion, optimizer=opt, batches=cycle(loader), steps=300,
                         device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False)
     after = _eval_loss(model, diffusion, ds.images, ds.labels)
     assert result.steps == 300 and result.examples == 2400

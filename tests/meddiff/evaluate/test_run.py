@@ -27,7 +27,7 @@ def test_mia_is_near_chance_for_one_distribution_and_near_one_for_an_overfit_mod
     assert 0.3 < untrained["mia_auc"] < 0.7  # an untrained model cannot tell them apart
     loader = torch.utils.data.DataLoader(members, batch_size=16, shuffle=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train_loop(model=model, diffusion=diffusion, optimizer=opt, batches=cycle(loader), steps=400,
+    train_loop(model=model, objective=diffusion, optimizer=opt, batches=cycle(loader), steps=400,
                device=torch.device("cpu"), noise_multiplicity=4, progress=False)
     overfit = membership_inference(diffusion_losses(model, diffusion, members), diffusion_losses(model, diffusion, others))
     assert overfit["mia_auc"] > 0.9, overfit
