@@ -26,6 +26,16 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_from_template(args: argparse.Namespace) -> int:
+    from meddiff.data.template import write_template_cohort
+
+    cases = write_template_cohort(args.template, args.out, num_patients=args.num_patients, spacing=args.spacing,
+                                  lesion_fraction=args.lesion_fraction, seed=args.seed)
+    print(f"[meddiff] wrote {len(cases)} pseudo-patients (BraTS layout, t1n/t1c/seg at {args.spacing:g} mm) to {args.out}")
+    print(f"[meddiff] train on them with: data.dataset=brats data.path={args.out}")
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.run import simulate
 
@@ -64,6 +74,15 @@ def _extend(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <output.root>/splits/<dataset>-<scheme>-seed<seed>)")
     p.add_argument("--preview", action="store_true", help="print per-site counts by label and save a bar chart")
     p.set_defaults(func=cmd_data_split)
+
+    p = data_sub.add_parser("from-template", help="a cohort of pseudo-patient volumes (BraTS layout) made from one template NIfTI")
+    p.add_argument("--template", type=Path, required=True, help="a 3-D NIfTI, e.g. the MNI152 T1 brain")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--num-patients", type=int, default=24)
+    p.add_argument("--spacing", type=float, default=2.0, help="voxel size of the written volumes in mm")
+    p.add_argument("--lesion-fraction", type=float, default=0.5, help="share of patients with a synthetic tumour")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_from_template)
 
     privacy = sub.add_parser("privacy", help="privacy tools")
     privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)

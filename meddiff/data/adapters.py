@@ -317,7 +317,9 @@ def load_record(record: Record, cfg: DataConfig, *, spatial_dims: int = 2) -> tu
 
     Returns:
         ``images [n, 1, S, S]`` (2-D; volumes give their foreground slices) or ``[1, 1, S, S, S]``
-        (3-D), float32 in [-1, 1], and ``labels [n]`` int64.
+        (3-D: resampled to ``data.target_spacing`` and cropped/padded around the foreground, or,
+        without a target spacing, the foreground box padded to a cube and resized), float32 in
+        [-1, 1], and ``labels [n]`` int64.
     Raises:
         DataError naming the file and the problem.
     """
@@ -343,9 +345,10 @@ def load_record(record: Record, cfg: DataConfig, *, spatial_dims: int = 2) -> tu
         if seg.shape != array.shape:
             raise DataError(f"{record.meta['seg']}: resampled segmentation {seg.shape} != image {array.shape}")
     if spatial_dims == 3:
-        from meddiff.data.transforms import crop_foreground
+        from meddiff.data.transforms import crop_foreground, crop_or_pad_volume
 
-        vol = fit_to_size(crop_foreground(array), size)
+        # at a target spacing: crop/pad (voxels keep their size); otherwise fit the foreground and resize
+        vol = crop_or_pad_volume(array, size) if cfg.target_spacing else fit_to_size(crop_foreground(array), size)
         label = int(seg is not None and (seg > 0).any()) if seg is not None else record.label
         return vol[None, None], np.asarray([label], np.int64)
     slices, labels, _ = extract_slices(array, axis=cfg.slice_axis, min_foreground=cfg.min_foreground, image_size=size,

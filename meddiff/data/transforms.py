@@ -121,6 +121,27 @@ def fit_to_size(array: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(t[0], dtype=np.float32)
 
 
+def crop_or_pad_volume(array: np.ndarray, size: int, *, threshold: float = -0.95) -> np.ndarray:
+    """Centre a volume's foreground in a ``size``-cube, at its current spacing (no resizing).
+
+    The foreground box is cropped, then cropped or padded (with the background value -1)
+    symmetrically to ``size`` per side (MONAI ``ResizeWithPadOrCrop``). Used for 3-D models with
+    ``data.target_spacing``: every voxel keeps its physical size, so generated volumes carry an
+    exact affine.
+
+    Args:
+        array: ``[X, Y, Z]`` in [-1, 1].
+    Returns:
+        ``[size, size, size]`` float32.
+    """
+    from monai.transforms import ResizeWithPadOrCrop
+
+    box = crop_foreground(array, threshold=threshold)
+    t = torch.from_numpy(np.ascontiguousarray(box, dtype=np.float32))[None]
+    t = ResizeWithPadOrCrop(spatial_size=(size,) * array.ndim, mode="constant", value=-1.0)(t)
+    return np.asarray(t[0], dtype=np.float32)
+
+
 def extract_slices(
     array: np.ndarray,
     *,
