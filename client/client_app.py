@@ -8,7 +8,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.handlers import handle_evaluate, handle_train
+from client.handlers import handle_evaluate, handle_query, handle_train
 
 
 def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
@@ -46,4 +46,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     _threads(context)
-    return Message(content=handle_evaluate(msg.content, dict(context.node_config)), reply_to=msg)
+    return Message(content=handle_evaluate(msg.content, dict(context.node_config), context.state), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    _threads(context)
+    return Message(content=handle_query(msg.content, dict(context.node_config), context.state), reply_to=msg)

@@ -1,8 +1,10 @@
 """Message handlers as plain functions: decode the message, call the site logic, encode the reply.
 
 The server sends, in the train/evaluate ``ConfigRecord``: ``experiment-config`` (the resolved YAML),
-``server-round``, ``manifest-path``, ``study-id``, in simulation ``site-state-root`` and, for
-FedProx, ``proximal-mu``. Site-specific settings (``data-path``, ``site-name``, ``state-dir``,
+``server-round``, ``manifest-path``, ``study-id``, ``phase`` (``diffusion``, or ``autoencoder`` for
+latent diffusion's first stage), in simulation ``site-state-root``, for FedProx ``proximal-mu``
+and, in phase 2 of latent diffusion, ``autoencoder-digest`` and ``latent-scale`` (the frozen
+autoencoder itself arrives once, in a QUERY message: :func:`handle_query`). Site-specific settings (``data-path``, ``site-name``, ``state-dir``,
 ``epsilon-budget``, or the simulation's ``partition-id``) come from the node config.
 
 With ``privacy.enabled`` a train reply also carries the ConfigRecord ``privacy`` (the site's ledger
@@ -20,14 +22,19 @@ from typing import Mapping, Optional
 
 import yaml
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.data import SiteData, site_data
 from client.local import local_evaluate, local_feature_stats, local_train, non_private_metrics
+from client.state import install_autoencoder, set_scale, site_codec, site_latents
 from client.records import EVALUATE_METRIC_KEYS, TRAIN_METRIC_KEYS, arrays_to_state, metric_record, state_to_arrays
 from configs import ExperimentConfig, load_config_dict
 from privacy.accounting import PrivacyLedger, poisson_sample_rate
-from privacy.site import Calibration, SiteRefusal, check_budget, enrol, open_site_ledger, require_dp
+from meddiff.build import build_autoencoder
+from meddiff.device import resolve_device
+from meddiff.latent import latent_stats
+from privacy.site import (Calibration, SiteRefusal, check_budget, enrol, open_site_ledger, phase_is_private, require_dp,
+                          study_plan)
 
 MIRROR_KEY = "privacy-ledger"
 
@@ -44,12 +51,20 @@ def _config(content: RecordDict) -> tuple[ExperimentConfig, ConfigRecord]:
 def site_state_dir(node_config: Mapping, record: ConfigRecord, site: SiteData) -> Path:
     """Where the site keeps its ledger: ``--node-config state-dir=...``; in simulation, the
     server-provided root plus the site name. A deployed site never takes the server's word for it."""
+    found = optional_state_dir(node_config, record, site)
+    if found is None:
+        raise ValueError(f"site {site.name}: privacy.enabled=true needs a state directory for the privacy ledger; "
+                         "start the SuperNode with --node-config 'state-dir=\"/var/lib/meddiff\" ...'")
+    return found
+
+
+def optional_state_dir(node_config: Mapping, record: ConfigRecord, site: SiteData) -> Optional[Path]:
+    """The site's state directory, or None when it has none (a deployed site without DP)."""
     if "state-dir" in node_config:
         return Path(str(node_config["state-dir"]))
     if "partition-id" in node_config and str(record.get("site-state-root", "")):
         return Path(str(record["site-state-root"])) / site.name
-    raise ValueError(f"site {site.name}: privacy.enabled=true needs a state directory for the privacy ledger; "
-                     "start the SuperNode with --node-config 'state-dir=\"/var/lib/meddiff\" ...'")
+    return None
 
 
 def site_budget(cfg: ExperimentConfig, node_config: Mapping, site: SiteData) -> float:
@@ -67,17 +82,19 @@ def site_budget(cfg: ExperimentConfig, node_config: Mapping, site: SiteData) -> 
 
 
 def prepare_privacy(cfg: ExperimentConfig, site: SiteData, node_config: Mapping, record: ConfigRecord,
-                    state: Optional[RecordDict]) -> tuple[PrivacyLedger, Calibration]:
-    """Reload the ledger, enrol in the study (once) and check the budget; raises :class:`BudgetExhausted`."""
+                    state: Optional[RecordDict], phase: str = "diffusion") -> tuple[PrivacyLedger, Calibration]:
+    """Reload the ledger, enrol in the study (once, for all of its DP phases) and check the budget
+    for this round of ``phase``; raises :class:`BudgetExhausted`."""
     mirror = str(state[MIRROR_KEY]["json"]) if state is not None and MIRROR_KEY in state else None
     n = len(site.train)
     ledger = open_site_ledger(site_state_dir(node_config, record, site), site=site.name, num_examples=n,
                               privacy_cfg=cfg.privacy, budget=site_budget(cfg, node_config, site), mirror=mirror)
     _mirror(ledger, state)
-    cal = enrol(ledger, study=str(record.get("study-id", "study")), num_examples=n, batch_size=cfg.train.batch_size,
-                planned_steps=cfg.federation.num_rounds * cfg.federation.local_steps, privacy_cfg=cfg.privacy)
+    cal = enrol(ledger, study=str(record.get("study-id", "study")), num_examples=n, plan=study_plan(cfg),
+                privacy_cfg=cfg.privacy)
     _mirror(ledger, state)
-    check_budget(ledger, cal, cfg.federation.local_steps, sample_rate=poisson_sample_rate(n, cal.batch_size))
+    steps = cfg.autoencoder.local_steps if phase == "autoencoder" else cfg.federation.local_steps
+    check_budget(ledger, cal, steps, sample_rate=poisson_sample_rate(n, cal.phase(phase)["batch_size"]))
     return ledger, cal
 
 
@@ -100,24 +117,58 @@ def refusal_reply(site: SiteData, exc: SiteRefusal, ledger: Optional[PrivacyLedg
     return reply
 
 
+def _phase(record: ConfigRecord) -> str:
+    return str(record.get("phase", "diffusion"))
+
+
+def _codec_of(cfg: ExperimentConfig, record: ConfigRecord, state: Optional[RecordDict], node_config: Mapping, site: SiteData):
+    digest = str(record.get("autoencoder-digest", ""))
+    if not digest:
+        raise ValueError("the server sent a latent-diffusion round without naming its autoencoder (autoencoder-digest)")
+    return site_codec(cfg, state, digest=digest, scale=float(record["latent-scale"]),
+                      state_dir=optional_state_dir(node_config, record, site))
+
+
+def _site_key(node_config: Mapping, record: ConfigRecord) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in node_config.items())) + (str(record.get("manifest-path", "")),)
+
+
+def missing_autoencoder_reply(site: SiteData, record: ConfigRecord) -> RecordDict:
+    """Metrics only and the digest the site lacks: the server sends the autoencoder again."""
+    metrics = {"num-examples": len(site.train), "train_loss": math.nan, "steps": 0, "site-index": site.index,
+               "seconds": 0.0, **non_private_metrics()}
+    return RecordDict({"metrics": metric_record(metrics, TRAIN_METRIC_KEYS),
+                       "missing-autoencoder": ConfigRecord({"digest": str(record.get("autoencoder-digest", ""))})})
+
+
 def handle_train(content: RecordDict, node_config: Mapping, state: Optional[RecordDict] = None) -> RecordDict:
-    """Train on the site's data; reply with one ArrayRecord and one MetricRecord (plus the ledger
-    under DP), or refuse when the privacy budget does not cover the round."""
+    """Train on the site's data in the server's ``phase``; reply with one ArrayRecord and one
+    MetricRecord (plus the ledger under DP), or refuse when the privacy budget does not cover the
+    round, or say that the site lacks the phase-2 autoencoder."""
     cfg, record = _config(content)
+    phase = _phase(record)
     site = site_data(cfg, node_config, str(record.get("manifest-path", "")))
+    private = phase_is_private(cfg, phase)
     ledger = cal = None
     try:
-        require_dp("epsilon-budget" in node_config, cfg.privacy.enabled, site.name)
-        if cfg.privacy.enabled:
-            ledger, cal = prepare_privacy(cfg, site, node_config, record, state)
+        require_dp("epsilon-budget" in node_config, private, site.name)
+        if private:
+            ledger, cal = prepare_privacy(cfg, site, node_config, record, state, phase)
     except SiteRefusal as exc:
         log.warning("%s", exc.reason)
         return refusal_reply(site, exc, exc.ledger)
+    train_set = site.train
+    if phase == "diffusion" and cfg.autoencoder.enabled:
+        codec = _codec_of(cfg, record, state, node_config, site)
+        if codec is None:
+            log.warning("site %s does not hold autoencoder %s; asking the server for it", site.name, record.get("autoencoder-digest"))
+            return missing_autoencoder_reply(site, record)
+        train_set = site_latents(codec, site.train, key=_site_key(node_config, record) + ("train",), cfg=cfg)
     weights, metrics = local_train(
-        cfg, arrays_to_state(content["arrays"]), site.train, server_round=int(record["server-round"]),
-        site_index=site.index, proximal_mu=float(record.get("proximal-mu", 0.0)), ledger=ledger, calibration=cal,
+        cfg, arrays_to_state(content["arrays"]), train_set, server_round=int(record["server-round"]),
+        site_index=site.index, proximal_mu=float(record.get("proximal-mu", 0.0)), ledger=ledger, calibration=cal, phase=phase,
     )
-    log.info("site %s round %s: loss %.4f over %d steps, epsilon %.3f", site.name, record["server-round"],
+    log.info("site %s %s round %s: loss %.4f over %d steps, epsilon %.3f", site.name, phase, record["server-round"],
              metrics["train_loss"], metrics["steps"], metrics["epsilon"])
     reply = RecordDict({"arrays": state_to_arrays(weights, cfg.federation.transport_dtype),
                         "metrics": metric_record(metrics, TRAIN_METRIC_KEYS)})
@@ -128,12 +179,20 @@ def handle_train(content: RecordDict, node_config: Mapping, state: Optional[Reco
 
 
 def handle_evaluate(content: RecordDict, node_config: Mapping, state: Optional[RecordDict] = None) -> RecordDict:
-    """Held-out denoising loss of the received global model on the site's test data; when the
-    server asks (``fid-stats``), also the feature statistics of that data (ArrayRecord
-    ``feature-stats``: mean and covariance; the count in the metrics)."""
+    """Held-out loss of the received global model on the site's test data (the reconstruction
+    error in the autoencoder phase); when the server asks (``fid-stats``), also the feature
+    statistics of that data (ArrayRecord ``feature-stats``: mean and covariance; the count in the
+    metrics)."""
     cfg, record = _config(content)
+    phase = _phase(record)
     site = site_data(cfg, node_config, str(record.get("manifest-path", "")))
-    metrics = local_evaluate(cfg, arrays_to_state(content["arrays"]), site.test, site_index=site.index)
+    test_set = site.test
+    if phase == "diffusion" and cfg.autoencoder.enabled:
+        codec = _codec_of(cfg, record, state, node_config, site)
+        if codec is None:
+            raise ValueError(f"site {site.name} does not hold autoencoder {record.get('autoencoder-digest')}")
+        test_set = site_latents(codec, site.test, key=_site_key(node_config, record) + ("test",), cfg=cfg)
+    metrics = local_evaluate(cfg, arrays_to_state(content["arrays"]), test_set, site_index=site.index, phase=phase)
     reply = RecordDict()
     if int(record.get("fid-stats", 0)):
         stats = local_feature_stats(cfg, site.test)
@@ -141,3 +200,36 @@ def handle_evaluate(content: RecordDict, node_config: Mapping, state: Optional[R
         reply["feature-stats"] = ArrayRecord({"mean": torch.from_numpy(stats.mean), "cov": torch.from_numpy(stats.cov)})
     reply["metrics"] = metric_record(metrics, EVALUATE_METRIC_KEYS)
     return reply
+
+
+def handle_query(content: RecordDict, node_config: Mapping, state: Optional[RecordDict] = None) -> RecordDict:
+    """Latent diffusion's set-up messages (``query`` in the ConfigRecord):
+
+    - ``install-autoencoder``: keep the frozen autoencoder sent in ``arrays`` (digest-checked);
+      with ``want-stats``, reply with the count, sum and sum of squares of the site's training
+      latents, from which the server computes the scale factor (no images leave the site);
+    - ``latent-scale``: record the federated scale factor for the installed autoencoder.
+
+    Replies hold one MetricRecord: ``site-index``, ``installed`` (0 when the site lacks the named
+    autoencoder), ``count``, ``total``, ``total-sq``.
+    """
+    cfg, record = _config(content)
+    kind = str(record.get("query", ""))
+    site = site_data(cfg, node_config, str(record.get("manifest-path", "")))
+    digest, scale = str(record.get("autoencoder-digest", "")), float(record.get("latent-scale", 0.0))
+    metrics = {"site-index": site.index, "installed": 1, "count": 0, "total": 0.0, "total-sq": 0.0}
+    if kind == "install-autoencoder":
+        weights = arrays_to_state(content["arrays"])
+        install_autoencoder(state, weights, digest=digest, scale=scale, state_dir=optional_state_dir(node_config, record, site))
+        if int(record.get("want-stats", 0)):
+            autoencoder = build_autoencoder(cfg)
+            autoencoder.load_state_dict(weights)
+            stats = latent_stats(autoencoder, site.train, device=resolve_device(cfg.train.device))
+            metrics.update({"count": stats.count, "total": stats.total, "total-sq": stats.total_sq})
+        log.info("site %s installed autoencoder %s", site.name, digest)
+    elif kind == "latent-scale":
+        installed = set_scale(state, digest, scale) or _codec_of(cfg, record, state, node_config, site) is not None
+        metrics["installed"] = int(installed)
+    else:
+        raise ValueError(f"unknown query {kind!r}; expected install-autoencoder or latent-scale")
+    return RecordDict({"metrics": MetricRecord(metrics)})

@@ -6,13 +6,15 @@ import hashlib
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from configs import ExperimentConfig
-from meddiff.build import build_diffusion, build_model, build_optimizer
+from meddiff.build import build_autoencoder, build_diffusion, build_optimizer, build_unet
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.train import cycle, train_loop
 from privacy.accounting import PrivacyLedger
@@ -60,6 +62,48 @@ def non_private_metrics() -> dict[str, float]:
             "budget_exhausted": 0}
 
 
+PHASES = ("autoencoder", "diffusion")
+
+
+@dataclass
+class Stage:
+    """What one phase trains at a site: the model, its optimizer, objective and step budget."""
+
+    phase: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: object
+    steps: int
+    batch_size: int
+    noise_multiplicity: int
+    label_dropout: float
+    grad_sample_mode: str
+
+
+def build_stage(cfg: ExperimentConfig, phase: str, global_state: Mapping[str, torch.Tensor]) -> Stage:
+    """Phase ``autoencoder`` (latent diffusion's first stage) or ``diffusion`` (the UNet, on images
+    or latents), loaded with the server's weights."""
+    from meddiff.first_stage import autoencoder_loop_kwargs, build_autoencoder_optimizer
+
+    tc = cfg.train
+    if phase == "autoencoder":
+        if not cfg.autoencoder.enabled:
+            raise ValueError("the server asked for an autoencoder round but this config has autoencoder.enabled=false")
+        model = build_autoencoder(cfg)
+        model.load_state_dict(global_state)
+        kw = autoencoder_loop_kwargs(cfg)
+        # per-image gradients by vmap are written for the diffusion loss; the first stage uses Opacus hooks
+        return Stage(phase, model, build_autoencoder_optimizer(cfg, model.parameters()), kw["objective"],
+                     cfg.autoencoder.local_steps, cfg.autoencoder.batch_size, 1, 0.0, "hooks")
+    if phase != "diffusion":
+        raise ValueError(f"unknown training phase {phase!r}; expected one of {PHASES}")
+    model = build_unet(cfg)
+    model.load_state_dict(global_state)
+    return Stage(phase, model, build_optimizer(tc, model.parameters()), build_diffusion(cfg.diffusion),
+                 cfg.federation.local_steps, tc.batch_size, cfg.diffusion.noise_multiplicity, tc.label_dropout,
+                 cfg.privacy.grad_sample_mode)
+
+
 def local_train(
     cfg: ExperimentConfig,
     global_state: Mapping[str, torch.Tensor],
@@ -71,44 +115,48 @@ def local_train(
     progress: bool = False,
     ledger: Optional[PrivacyLedger] = None,
     calibration: Optional[Calibration] = None,
+    phase: str = "diffusion",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train the global model for ``federation.local_steps`` steps on the site's data.
+    """Train the global model of ``phase`` for its local steps on the site's data.
 
-    Without DP, randomness (batch order, t, noise, label dropout) is seeded by (train.seed, round,
-    site), so a round replays identically after a crash. With ``privacy.enabled`` the site runs
-    DP-SGD (Opacus, Poisson sampling, logical batches of ``calibration.batch_size`` split into
-    physical ones of ``privacy.max_physical_batch_size``) at the calibrated sigma, on the accountant
-    history from ``ledger``, and records the round in the ledger; DP noise and sampling use
-    unpredictable randomness. Returns the new (unwrapped) state dict and the metrics.
+    ``phase`` is ``diffusion`` (the UNet; ``dataset`` holds images, or pre-encoded latents for
+    latent diffusion) or ``autoencoder`` (latent diffusion's first stage, ``autoencoder.local_steps``
+    steps). Without DP, randomness (batch order, t, noise, label dropout) is seeded by (train.seed,
+    round, site, phase), so a round replays identically after a crash. With ``privacy.enabled`` the
+    site runs DP-SGD (Opacus, Poisson sampling, logical batches of the phase's calibrated batch
+    size split into physical ones of ``privacy.max_physical_batch_size``) at the calibrated sigma,
+    on the accountant history from ``ledger``, and records the round, with its phase, in the
+    ledger; DP noise and sampling use unpredictable randomness. Returns the new (unwrapped) state
+    dict and the metrics.
     """
     tc = cfg.train
-    private = cfg.privacy.enabled
-    if private and (ledger is None or calibration is None):
+    private = ledger is not None
+    if cfg.privacy.enabled and not private and not (phase == "autoencoder" and cfg.autoencoder.mode == "not_private"):
         raise ValueError("privacy.enabled=true needs the site's ledger and calibration; refusing to train without DP")
+    if private and calibration is None:
+        raise ValueError("a DP round needs the study's calibration")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if len(dataset) == 0:
         raise ValueError(f"site {site_index} has no training data")
     device = resolve_device(tc.device)
-    seed = round_seed(tc.seed, server_round, site_index)
+    seed = round_seed(tc.seed, server_round, site_index) if phase == "diffusion" else round_seed(tc.seed, server_round, site_index, 1)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, cfg.data.image_size)
-    model.load_state_dict(global_state)
-    model.to(device)
-    optimizer = build_optimizer(tc, model.parameters())
+    stage = build_stage(cfg, phase, global_state)
+    model, optimizer = stage.model.to(device), stage.optimizer
     add_proximal_term(optimizer, [p.detach().clone() for p in model.parameters()], proximal_mu)
     gen = torch.Generator(device=device).manual_seed(seed)
-    loop = dict(diffusion=build_diffusion(cfg.diffusion), steps=cfg.federation.local_steps, device=device,
-                noise_multiplicity=cfg.diffusion.noise_multiplicity, label_dropout=tc.label_dropout,
-                autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)), generator=gen,
-                progress=progress, desc=f"site {site_index} round {server_round}")
+    loop = dict(objective=stage.objective, steps=stage.steps, device=device, noise_multiplicity=stage.noise_multiplicity,
+                label_dropout=stage.label_dropout, autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)),
+                generator=gen, progress=progress, desc=f"site {site_index} {phase} round {server_round}")
     start = time.perf_counter()
     if private:
-        loader = DataLoader(dataset, batch_size=calibration.batch_size, num_workers=tc.num_workers,
+        plan = calibration.phase(phase)
+        loader = DataLoader(dataset, batch_size=plan["batch_size"], num_workers=tc.num_workers,
                             generator=unpredictable_generator())
         dp = make_private(model, optimizer, loader, noise_multiplier=calibration.noise_multiplier,
-                          max_grad_norm=calibration.max_grad_norm, noise_multiplicity=cfg.diffusion.noise_multiplicity,
-                          accountant_history=ledger.history, grad_sample_mode=cfg.privacy.grad_sample_mode,
+                          max_grad_norm=calibration.max_grad_norm, noise_multiplicity=stage.noise_multiplicity,
+                          accountant_history=ledger.history, grad_sample_mode=stage.grad_sample_mode,
                           noise_generator=unpredictable_generator(device))
         batches = dp.batches(cfg.privacy.max_physical_batch_size)
         try:
@@ -117,14 +165,14 @@ def local_train(
         finally:
             batches.close()
         sigma, q, _ = dp.history[-1]
-        ledger.record(dp.history, {"study": calibration.study, "round": server_round, "steps": result.steps,
+        ledger.record(dp.history, {"study": calibration.study, "phase": phase, "round": server_round, "steps": result.steps,
                                    "noise_multiplier": sigma, "sample_rate": q, "max_grad_norm": calibration.max_grad_norm,
                                    "clip_fraction": dp.stats.clip_fraction})
         privacy_metrics = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "noise_multiplier": sigma, "sample_rate": q,
                            "clip_fraction": dp.stats.clip_fraction, "budget_exhausted": 0}
         state = dp.state_dict()
     else:
-        loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(dataset)), shuffle=True, drop_last=True,
+        loader = DataLoader(dataset, batch_size=min(stage.batch_size, len(dataset)), shuffle=True, drop_last=True,
                             num_workers=tc.num_workers, generator=torch.Generator().manual_seed(seed))
         result = train_loop(model=model, optimizer=optimizer, batches=cycle(loader), grad_clip=tc.grad_clip, **loop)
         privacy_metrics = non_private_metrics()
@@ -136,20 +184,29 @@ def local_train(
 
 @torch.no_grad()
 def local_evaluate(cfg: ExperimentConfig, state: Mapping[str, torch.Tensor], dataset: Dataset, *, site_index: int,
-                   max_examples: int = 256) -> dict[str, float]:
-    """Held-out denoising loss: the per-example loss averaged over 4 fixed (t, noise) draws."""
+                   max_examples: int = 256, phase: str = "diffusion") -> dict[str, float]:
+    """Held-out loss of the global model: the denoising loss averaged over 4 fixed (t, noise)
+    draws (``dataset`` holds latents for latent diffusion), or, in the autoencoder phase, the
+    mean absolute error of the deterministic reconstruction ``decode(mu(x))``."""
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg.model, cfg.data.image_size)
+    if phase == "autoencoder":
+        from meddiff.nets.autoencoder import AutoencoderObjective
+
+        model, objective = build_autoencoder(cfg), AutoencoderObjective()
+    else:
+        model, objective = build_unet(cfg), build_diffusion(cfg.diffusion)
     model.load_state_dict(state)
     model.to(device).eval()
-    diffusion = build_diffusion(cfg.diffusion)
     gen = torch.Generator(device=device).manual_seed(round_seed(cfg.train.seed, site_index, 7))
     n = min(len(dataset), max_examples)
     total, count = 0.0, 0
     for x0, y in DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=64):
         x0 = x0.to(device)
-        y = y.to(device) if cfg.model.num_classes else None
-        losses = diffusion.training_losses(model, x0, y=y, noise_multiplicity=4, generator=gen)
+        if phase == "autoencoder":
+            losses = objective.reconstruction_error(model, x0)
+        else:
+            y = y.to(device) if cfg.model.num_classes else None
+            losses = objective.training_losses(model, x0, y=y, noise_multiplicity=4, generator=gen)
         total += float(losses.sum())
         count += len(losses)
     return {"num-examples": count, "eval_loss": total / max(count, 1), "site-index": site_index, "feature-count": 0}

@@ -38,20 +38,24 @@ def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
 
 
 def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
-                               prior_history=()) -> float:
+                               prior_history=(), extra_segments=()) -> float:
     """sigma such that ``steps`` Poisson-subsampled Gaussian steps spend ``target_epsilon`` (RDP).
 
     Called once per site and study, for the planned total (rounds x local steps), never per round.
-    With an empty ``prior_history`` this is Opacus's ``get_noise_multiplier``. A site that already
-    spent privacy in an earlier study composes: sigma is the smallest one (bisection, to 0.5%)
-    whose steps, added to the prior history, stay within ``target_epsilon`` in total; Opacus has
-    no calibration on top of a history, hence the hand-written search.
+    With an empty ``prior_history`` and no ``extra_segments`` this is Opacus's
+    ``get_noise_multiplier``. Otherwise sigma is the smallest one (bisection, to 0.5%) whose steps,
+    composed with the prior history and with the ``extra_segments`` -- further planned
+    ``(sample_rate, steps)`` at the same sigma, e.g. the other phase of a latent-diffusion study
+    -- stay within ``target_epsilon`` in total; Opacus has no calibration on top of a history or
+    across several sample rates, hence the hand-written search.
     Raises ``ValueError`` when the prior spending leaves no room.
     """
-    if not 0 < sample_rate <= 1 or steps < 1:
-        raise ValueError(f"need 0 < sample_rate <= 1 and steps >= 1, got {sample_rate}, {steps}")
+    segments = [(sample_rate, steps)] + [(float(q), int(n)) for q, n in extra_segments]
+    for q, n in segments:
+        if not 0 < q <= 1 or n < 1:
+            raise ValueError(f"need 0 < sample_rate <= 1 and steps >= 1, got {q}, {n}")
     prior = [tuple(h) for h in prior_history]
-    if not prior:
+    if not prior and len(segments) == 1:
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
                                           sample_rate=sample_rate, steps=steps, accountant="rdp"))
     spent = epsilon_of(prior, target_delta)
@@ -59,7 +63,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
         raise ValueError(f"epsilon {spent:.3f} is already spent of the budget {target_epsilon:g}; no room for another study")
 
     def eps(sigma: float) -> float:
-        return epsilon_of(prior + [(sigma, sample_rate, steps)], target_delta)
+        return epsilon_of(prior + [(sigma, q, n) for q, n in segments], target_delta)
 
     low, high = 0.1, 1.0
     while eps(high) > target_epsilon:

@@ -36,6 +36,8 @@ NOT_COVERED = (
     "training set.",
     "Anything trained without DP, for example an autoencoder pre-trained or trained as 'not private', and any "
     "public data.",
+    "For latent diffusion, the latent scale factor: each site's count, sum and sum of squares of its training "
+    "latents, sent once without noise (three numbers per site).",
     "Choices made by looking at the data (hyperparameter tuning, data selection) outside this accounting.",
     "Attacks on the random number generator itself: the noise comes from PyTorch's generator seeded from the OS "
     "entropy pool (unpredictable to the server), not from a cryptographically secure stream (Opacus secure_mode).",
@@ -100,11 +102,46 @@ def site_summary(ledger: dict) -> dict:
         "prv_epsilon": prv,
         "prv_relative_difference": differs,
         "prv_flag": (prv is None) or (differs is not None and differs > PRV_TOLERANCE),
-        "rounds": [{"study": r.get("study"), "round": r["round"], "steps": r["steps"], "epsilon": r["epsilon"],
-                    "clip_fraction": r.get("clip_fraction")} for r in rounds],
+        "rounds": [{"study": r.get("study"), "phase": r.get("phase", "diffusion"), "round": r["round"], "steps": r["steps"],
+                    "epsilon": r["epsilon"], "clip_fraction": r.get("clip_fraction")} for r in rounds],
+        "steps_by_phase": _steps_by_phase(rounds),
         "calibrations": cals,
         "history": [list(h) for h in history],
     }
+
+
+def _steps_by_phase(rounds: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rounds:
+        out[r.get("phase", "diffusion")] = out.get(r.get("phase", "diffusion"), 0) + int(r["steps"])
+    return out
+
+
+def phase_statements(run_dir: Path) -> list[dict]:
+    """What each training phase of the run covers, in plain words (from the run's ``config.yaml``)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    cfg = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    ae = (cfg or {}).get("autoencoder") or {}
+    diffusion = {"phase": "diffusion", "private": True,
+                 "statement": "The denoising UNet is trained with DP-SGD at every site; its steps are in each site's ledger."}
+    if not ae.get("enabled"):
+        return [diffusion]
+    mode = ae.get("mode", "dp")
+    diffusion["statement"] = ("Phase 2, the latent UNet, is trained with DP-SGD at every site on its images' latents (each "
+                              "image is one record); its steps are in each site's ledger.")
+    first = {
+        "dp": ("Phase 1, the autoencoder, is trained with DP-SGD at every site; its steps are composed with phase 2's in "
+               "one accountant history per site, so the epsilon above covers the whole pipeline, decoder included.", True),
+        "not_private": ("Phase 1, the autoencoder, was trained on the sites' data WITHOUT differential privacy "
+                        "(autoencoder.mode: not_private). The autoencoder, and the decoder every released sample passes "
+                        "through, are NOT covered by the epsilon above: they can reveal training images. Only the phase-2 "
+                        "UNet updates are protected.", False),
+        "public": ("Phase 1, the autoencoder, was pre-trained on public data (or loaded) and never saw site data; it "
+                   "adds no privacy cost and needs none.", True),
+    }[mode]
+    return [{"phase": "autoencoder", "mode": mode, "private": first[1], "statement": first[0]}, diffusion]
 
 
 def save_central(run_dir: str | Path, central: dict) -> Path:
@@ -138,6 +175,7 @@ def privacy_report(run_dir: str | Path) -> dict:
     sites = [site_summary(data["sites"][name]) for name in sorted(data["sites"])]
     central = central_summary(json.loads(central_path.read_text())) if central_path.exists() else None
     return {"run_dir": str(run_dir), "sites": sites, "central": central, "exhausted": data.get("exhausted", []),
+            "phases": phase_statements(run_dir),
             "guarantee": {"covers": COVERED, "does_not_cover": list(NOT_COVERED)},
             "audit": "epsilon = opacus.accountants.RDPAccountant with .history = the site's history, "
                      ".get_epsilon(delta); nothing else enters it"}
@@ -186,10 +224,17 @@ def _markdown(report: dict) -> str:
                   f"{c['delta']:.1e} for {c['unit']}. With 3 to 10 hospitals this guarantee is weak or the noise "
                   "(std sigma x S / m on the mean update) swamps the signal; record-level DP at each site is the "
                   "meaningful guarantee there."]
-    lines += ["", "## Epsilon by round", "", "| site | study | round | steps | epsilon | clip fraction |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## What each phase covers", ""]
+    lines += [f"- **{p['phase']}**{'' if p['private'] else ' (NOT PRIVATE)'}: {p['statement']}" for p in report["phases"]]
+    if len(report["phases"]) > 1:
+        lines += ["", "| site | steps by phase |", "| --- | --- |"]
+        lines += [f"| {s['site']} | {', '.join(f'{k}: {v}' for k, v in s['steps_by_phase'].items())} |" for s in report["sites"]]
+    lines += ["", "## Epsilon by round", "", "| site | study | phase | round | steps | epsilon | clip fraction |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in report["sites"]:
         for r in s["rounds"]:
-            lines.append(f"| {s['site']} | {r['study']} | {r['round']} | {r['steps']} | {r['epsilon']:.4f} | {_fmt(r['clip_fraction'], '.3f')} |")
+            lines.append(f"| {s['site']} | {r['study']} | {r['phase']} | {r['round']} | {r['steps']} | {r['epsilon']:.4f} | "
+                         f"{_fmt(r['clip_fraction'], '.3f')} |")
     lines += ["", "## What the guarantee covers", "", report["guarantee"]["covers"], "", "## What it does not cover", ""]
     lines += [f"- {item}" for item in report["guarantee"]["does_not_cover"]]
     lines += ["", "## Reproducing it", "", f"`{report['audit']}`; the histories are in `privacy_report.json`.", ""]
@@ -204,11 +249,11 @@ def _plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for s in report["sites"]:
-        one_study = len({r["study"] for r in s["rounds"]}) <= 1
-        xs = [r["round"] for r in s["rounds"]] if one_study else list(range(1, len(s["rounds"]) + 1))
+        one_run = len({(r["study"], r["phase"]) for r in s["rounds"]}) <= 1
+        xs = [r["round"] for r in s["rounds"]] if one_run else list(range(1, len(s["rounds"]) + 1))
         line, = ax.plot(xs, [r["epsilon"] for r in s["rounds"]], marker="o", label=f"{s['site']} (budget {s['budget']:g})")
         ax.axhline(s["budget"], color=line.get_color(), linestyle="--", linewidth=0.8)
-    ax.set_xlabel("round (or, across studies, the site's n-th round)")
+    ax.set_xlabel("round (or, across studies or phases, the site's n-th round)")
     ax.set_ylabel("epsilon (RDP)")
     ax.set_title("Per-site privacy spending")
     ax.legend(fontsize=8)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from configs import PrivacyConfig
+from configs import ExperimentConfig, PrivacyConfig
 from privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, default_delta, poisson_sample_rate
 
 log = logging.getLogger("meddiff.privacy")
@@ -59,7 +59,12 @@ def require_dp(node_config_budget: bool, privacy_enabled: bool, site: str) -> No
 
 @dataclass(frozen=True)
 class Calibration:
-    """What a site fixed at enrolment in a study."""
+    """What a site fixed at enrolment in a study.
+
+    ``sample_rate``, ``planned_steps`` and ``batch_size`` describe the diffusion phase; ``phases``
+    holds every DP phase of the study (``{"autoencoder": {...}, "diffusion": {...}}`` for latent
+    diffusion with a private first stage), all at the one ``noise_multiplier``.
+    """
 
     study: str
     noise_multiplier: float
@@ -68,10 +73,20 @@ class Calibration:
     max_grad_norm: float
     batch_size: int
     num_examples: int
+    phases: dict = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def phase(self, name: str) -> dict:
+        """``{"batch_size", "sample_rate", "planned_steps"}`` of phase ``name``."""
+        if name in self.phases:
+            return self.phases[name]
+        if name == "diffusion" or not self.phases:
+            return {"batch_size": self.batch_size, "sample_rate": self.sample_rate, "planned_steps": self.planned_steps}
+        raise BudgetExhausted(f"study {self.study!r}: the site enrolled for phases {sorted(self.phases)}, not {name!r}; "
+                              "refusing to train outside its calibration", epsilon=math.nan)
 
 
 def site_delta(privacy_cfg: PrivacyConfig, num_examples: int, site: str) -> float:
@@ -99,26 +114,38 @@ def open_site_ledger(state_dir: str | Path, *, site: str, num_examples: int, pri
     return ledger
 
 
-def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, batch_size: int, planned_steps: int,
-          privacy_cfg: PrivacyConfig) -> Calibration:
-    """The study's calibration: stored at the first round, reused after (sigma is never re-fitted per round)."""
+def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: PrivacyConfig, batch_size: int = 0,
+          planned_steps: int = 0, plan: Optional[dict[str, tuple[int, int]]] = None) -> Calibration:
+    """The study's calibration: stored at the first round, reused after (sigma is never re-fitted per round).
+
+    ``plan`` maps each DP phase of the study to ``(batch_size, planned_steps)``; without it the
+    study has one phase, ``diffusion``, of ``batch_size`` and ``planned_steps``. One sigma covers
+    the composition of all phases within the budget.
+    """
     stored = ledger.calibration(study)
     if stored is not None:
         return Calibration.from_dict(stored)
-    q = poisson_sample_rate(num_examples, batch_size)
+    plan = dict(plan or {"diffusion": (batch_size, planned_steps)})
+    if "diffusion" not in plan:
+        raise ValueError(f"a study's plan must include the diffusion phase, got {sorted(plan)}")
+    phases = {name: {"batch_size": int(b), "sample_rate": poisson_sample_rate(num_examples, b), "planned_steps": int(n)}
+              for name, (b, n) in plan.items()}
+    main = phases["diffusion"]
+    extra = [(p["sample_rate"], p["planned_steps"]) for name, p in phases.items() if name != "diffusion"]
     try:
-        sigma = calibrate_noise_multiplier(target_epsilon=ledger.budget, target_delta=ledger.delta, sample_rate=q,
-                                           steps=planned_steps, prior_history=ledger.history)
+        sigma = calibrate_noise_multiplier(target_epsilon=ledger.budget, target_delta=ledger.delta, sample_rate=main["sample_rate"],
+                                           steps=main["planned_steps"], prior_history=ledger.history, extra_segments=extra)
     except ValueError as exc:
         raise BudgetExhausted(f"site {ledger.site}: cannot enrol in study {study!r}: {exc}", epsilon=ledger.epsilon(),
                               ledger=ledger) from None
-    cal = Calibration(study=study, noise_multiplier=sigma, sample_rate=q, planned_steps=int(planned_steps),
-                      max_grad_norm=privacy_cfg.max_grad_norm, batch_size=int(batch_size), num_examples=int(num_examples))
+    cal = Calibration(study=study, noise_multiplier=sigma, sample_rate=main["sample_rate"], planned_steps=main["planned_steps"],
+                      max_grad_norm=privacy_cfg.max_grad_norm, batch_size=main["batch_size"], num_examples=int(num_examples),
+                      phases=phases)
     ledger.calibrations.append({**cal.__dict__, "budget": ledger.budget, "delta": ledger.delta,
                                 "prior_epsilon": ledger.epsilon(), "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     ledger.save()
-    log.info("site %s enrolled in %s: sigma %.4f, q %.5f, %d planned steps, budget %g", ledger.site, study, sigma, q,
-             planned_steps, ledger.budget)
+    log.info("site %s enrolled in %s: sigma %.4f for phases %s, budget %g", ledger.site, study, sigma,
+             {k: (round(v["sample_rate"], 5), v["planned_steps"]) for k, v in phases.items()}, ledger.budget)
     return cal
 
 
@@ -132,3 +159,20 @@ def check_budget(ledger: PrivacyLedger, cal: Calibration, steps: int, *, sample_
         raise BudgetExhausted(
             f"site {ledger.site}: {steps} more steps would raise epsilon from {epsilon:.3f} to {projected:.3f}, "
             f"above its budget {ledger.budget:g} (delta {ledger.delta:.2e}); refusing to train", epsilon=epsilon, ledger=ledger)
+
+
+def study_plan(cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:
+    """Every DP phase of the study as ``{phase: (batch_size, planned_steps)}``: the diffusion
+    phase, and latent diffusion's first stage when it is trained with DP (``autoencoder.mode: dp``)."""
+    fed, ae = cfg.federation, cfg.autoencoder
+    plan = {"diffusion": (cfg.train.batch_size, fed.num_rounds * fed.local_steps)}
+    if ae.enabled and ae.mode == "dp":
+        plan["autoencoder"] = (ae.batch_size, ae.num_rounds * ae.local_steps)
+    return plan
+
+
+def phase_is_private(cfg: ExperimentConfig, phase: str) -> bool:
+    """Whether ``phase`` trains with DP-SGD under this config."""
+    if not cfg.privacy.enabled:
+        return False
+    return phase != "autoencoder" or cfg.autoencoder.mode == "dp"

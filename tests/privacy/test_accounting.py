@@ -58,3 +58,38 @@ def test_corrupt_ledger_names_the_file_and_is_left_alone(tmp_path):
     with pytest.raises(ValueError, match="ledger.json: unreadable privacy ledger"):
         PrivacyLedger.open(path, site="a", delta=1e-5, budget=1.0)
     assert path.read_text() == "{not json"
+
+
+def test_one_sigma_calibrated_across_two_phases_composes_to_the_budget(tmp_path):
+    """Latent diffusion with a private first stage: both phases' planned steps share one sigma."""
+    from configs import load_config
+    from privacy.site import check_budget, enrol, study_plan
+
+    cfg = load_config(None, ["privacy.enabled=true", "autoencoder.enabled=true", "autoencoder.mode=dp", "model.in_channels=3",
+                             "model.out_channels=3", "model.attention_resolutions=[4]", "autoencoder.num_rounds=2",
+                             "autoencoder.local_steps=30", "autoencoder.batch_size=16", "federation.num_rounds=3",
+                             "federation.local_steps=40", "train.batch_size=32"])
+    plan = study_plan(cfg)
+    assert plan == {"diffusion": (32, 120), "autoencoder": (16, 60)}
+    ledger = PrivacyLedger.open(tmp_path / "l.json", site="a", delta=1e-4, budget=8.0)
+    cal = enrol(ledger, study="s", num_examples=1000, plan=plan, privacy_cfg=cfg.privacy)
+    ae, dm = cal.phase("autoencoder"), cal.phase("diffusion")
+    assert ae["sample_rate"] == pytest.approx(1 / 63) and dm["sample_rate"] == pytest.approx(1 / 32)
+    total = epsilon_of([(cal.noise_multiplier, ae["sample_rate"], 60), (cal.noise_multiplier, dm["sample_rate"], 120)], 1e-4)
+    assert 7.8 < total <= 8.0
+    # the first stage is paid for: more noise than the diffusion phase alone would need, which alone stays below budget
+    alone = calibrate_noise_multiplier(target_epsilon=8.0, target_delta=1e-4, sample_rate=dm["sample_rate"], steps=120)
+    assert cal.noise_multiplier > alone * 1.01
+    assert epsilon_of([(cal.noise_multiplier, dm["sample_rate"], 120)], 1e-4) < total - 0.1
+    # spend both phases as planned: every round fits, one more does not
+    for q, steps in [(ae["sample_rate"], 30)] * 2 + [(dm["sample_rate"], 40)] * 3:
+        check_budget(ledger, cal, steps, sample_rate=q)
+        ledger.record(ledger.history + [(cal.noise_multiplier, q, steps)])
+    from privacy.site import BudgetExhausted
+
+    with pytest.raises(BudgetExhausted, match="above its budget"):
+        check_budget(ledger, cal, 40, sample_rate=dm["sample_rate"])
+    # a stored calibration is reused, and a phase the site did not enrol for is refused
+    assert enrol(ledger, study="s", num_examples=1000, plan=plan, privacy_cfg=cfg.privacy) == cal
+    with pytest.raises(BudgetExhausted, match="not 'decoder'"):
+        cal.phase("decoder")
