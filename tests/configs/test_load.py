@@ -115,3 +115,33 @@ def test_config_is_frozen():
 def test_loader_imports_no_torch():
     code = "import sys, configs; configs.load_config(); assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_latent_diffusion_rules_name_the_fields():
+    ldm = {"autoencoder": {"enabled": True, "mode": "not_private"}, "model": {"in_channels": 3, "out_channels": 3,
+                                                                           "attention_resolutions": [4]}}
+    cfg = load_config_dict(ldm)
+    assert (cfg.model_size, cfg.latent_downsampling, cfg.image_channels) == (8, 4, 1)
+    bad = [
+        ({"model": {"in_channels": 1, "out_channels": 1}}, r"'model.in_channels' \(1\) must equal 'autoencoder.latent_channels' \(3\)"),
+        ({"autoencoder": {"mode": "dp"}}, r"'autoencoder.mode' is 'dp' but 'privacy.enabled' is false"),
+        ({"autoencoder": {"mode": "dp", "attention": True}, "privacy": {"enabled": True}}, r"'autoencoder.attention' cannot be used"),
+        ({"autoencoder": {"mode": "public"}}, r"set 'autoencoder.checkpoint'"),
+        ({"autoencoder": {"norm_groups": 5}}, r"'autoencoder.norm_groups' \(5\) must divide every width"),
+        ({"autoencoder": {"perceptual_weight": 0.1}}, r"needs 'autoencoder.perceptual_weights'"),
+        ({"data": {"image_size": 34}}, r"'data.image_size' \(34\) must be divisible by 4"),
+        ({"model": {"attention_resolutions": [16]}}, r"with the latent side data.image_size / 4 = 8 the sizes are \[8, 4, 2\]"),
+    ]
+    for change, message in bad:
+        raw = {k: dict(v) for k, v in ldm.items()}
+        for section, values in change.items():
+            raw.setdefault(section, {}).update(values)
+        with pytest.raises(ConfigError, match=message):
+            load_config_dict(raw)
+
+
+@pytest.mark.parametrize("name", ["ldm2d.yaml", "ldm3d.yaml"])
+def test_shipped_latent_diffusion_configs_load(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.autoencoder.enabled and cfg.autoencoder.mode == "dp" and cfg.privacy.enabled
+    assert cfg.model.in_channels == cfg.autoencoder.latent_channels

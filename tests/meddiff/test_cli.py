@@ -70,3 +70,34 @@ def test_train_on_a_brats_folder(tmp_path):
     assert rc == 0
     assert (tmp_path / "b" / "checkpoints" / "last.pt").is_file()
     assert any((tmp_path / "cache").rglob("*.images.npy"))
+
+
+LDM = ["autoencoder.enabled=true", "autoencoder.mode=not_private", "autoencoder.channels=[8,16]", "autoencoder.norm_groups=4",
+       "autoencoder.latent_channels=2", "model.in_channels=2", "model.out_channels=2", "model.attention_resolutions=[4]",
+       "autoencoder.steps=6", "autoencoder.batch_size=8"]
+
+
+@pytest.mark.slow
+def test_centralized_latent_diffusion_trains_both_stages_and_samples_through_the_decoder(tmp_path, capsys):
+    from meddiff.checkpoint import load_checkpoint
+
+    rc = main(["train", "--no-progress", *TINY_OVERRIDES, *LDM, "model.num_classes=2", f"output.root={tmp_path}", "output.name=l"])
+    assert rc == 0
+    run = tmp_path / "l"
+    assert (run / "autoencoder.pt").is_file() and (run / "samples" / "autoencoder_reconstructions.png").is_file()
+    assert np.load(run / "samples" / "step_000004.npy").shape == (4, 1, 16, 16)  # decoded images, not latents
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt.extra["autoencoder"]["scale_factor"] > 0 and ckpt.model["conv_in.weight"].shape[1] == 2
+    assert main(["sample", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--num", "2", "--steps", "2", "--no-progress",
+                 "--out", str(tmp_path / "s")]) == 0
+    arr = np.load(tmp_path / "s" / "sample_ddim2_seed0.npy")
+    assert arr.shape == (2, 1, 16, 16) and arr.min() >= -1 and arr.max() <= 1
+    # autoencoder.mode=public reuses that first stage: loaded, never trained on this run's data
+    rc = main(["train", "--no-progress", *TINY_OVERRIDES, *LDM, "model.num_classes=2", "autoencoder.mode=public",
+               f"autoencoder.checkpoint={run / 'autoencoder.pt'}", f"output.root={tmp_path}", "output.name=p"])
+    assert rc == 0
+    assert load_checkpoint(tmp_path / "p" / "checkpoints" / "last.pt").extra["autoencoder"]["sha256"] == ckpt.extra["autoencoder"]["sha256"]
+    assert not (tmp_path / "p" / "autoencoder.pt").exists()
+    # sampling the autoencoder checkpoint itself is a clear error
+    assert main(["sample", "--checkpoint", str(run / "autoencoder.pt")]) == 2
+    assert "phase-1 autoencoder, not a denoiser" in capsys.readouterr().err

@@ -94,7 +94,7 @@ LDM_2D = ["federation.num_sites=2", "federation.min_train_nodes=2", "federation.
 
 
 @pytest.mark.slow
-def test_ldm_resumed_from_its_phase1_checkpoint_equals_the_uninterrupted_run(tmp_path):
+def test_ldm_resumed_from_its_phase1_checkpoint_equals_the_uninterrupted_run_and_public_first_stage(tmp_path):
     full = _run(tmp_path, "full", None, LDM_2D)
     rows = list(csv.DictReader(open(full / "metrics.csv")))
     assert {(r["phase"], r["round"]) for r in rows if r["scope"] == "global"} == {("autoencoder", "1"), ("diffusion", "1")}
@@ -105,3 +105,11 @@ def test_ldm_resumed_from_its_phase1_checkpoint_equals_the_uninterrupted_run(tmp
     assert a.extra["autoencoder"]["scale_factor"] == pytest.approx(b.extra["autoencoder"]["scale_factor"], rel=1e-12)
     for k in a.model:
         assert torch.equal(a.model[k], b.model[k]), k
+    # autoencoder.mode=public: the server loads a first stage (here the one trained above) and sends it;
+    # no phase-1 rounds, no site statistics (the scale factor comes with it)
+    public = _run(tmp_path, "public", None, LDM_2D + ["autoencoder.mode=public",
+                                                      f"autoencoder.checkpoint={full / 'checkpoints' / 'last.pt'}"])
+    summary = json.loads((public / "summary.json").read_text())
+    assert [r["phase"] for r in summary["rounds"]] == ["diffusion"] and summary["autoencoder"]["mode"] == "public"
+    assert summary["autoencoder"]["digest"] == a.extra["autoencoder"]["sha256"]
+    assert "pre-trained on public data" in (public / "summary.md").read_text()

@@ -127,3 +127,42 @@ def test_opacus_per_sample_gradients_of_the_autoencoder_equal_one_image_at_a_tim
         for (name, p), g in zip(ae.named_parameters(), grads):
             rel = float((p.grad_sample[i] - g).norm() / g.norm().clamp_min(1e-12))
             assert rel < 1e-4, (name, rel)
+
+
+def test_optional_perceptual_term_from_a_local_domain_encoder(tmp_path):
+    from meddiff.build import build_autoencoder_objective
+    from meddiff.evaluate.encoders import DomainCNN, save_encoder
+
+    torch.manual_seed(0)
+    path = save_encoder(tmp_path / "enc.pt", DomainCNN(1, 2, width=8), image_size=16, dataset="phantoms", info={"steps": 0})
+    cfg = tiny_config(extra=LDM + ["autoencoder.perceptual_weight=1.0", f"autoencoder.perceptual_weights={path}"])
+    with_term = build_autoencoder_objective(cfg)
+    plain = build_autoencoder_objective(tiny_config(extra=LDM))
+    ae = tiny_ae()
+    x = torch.randn(3, 1, 16, 16).clamp(-1, 1)
+    a = with_term.training_losses(ae, x, generator=torch.Generator().manual_seed(0))
+    b = plain.training_losses(ae, x, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (3,) and (a > b).all()
+    a.sum().backward()  # gradients reach the autoencoder through the frozen network
+    assert all(p.grad is not None for p in ae.parameters())
+    vol = with_term.training_losses(tiny_ae(3), torch.randn(2, 1, 8, 16, 16), generator=torch.Generator().manual_seed(0))
+    assert vol.shape == (2,)  # 3-D: slice-wise
+    rgb = save_encoder(tmp_path / "rgb.pt", DomainCNN(3, 2, width=8), image_size=16, dataset="x", info={})
+    with pytest.raises(ValueError, match="reads 3 channel"):
+        build_autoencoder_objective(tiny_config(extra=LDM + ["autoencoder.perceptual_weight=1.0", f"autoencoder.perceptual_weights={rgb}"]))
+
+
+def test_public_pretraining_on_real_chest_xrays_writes_a_reusable_first_stage(tmp_path):
+    """autoencoder.mode=public: pre-trained on public data (PneumoniaMNIST here), saved with its
+    scale factor and reconstructions; site data is never involved."""
+    from meddiff.first_stage import load_codec, public_codec
+    from tests.conftest import shared_file
+
+    npz = shared_file("pneumoniamnist.npz")
+    cfg = tiny_config(extra=LDM + ["autoencoder.mode=public", "autoencoder.public_dataset=medmnist",
+                                   f"autoencoder.public_path={npz}", "autoencoder.steps=5"])
+    codec = public_codec(cfg, device=torch.device("cpu"), run_dir=tmp_path, progress=False)
+    assert codec.scale_factor > 0
+    assert (tmp_path / "samples" / "autoencoder_reconstructions.png").is_file()
+    again = load_codec(tmp_path / "autoencoder.pt", cfg)
+    assert again.digest == codec.digest and again.scale_factor == codec.scale_factor
