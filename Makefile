@@ -30,7 +30,7 @@ run: $(STAMP)
 
 run-dp: $(STAMP)
 	FLWR_HOME=$(CURDIR)/.flwr_home PATH=$(CURDIR)/$(BIN):$$PATH \
-	  $(BIN)/meddiff simulate --config configs/default.yaml privacy.enabled=true privacy.grad_sample_mode=no_op \
+	  $(BIN)/meddiff simulate --config configs/default.yaml privacy.enabled=true \
 	  output.name=$(RUN_NAME)-dp-$$(date +%Y%m%d-%H%M%S)
 
 train-centralized: $(STAMP)

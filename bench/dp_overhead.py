@@ -6,7 +6,9 @@ config: 32 x 32, batch 32, the default UNet), AdamW, v-prediction loss with K (t
 - ``nondp_k{K}``: the plain training step (the reference for K);
 - ``hooks_k{K}``: Opacus hooks mode, per-row gradients collapsed to per-image before clipping;
 - ``no_op_k{K}``: Opacus no_op mode, per-image gradients from ``torch.func.vmap`` over the whole
-  model (``privacy.grad_sample_mode: no_op``).
+  model (``privacy.grad_sample_mode: no_op``);
+- ``bk_k{K}``: Opacus no_op mode, per-image gradients by book-keeping (``privacy.grad_sample_mode:
+  bk``, the default): a batched backward for activations, per-layer per-image weight gradients.
 
 The variants run round-robin in one process after warm-up (machine noise hits all alike); the
 median step is reported with the ratio to the non-DP step of the same K (variants of one K run
@@ -20,10 +22,8 @@ Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -35,14 +35,14 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from bench.common import peak_memory_mib, pick_device  # noqa: E402
+from bench.common import bench_parser, bench_setup, peak_memory_in_subprocesses, peak_memory_mib  # noqa: E402
 from configs import load_config  # noqa: E402
 from meddiff.build import build_diffusion, build_model, build_optimizer  # noqa: E402
 from meddiff.train import train_step  # noqa: E402
 from privacy.engine import make_private  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-VARIANTS = ("nondp_k1", "hooks_k1", "no_op_k1", "nondp_k4", "hooks_k4", "no_op_k4")
+VARIANTS = ("nondp_k1", "bk_k1", "hooks_k1", "no_op_k1", "nondp_k4", "bk_k4", "hooks_k4", "no_op_k4")
 
 
 def make_step(variant: str, device: torch.device):
@@ -80,17 +80,10 @@ def make_step(variant: str, device: torch.device):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0)
+    ap = bench_parser(__doc__, reps=8, warmup=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = bench_setup(args)
     if args.memory_of:
         step, _, _ = make_step(args.memory_of, device)
         print(json.dumps({"peak_mib": peak_memory_mib(step, device)}))  # from before the first step, as unet_speed
@@ -111,11 +104,7 @@ def main() -> None:
                 times[v].append(steps[v]())
         median.update({v: statistics.median(t) for v, t in times.items()})
         del steps
-    memory = {}
-    for v in variants:
-        cmd = [sys.executable, __file__, "--memory-of", v, "--device", str(device)] + (["--threads", str(args.threads)] if args.threads else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        memory[v] = round(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"], 1)
+    memory = peak_memory_in_subprocesses(__file__, variants, args, device)
     ratio = {v: round(median[v] / median[f"nondp_k{v.rsplit('_k', 1)[1]}"], 3)
              for v in variants if not v.startswith("nondp") and f"nondp_k{v.rsplit('_k', 1)[1]}" in median}
     best = min(ratio, key=ratio.get) if ratio else None

@@ -22,10 +22,8 @@ Prints one JSON object with times, memory and the LDM/pixel ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -36,7 +34,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from bench.common import peak_memory_mib, pick_device  # noqa: E402
+from bench.common import bench_parser, bench_setup, peak_memory_in_subprocesses, peak_memory_mib  # noqa: E402
 from meddiff.build import build_diffusion  # noqa: E402
 from configs import load_config  # noqa: E402
 from meddiff.nets import ADMUNet  # noqa: E402
@@ -91,17 +89,10 @@ def make_step(setting: str, variant: str, device: torch.device):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__, reps=5, warmup=1)
     ap.add_argument("--settings", default="2d,3d")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = bench_setup(args)
     if args.memory_of:
         setting, variant = args.memory_of.split(":")
         step, _, _ = make_step(setting, variant, device)
@@ -122,12 +113,8 @@ def main() -> None:
                 times[v].append(steps[v]())
         del steps
         median = {v: statistics.median(t) for v, t in times.items()}
-        memory = {}
-        for v in VARIANTS:
-            cmd = [sys.executable, __file__, "--memory-of", f"{setting}:{v}", "--device", str(device)]
-            cmd += ["--threads", str(args.threads)] if args.threads else []
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            memory[v] = round(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"], 1)
+        memory = {k.split(":")[1]: v for k, v in
+                  peak_memory_in_subprocesses(__file__, [f"{setting}:{v}" for v in VARIANTS], args, device).items()}
         s = SETTINGS[setting]
         results[setting] = {
             "output": [1] + [s["size"]] * s["dims"], "batch": s["batch"], "variants": info,

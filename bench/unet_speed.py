@@ -14,10 +14,8 @@ Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -28,7 +26,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from bench.common import peak_memory_mib, pick_device  # noqa: E402
+from bench.common import bench_parser, bench_setup, peak_memory_in_subprocesses, peak_memory_mib  # noqa: E402
 
 SIZE, BATCH = 32, 32
 
@@ -117,16 +115,8 @@ def measure_memory(name: str, device: torch.device) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    args = bench_parser(__doc__, reps=10, warmup=2).parse_args()
+    device = bench_setup(args)
     if args.memory_of:
         print(json.dumps({"peak_mib": measure_memory(args.memory_of, device)}))
         return
@@ -144,13 +134,7 @@ def main() -> None:
             times[name].append(steps[name]())
     median = {name: statistics.median(v) for name, v in times.items()}
 
-    memory = {}
-    for name in MODELS:
-        cmd = [sys.executable, __file__, "--memory-of", name, "--device", str(device)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        memory[name] = round(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"], 1)
+    memory = peak_memory_in_subprocesses(__file__, MODELS, args, device)
 
     reference = min(("diffusers", "monai"), key=median.get)
     ref_params = params[reference]

@@ -19,7 +19,7 @@ from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.train import cycle, train_loop
 from privacy.accounting import PrivacyLedger
 from privacy.engine import make_private
-from privacy.site import Calibration
+from privacy.site import Calibration, phase_is_private
 
 
 def round_seed(*parts: int) -> int:
@@ -92,9 +92,10 @@ def build_stage(cfg: ExperimentConfig, phase: str, global_state: Mapping[str, to
         model = build_autoencoder(cfg)
         model.load_state_dict(global_state)
         kw = autoencoder_loop_kwargs(cfg)
-        # per-image gradients by vmap are written for the diffusion loss; the first stage uses Opacus hooks
+        # vmap's per-image gradients are written for the diffusion loss; the first stage uses bk (or hooks)
+        mode = "hooks" if cfg.privacy.grad_sample_mode == "hooks" else "bk"
         return Stage(phase, model, build_autoencoder_optimizer(cfg, model.parameters()), kw["objective"],
-                     cfg.autoencoder.local_steps, cfg.autoencoder.batch_size, 1, 0.0, "hooks")
+                     cfg.autoencoder.local_steps, cfg.autoencoder.batch_size, 1, 0.0, mode)
     if phase != "diffusion":
         raise ValueError(f"unknown training phase {phase!r}; expected one of {PHASES}")
     model = build_unet(cfg)
@@ -130,11 +131,9 @@ def local_train(
     dict and the metrics.
     """
     tc = cfg.train
-    private = ledger is not None
-    if cfg.privacy.enabled and not private and not (phase == "autoencoder" and cfg.autoencoder.mode == "not_private"):
+    private = phase_is_private(cfg, phase)
+    if private and (ledger is None or calibration is None):
         raise ValueError("privacy.enabled=true needs the site's ledger and calibration; refusing to train without DP")
-    if private and calibration is None:
-        raise ValueError("a DP round needs the study's calibration")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if len(dataset) == 0:

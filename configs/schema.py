@@ -145,8 +145,9 @@ class PrivacyConfig:
     target_epsilon: float = _f(10.0, help="per-site epsilon budget", min_exclusive=0.0)
     target_delta: Optional[float] = _f(None, help="delta; null = 1/(10*N_site)", min_exclusive=0.0, max=1.0)
     max_grad_norm: float = _f(1.0, help="per-example clipping norm C", min_exclusive=0.0)
-    grad_sample_mode: str = _f("hooks", help="per-sample gradients: Opacus hooks, or no_op (torch.func.vmap over the whole model)",
-                               choices=("hooks", "no_op"))
+    grad_sample_mode: str = _f("bk", help="per-sample gradients: bk (book-keeping: batched backward, per-layer "
+                                          "per-example weight gradients), hooks (Opacus) or no_op (torch.func.vmap)",
+                               choices=("bk", "hooks", "no_op"))
     max_physical_batch_size: int = _f(64, help="largest batch held in memory at once", min=1)
     central_dp: str = _f("off", help="central user-level DP: Flower's client-side fixed or adaptive clipping plus server noise",
                          choices=("off", "fixed", "adaptive"))

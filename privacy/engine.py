@@ -11,14 +11,19 @@ clips, :func:`make_private` averages them back to one gradient per *image*
 clipped gradient and the accountant's epsilon is correct. Hand-written as an instance hook on
 the ``DPOptimizer`` because Opacus has no notion of several rows per privacy unit.
 
-Two per-sample-gradient modes, both validated against one-image-at-a-time autograd:
+Three per-sample-gradient modes, all validated against one-image-at-a-time autograd:
 
+- ``bk`` (the default): Opacus clips, adds noise and accounts, while :func:`bk_train_step`
+  computes per-image gradients by book-keeping (:mod:`privacy.per_sample`): one batched backward
+  for the activations only, then each layer's per-image weight gradient from its input and output
+  gradient. The fastest mode and the lightest after ``hooks``; works for any objective (the
+  diffusion loss, the autoencoder's).
 - ``hooks``: Opacus's backward hooks on every layer (``train_step`` unchanged);
-- ``no_op``: Opacus does clipping, noise and accounting, while :func:`vmap_train_step` computes
-  per-image gradients itself with ``torch.func.vmap(grad(...))`` over the whole model, one
-  image (its K rows) per vmapped call. Opacus's own ``functorch`` mode works layer by layer;
-  vmapping the whole model is the faster variant on CPU, and it yields per-*image* gradients
-  directly, with nothing to collapse.
+- ``no_op``: like ``bk``, but :func:`vmap_train_step` computes per-image gradients with
+  ``torch.func.vmap(grad(...))`` over the whole model, one image (its K rows) per vmapped call
+  (diffusion loss only).
+
+``bk`` and ``no_op`` yield per-*image* gradients directly, with nothing to collapse.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ from torch.utils.data import DataLoader
 from meddiff.checkpoint import unwrap_state_dict
 from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, row_mse
 from meddiff.train import train_step
+from privacy.per_sample import check_supported, per_example_gradients
 
-GRAD_SAMPLE_MODES = ("hooks", "no_op")
+GRAD_SAMPLE_MODES = ("hooks", "no_op", "bk")
 
 # Said once in the privacy report instead of every round: the noise comes from torch's PRNG seeded
 # from the OS entropy pool (Opacus's secure_mode needs torchcsprng, which is not installed).
@@ -77,7 +83,7 @@ class PrivateTraining:
     @property
     def step_fn(self) -> Callable[..., float]:
         """The training step for this mode (``meddiff.train.train_step`` signature)."""
-        return vmap_train_step if self.grad_sample_mode == "no_op" else train_step
+        return {"no_op": vmap_train_step, "bk": bk_train_step}.get(self.grad_sample_mode, train_step)
 
     def optimizer_stepped(self) -> bool:
         """Whether the last ``optimizer.step()`` really stepped (not one physical batch of a logical one)."""
@@ -174,8 +180,9 @@ def make_private(
         max_grad_norm: per-image clipping norm C.
         noise_multiplicity: K rows per image in the loss (collapsed before clipping).
         accountant_history: the site's ledger so far; the new steps are appended to it.
-        grad_sample_mode: ``hooks`` (train with :func:`meddiff.train.train_step`) or ``no_op``
-            (train with :func:`vmap_train_step`); ``PrivateTraining.step_fn`` picks the right one.
+        grad_sample_mode: ``bk`` (train with :func:`bk_train_step`), ``hooks`` (with
+            :func:`meddiff.train.train_step`) or ``no_op`` (with :func:`vmap_train_step`);
+            ``PrivateTraining.step_fn`` picks the right one.
         noise_generator: source of the DP noise; pass an unpredictable one (the server knows
             the experiment seed).
     Returns:
@@ -185,11 +192,14 @@ def make_private(
         raise ValueError(f"grad_sample_mode {grad_sample_mode!r} is not supported; choose one of {GRAD_SAMPLE_MODES}")
     if noise_multiplier < 0 or max_grad_norm <= 0:
         raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}")
+    if grad_sample_mode == "bk":
+        check_supported(model)
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = [tuple(h) for h in accountant_history]
     private_model, private_opt, private_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode, noise_generator=noise_generator,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=noise_generator,
+        grad_sample_mode="hooks" if grad_sample_mode == "hooks" else "no_op",  # no_op: we supply per-image gradients
     )
     if loader.num_workers:  # BatchMemoryManager's skip signal assumes batches are fetched when sampled
         private_loader = DataLoader(private_loader.dataset, batch_sampler=private_loader.batch_sampler,
@@ -197,8 +207,8 @@ def make_private(
     stats = ClipStats()
     if grad_sample_mode == "hooks":
         private_model.register_forward_pre_hook(lambda _module, args: setattr(stats, "rows", args[0].shape[0]))
-    # vmap computes per-image gradients already; hooks compute per-row ones that must be collapsed
-    _install_collapse(private_opt, 1 if grad_sample_mode == "no_op" else noise_multiplicity, stats)
+    # vmap and book-keeping give per-image gradients already; hooks give per-row ones that must be collapsed
+    _install_collapse(private_opt, noise_multiplicity if grad_sample_mode == "hooks" else 1, stats)
     return PrivateTraining(private_model, private_opt, private_loader, engine, stats, grad_sample_mode)
 
 
@@ -235,6 +245,22 @@ def per_image_gradients(
     return grads, losses
 
 
+def _supplied_gradient_step(model: nn.Module, optimizer: DPOptimizer, grad_clip: float,
+                            compute: Callable[[nn.Module], tuple[dict[str, torch.Tensor], torch.Tensor]]) -> float:
+    """Opacus ``no_op`` mode: ``compute(module)`` gives the per-image gradients and losses; Opacus
+    clips, adds noise and accounts."""
+    if grad_clip:
+        raise ValueError("grad_clip is replaced by per-image clipping (privacy.max_grad_norm) under DP")
+    module = model._module if hasattr(model, "_module") else model
+    optimizer.zero_grad(set_to_none=True)
+    grads, losses = compute(module)
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            p.grad_sample = grads[name].to(p.dtype)
+    optimizer.step()
+    return float(losses.sum()) / max(len(losses), 1)
+
+
 def vmap_train_step(
     model: nn.Module,
     diffusion: GaussianDiffusion,
@@ -247,16 +273,34 @@ def vmap_train_step(
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     generator: Optional[torch.Generator] = None,
 ) -> float:
-    """:func:`meddiff.train.train_step` for ``no_op`` mode: per-image gradients by ``vmap``, then
-    Opacus clips, adds noise and accounts. ``grad_clip`` must be 0 (DP clips per image)."""
-    if grad_clip:
-        raise ValueError("grad_clip is replaced by per-image clipping (privacy.max_grad_norm) under DP")
-    module = model._module if hasattr(model, "_module") else model
-    optimizer.zero_grad(set_to_none=True)
-    with autocast():
-        grads, losses = per_image_gradients(module, diffusion, x0, y, noise_multiplicity=noise_multiplicity, generator=generator)
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            p.grad_sample = grads[name].to(p.dtype)
-    optimizer.step()
-    return float(losses.sum()) / max(len(losses), 1)
+    """:func:`meddiff.train.train_step` for ``no_op`` mode: per-image gradients by ``vmap`` (the
+    diffusion loss only), then Opacus clips, adds noise and accounts. ``grad_clip`` must be 0."""
+    def compute(module):
+        with autocast():
+            return per_image_gradients(module, diffusion, x0, y, noise_multiplicity=noise_multiplicity, generator=generator)
+
+    return _supplied_gradient_step(model, optimizer, grad_clip, compute)
+
+
+def bk_train_step(
+    model: nn.Module,
+    objective,
+    optimizer: DPOptimizer,
+    x0: torch.Tensor,
+    y: Optional[torch.Tensor] = None,
+    *,
+    noise_multiplicity: int = 1,
+    grad_clip: float = 0.0,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    generator: Optional[torch.Generator] = None,
+) -> float:
+    """:func:`meddiff.train.train_step` for ``bk`` mode: per-image gradients by book-keeping
+    (:mod:`privacy.per_sample`) for any objective with ``training_losses`` (the diffusion loss,
+    or latent diffusion's autoencoder), then Opacus clips, adds noise and accounts."""
+    def compute(module):
+        with autocast():
+            return per_example_gradients(
+                module, lambda: objective.training_losses(module, x0, y=y, noise_multiplicity=noise_multiplicity,
+                                                          generator=generator), x0.shape[0])
+
+    return _supplied_gradient_step(model, optimizer, grad_clip, compute)

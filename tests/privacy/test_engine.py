@@ -4,7 +4,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, make_noise_schedule, row_mse
 from meddiff.train import cycle, train_loop, train_step
-from privacy.engine import make_private, per_image_gradients, vmap_train_step
+from privacy.engine import make_private, per_image_gradients
+from privacy.per_sample import per_example_gradients
 from tests.conftest import tiny_unet
 
 
@@ -36,20 +37,29 @@ def _reference_per_image(reference, diffusion, x0, y, k, seed):
     return [torch.stack(g) for g in zip(*grads)]  # per parameter: [N, *shape]
 
 
-@pytest.mark.parametrize("mode", ["hooks", "no_op"])
+def _per_image(private, mode, diffusion, x0, y, k, gen):
+    """Per-image gradients ``[N, ...]`` per parameter, as each mode computes them before clipping."""
+    module = private.model._module
+    if mode == "hooks":
+        private.optimizer.zero_grad()
+        diffusion.training_losses(private.model, x0, y=y, noise_multiplicity=k, generator=gen).mean().backward()
+        return [collapse_noise_multiplicity(p.grad_sample, k) for p in private.optimizer.params]
+    if mode == "no_op":
+        grads, _ = per_image_gradients(module, diffusion, x0, y, noise_multiplicity=k, generator=gen)
+    else:
+        grads, _ = per_example_gradients(
+            module, lambda: diffusion.training_losses(module, x0, y=y, noise_multiplicity=k, generator=gen), len(x0))
+    return [grads[name] for name, _ in module.named_parameters()]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "no_op", "bk"])
 @pytest.mark.parametrize("k", [1, 4])
 def test_each_per_image_gradient_equals_one_image_at_a_time_autograd(k, mode):
     private, reference, x0, y = _setup(k=k, mode=mode)
     diffusion = GaussianDiffusion(make_noise_schedule("cosine", 100), prediction_type="v")
     expected = _reference_per_image(reference, diffusion, x0, y, k, seed=5)
     gen = torch.Generator().manual_seed(5)
-    if mode == "hooks":
-        private.optimizer.zero_grad()
-        diffusion.training_losses(private.model, x0, y=y, noise_multiplicity=k, generator=gen).mean().backward()
-        got = [collapse_noise_multiplicity(p.grad_sample, k) for p in private.optimizer.params]
-    else:
-        grads, _ = per_image_gradients(private.model._module, diffusion, x0, y, noise_multiplicity=k, generator=gen)
-        got = [grads[name] for name, _ in private.model._module.named_parameters()]
+    got = _per_image(private, mode, diffusion, x0, y, k, gen)
     for g, e in zip(got, expected):
         assert g.shape[0] == len(x0)  # one gradient per image, not per row
         rel = float((g - e).norm() / e.norm().clamp_min(1e-12))
@@ -101,7 +111,7 @@ def test_added_noise_has_std_sigma_c_over_b():
     assert abs(float(noise.mean())) < 3 * expected / noise.numel() ** 0.5
 
 
-@pytest.mark.parametrize("mode", ["hooks", "no_op"])
+@pytest.mark.parametrize("mode", ["hooks", "no_op", "bk"])
 def test_empty_poisson_batch_steps_and_advances_the_accountant(mode):
     private, _, x0, y = _setup(n=6, noise=1.0, clip=1.0, mode=mode)
     diffusion = GaussianDiffusion(make_noise_schedule("cosine", 100))
@@ -153,7 +163,7 @@ def test_per_sample_rows_must_match_the_last_forward():
         private.optimizer.pre_step()
 
 
-@pytest.mark.parametrize("mode", ["hooks", "no_op"])
+@pytest.mark.parametrize("mode", ["hooks", "no_op", "bk"])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_latent_unet_per_image_gradients_are_exact_under_dp(spatial_dims, mode):
     """Latent diffusion's UNet: multi-channel latents, 2-D and 3-D, K=2, against one image at a time."""
@@ -171,12 +181,19 @@ def test_latent_unet_per_image_gradients_are_exact_under_dp(spatial_dims, mode):
     diffusion = GaussianDiffusion(make_noise_schedule("cosine", 100), prediction_type="v")
     expected = _reference_per_image(reference, diffusion, z0, y, 2, seed=9)
     gen = torch.Generator().manual_seed(9)
-    if mode == "hooks":
-        diffusion.training_losses(private.model, z0, y=y, noise_multiplicity=2, generator=gen).mean().backward()
-        got = [collapse_noise_multiplicity(p.grad_sample, 2) for p in private.optimizer.params]
-    else:
-        grads, _ = per_image_gradients(private.model._module, diffusion, z0, y, noise_multiplicity=2, generator=gen)
-        got = [grads[name] for name, _ in private.model._module.named_parameters()]
+    got = _per_image(private, mode, diffusion, z0, y, 2, gen)
     for g, e in zip(got, expected):
         assert g.shape[0] == 3
         assert float((g - e).norm() / e.norm().clamp_min(1e-12)) <= 1e-5
+
+
+def test_book_keeping_refuses_layers_it_cannot_handle():
+    from torch import nn
+
+    from privacy.per_sample import check_supported
+
+    check_supported(tiny_unet(num_classes=2))  # every parametrised layer is Conv, Linear, GroupNorm or Embedding
+    with pytest.raises(ValueError, match=r"layer 1 \(BatchNorm2d\) holds parameters.*privacy.grad_sample_mode=hooks"):
+        check_supported(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(ValueError, match="explicit zero padding"):
+        check_supported(nn.Conv2d(1, 4, 3, padding="same"))

@@ -57,3 +57,15 @@ def test_cohort_from_the_real_mni152_brain(tmp_path):
     seg = nib.load(cases[0] / f"{cases[0].name}-seg.nii.gz").get_fdata()
     data = vol.get_fdata()
     assert seg.max() > 0 and data[seg == 1].mean() < data[(seg == 0) & (data > 0.5 * data.max())].mean()  # dark necrotic core
+
+
+def test_ixi_volumes_resampled_and_cropped_for_3d(tmp_path):
+    from tests.fixtures import make_ixi
+
+    root = make_ixi(tmp_path / "ixi")  # 20 x 24 x 16 voxels at 1.2 x 0.94 x 0.94 mm
+    cfg = load_config(None, ["data.dataset=ixi", f"data.path={root}", "data.image_size=16", "data.target_spacing=[2,2,2]",
+                             f"data.cache_dir={tmp_path / 'cache'}"]).data
+    record = index_dataset(cfg).records[0]
+    vol, label = load_record(record, cfg, spatial_dims=3)
+    assert vol.shape == (1, 1, 16, 16, 16) and label.tolist() == [0]
+    assert (vol > -0.95).mean() < 0.5  # at 2 mm the head fills only part of the 16^3 cube: padded, not stretched

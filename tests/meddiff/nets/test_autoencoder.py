@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from meddiff.data import PhantomDataset
 from meddiff.latent import LatentCodec, LatentStats, encode_dataset, latent_stats
@@ -166,3 +165,34 @@ def test_public_pretraining_on_real_chest_xrays_writes_a_reusable_first_stage(tm
     assert (tmp_path / "samples" / "autoencoder_reconstructions.png").is_file()
     again = load_codec(tmp_path / "autoencoder.pt", cfg)
     assert again.digest == codec.digest and again.scale_factor == codec.scale_factor
+
+
+def test_book_keeping_per_example_gradients_of_the_autoencoder_are_exact():
+    """Phase 1 under DP in the default (bk) mode: per-image gradients of the autoencoder's loss."""
+    from privacy.per_sample import per_example_gradients
+
+    torch.manual_seed(0)
+    ae = tiny_ae()
+    objective = AutoencoderObjective(kl_weight=1e-2)
+    x = torch.randn(4, 1, 16, 16)
+    grads, losses = per_example_gradients(ae, lambda: objective.training_losses(ae, x, generator=torch.Generator().manual_seed(3)), 4)
+    noise = torch.randn(ae.latent_shape(x.shape), generator=torch.Generator().manual_seed(3))
+    for i in range(len(x)):
+        recon, mu, sigma = ae(x[i:i + 1], noise[i:i + 1])
+        loss = (recon - x[i:i + 1]).abs().mean() + 1e-2 * kl_per_example(mu, sigma).sum()
+        assert float(loss) == pytest.approx(float(losses[i]), rel=1e-5)
+        for (name, _), g in zip(ae.named_parameters(), torch.autograd.grad(loss, list(ae.parameters()))):
+            assert float((grads[name][i] - g).norm() / g.norm().clamp_min(1e-12)) < 1e-4, name
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_latent_unet_denoises_the_autoencoders_latents(spatial_dims):
+    from meddiff.build import build_autoencoder, build_unet, sample_shape
+
+    cfg = tiny_config(extra=LDM + [f"model.spatial_dims={spatial_dims}", "model.num_classes=2"])
+    ae, unet = build_autoencoder(cfg), build_unet(cfg)
+    x = torch.randn(2, 1, *(16,) * spatial_dims)
+    z = ae.encode(x)[0]
+    assert z.shape == sample_shape(cfg, 2) == (2, 2, *(8,) * spatial_dims)
+    assert unet(z, torch.tensor([5, 500]), torch.tensor([0, 1])).shape == z.shape
+    assert ae.decode(z).shape == x.shape
