@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/data_throughput.py
 	$(BIN)/python bench/federation_overhead.py
 	$(BIN)/python bench/dp_overhead.py
+	$(BIN)/python bench/ldm_vs_pixel.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

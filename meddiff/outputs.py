@@ -20,11 +20,12 @@ def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
 def image_grid(images: torch.Tensor | np.ndarray, *, nrow: int | None = None, pad: int = 2, upscale: int = 1) -> np.ndarray:
     """Tile ``[N, C, H, W]`` (C = 1 or 3) images in [-1, 1] into one uint8 ``[H', W']`` or ``[H', W', 3]`` grid.
 
-    3-D volumes ``[N, C, D, H, W]`` are shown by their middle axial slice.
+    3-D volumes ``[N, C, X, Y, Z]`` (RAS voxel order) are shown by their middle axial slice (the
+    middle of Z), rotated so that anterior is up, as 2-D slices are cut.
     """
     x = to_uint8(images)
     if x.ndim == 5:
-        x = x[:, :, x.shape[2] // 2]
+        x = np.ascontiguousarray(np.rot90(x[..., x.shape[-1] // 2], axes=(-2, -1)))
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected [N, 1|3, H, W] images, got shape {x.shape}")
     n, c, h, w = x.shape

@@ -245,62 +245,40 @@ def per_image_gradients(
     return grads, losses
 
 
-def _supplied_gradient_step(model: nn.Module, optimizer: DPOptimizer, grad_clip: float,
-                            compute: Callable[[nn.Module], tuple[dict[str, torch.Tensor], torch.Tensor]]) -> float:
-    """Opacus ``no_op`` mode: ``compute(module)`` gives the per-image gradients and losses; Opacus
-    clips, adds noise and accounts."""
-    if grad_clip:
-        raise ValueError("grad_clip is replaced by per-image clipping (privacy.max_grad_norm) under DP")
-    module = model._module if hasattr(model, "_module") else model
-    optimizer.zero_grad(set_to_none=True)
-    grads, losses = compute(module)
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            p.grad_sample = grads[name].to(p.dtype)
-    optimizer.step()
-    return float(losses.sum()) / max(len(losses), 1)
+PerImageGradients = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
-def vmap_train_step(
-    model: nn.Module,
-    diffusion: GaussianDiffusion,
-    optimizer: DPOptimizer,
-    x0: torch.Tensor,
-    y: Optional[torch.Tensor] = None,
-    *,
-    noise_multiplicity: int = 1,
-    grad_clip: float = 0.0,
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-    generator: Optional[torch.Generator] = None,
-) -> float:
-    """:func:`meddiff.train.train_step` for ``no_op`` mode: per-image gradients by ``vmap`` (the
-    diffusion loss only), then Opacus clips, adds noise and accounts. ``grad_clip`` must be 0."""
-    def compute(module):
+def supplied_gradient_step(per_image: PerImageGradients) -> Callable[..., float]:
+    """A training step with :func:`meddiff.train.train_step`'s signature for Opacus ``no_op`` mode:
+    ``per_image(module, objective, x0, y, noise_multiplicity, generator) -> (gradients [N, ...] by
+    name, losses [N])`` computes the per-image gradients, then Opacus clips, adds noise and
+    accounts. ``grad_clip`` must be 0 (DP clips per image)."""
+
+    def step(model: nn.Module, objective, optimizer: DPOptimizer, x0: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+             noise_multiplicity: int = 1, grad_clip: float = 0.0,
+             autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+             generator: Optional[torch.Generator] = None) -> float:
+        if grad_clip:
+            raise ValueError("grad_clip is replaced by per-image clipping (privacy.max_grad_norm) under DP")
+        module = model._module if hasattr(model, "_module") else model
+        optimizer.zero_grad(set_to_none=True)
         with autocast():
-            return per_image_gradients(module, diffusion, x0, y, noise_multiplicity=noise_multiplicity, generator=generator)
+            grads, losses = per_image(module, objective, x0, y, noise_multiplicity, generator)
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                p.grad_sample = grads[name].to(p.dtype)
+        optimizer.step()
+        return float(losses.sum()) / max(len(losses), 1)
 
-    return _supplied_gradient_step(model, optimizer, grad_clip, compute)
+    return step
 
 
-def bk_train_step(
-    model: nn.Module,
-    objective,
-    optimizer: DPOptimizer,
-    x0: torch.Tensor,
-    y: Optional[torch.Tensor] = None,
-    *,
-    noise_multiplicity: int = 1,
-    grad_clip: float = 0.0,
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-    generator: Optional[torch.Generator] = None,
-) -> float:
-    """:func:`meddiff.train.train_step` for ``bk`` mode: per-image gradients by book-keeping
-    (:mod:`privacy.per_sample`) for any objective with ``training_losses`` (the diffusion loss,
-    or latent diffusion's autoencoder), then Opacus clips, adds noise and accounts."""
-    def compute(module):
-        with autocast():
-            return per_example_gradients(
-                module, lambda: objective.training_losses(module, x0, y=y, noise_multiplicity=noise_multiplicity,
-                                                          generator=generator), x0.shape[0])
+#: ``no_op`` mode: per-image gradients by ``vmap`` (the diffusion loss only).
+vmap_train_step = supplied_gradient_step(
+    lambda module, diffusion, x0, y, k, gen: per_image_gradients(module, diffusion, x0, y, noise_multiplicity=k, generator=gen))
 
-    return _supplied_gradient_step(model, optimizer, grad_clip, compute)
+#: ``bk`` mode: per-image gradients by book-keeping (:mod:`privacy.per_sample`) for any objective
+#: with ``training_losses`` (the diffusion loss, or latent diffusion's autoencoder).
+bk_train_step = supplied_gradient_step(
+    lambda module, objective, x0, y, k, gen: per_example_gradients(
+        module, lambda: objective.training_losses(module, x0, y=y, noise_multiplicity=k, generator=gen), x0.shape[0]))

@@ -56,6 +56,8 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _conv(mod: nn.Module, a: torch.Tensor, g: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    if a.device.type == "cpu" and (a.dtype != torch.float32 or g.dtype != torch.float32):
+        a, g = a.float(), g.float()  # oneDNN has no grouped bf16 weight-gradient kernel; CUDA keeps autocast's dtype
     k = a.shape[0] // n
     # [N*K, C, *S] -> [K, N*C, *S]: the N examples are groups, the K rows the batch summed over
     a_g = _rows(a, n).transpose(0, 1).reshape(k, n * a.shape[1], *a.shape[2:])

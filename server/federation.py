@@ -119,6 +119,7 @@ class _Federation:
                         "clipping_norm": pc.central_clipping_norm, "sampled_sites": sampled_sites(fed),
                         "num_sites": fed.num_sites, "releases": 0, "clipping_norms": []}
         self.codec: Optional[LatentCodec] = None
+        self.autoencoder_transfers = 0  # messages that carried the frozen autoencoder's weights
         self.metrics: Optional[MetricsCSV] = None
 
     # ------------------------------------------------------------------------------------------
@@ -322,6 +323,8 @@ class _Federation:
     # ---- latent diffusion set-up ----------------------------------------------------------------
     def _query(self, nodes: list[int], content: RecordDict) -> list[Message]:
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        if "arrays" in content.array_records:
+            self.autoencoder_transfers += len(messages)
         replies = list(self.grid.send_and_receive(messages=messages, timeout=self.cfg.federation.round_timeout))
         for r in replies:
             if r.has_error():
@@ -421,11 +424,12 @@ class _Federation:
         diffusion_rounds = [r for r in self.history["rounds"] if r.get("phase", "diffusion") == "diffusion"]
         last_round = diffusion_rounds[-1]["round"] if diffusion_rounds else 0
         summary = {"run_dir": str(self.run_dir), "rounds": self.history["rounds"], "checkpoint": str(self.ckpt_dir / "last.pt"),
-                   "samples": str(self.run_dir / "samples" / f"round_{last_round:04d}.png"), "stop_reason": self.stop_reason,
+                   "samples": str(self.run_dir / "samples" / f"round_{last_round:04d}.png") if diffusion_rounds else None,
+                   "stop_reason": self.stop_reason,
                    "private": cfg.privacy.enabled, "latent_diffusion": cfg.autoencoder.enabled}
         if self.codec is not None:
             summary["autoencoder"] = {"mode": cfg.autoencoder.mode, "digest": self.codec.digest,
-                                      "scale_factor": self.codec.scale_factor}
+                                      "scale_factor": self.codec.scale_factor, "weight_transfers": self.autoencoder_transfers}
         if cfg.privacy.enabled:
             save_site_ledgers(self.run_dir, self.ledgers, exhausted=sorted(self.exhausted_sites))
             summary["epsilon"] = {name: led["epsilon"] for name, led in sorted(self.ledgers.items())}
@@ -461,7 +465,7 @@ def _write_summary_md(run_dir: Path, cfg: ExperimentConfig, summary: dict) -> No
                      + (f", scale factor {scale:.4f}" if scale else ""))
     lines += [
         f"- config: `{run_dir / 'config.yaml'}`", f"- metrics: `{run_dir / 'metrics.csv'}`",
-        f"- final checkpoint: `{summary['checkpoint']}`", f"- final EMA samples: `{summary['samples']}`",
+        f"- final checkpoint: `{summary['checkpoint']}`", f"- final EMA samples: `{summary['samples'] or 'none (no diffusion round ran)'}`",
         "- privacy: " + (f"DP-SGD at every site; report `{summary.get('privacy_report', 'none (no DP site replied)')}`; "
                          f"final epsilon per site: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.get("epsilon", {}).items())
                          if cfg.privacy.enabled else "none (privacy.enabled=false: epsilon is infinite)"),

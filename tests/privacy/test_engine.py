@@ -197,3 +197,25 @@ def test_book_keeping_refuses_layers_it_cannot_handle():
         check_supported(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))
     with pytest.raises(ValueError, match="explicit zero padding"):
         check_supported(nn.Conv2d(1, 4, 3, padding="same"))
+
+
+def test_book_keeping_under_bf16_autocast_stays_close_to_fp32():
+    """Mixed precision (bf16 on GPUs, also available on CPU): per-image gradients within bf16 accuracy."""
+    torch.manual_seed(0)
+    model = tiny_unet(num_classes=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    diffusion = GaussianDiffusion(make_noise_schedule("cosine", 100), prediction_type="v")
+    x0, y = torch.randn(4, 1, 16, 16), torch.arange(4) % 2
+
+    def grads(dtype):
+        gen = torch.Generator().manual_seed(2)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            g, _ = per_example_gradients(model, lambda: diffusion.training_losses(model, x0, y=y, generator=gen), 4)
+        return g
+
+    full, half = grads(None), grads(torch.bfloat16)
+    total = torch.cat([full[k].flatten() for k in full])
+    diff = torch.cat([(half[k].float() - full[k]).flatten() for k in full])
+    assert float(diff.norm() / total.norm()) < 0.05

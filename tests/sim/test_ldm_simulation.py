@@ -41,6 +41,7 @@ def test_3d_brain_ldm_two_phases_with_dp_in_both_on_mni152_volumes(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert [(r["phase"], r["round"], r["accepted"]) for r in summary["rounds"]] == [("autoencoder", 1, 2), ("diffusion", 1, 2)]
     assert summary["latent_diffusion"] and summary["autoencoder"]["mode"] == "dp" and summary["autoencoder"]["scale_factor"] > 0
+    assert summary["autoencoder"]["weight_transfers"] == 2  # the frozen autoencoder went to each site once, not every round
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(site["acquisition"] for site in manifest["sites"])  # per-site scanner shift
     assert {s["patient"] for s in manifest["sites"][0]["train"]["samples"]}.isdisjoint(

@@ -69,3 +69,13 @@ def test_ixi_volumes_resampled_and_cropped_for_3d(tmp_path):
     vol, label = load_record(record, cfg, spatial_dims=3)
     assert vol.shape == (1, 1, 16, 16, 16) and label.tolist() == [0]
     assert (vol > -0.95).mean() < 0.5  # at 2 mm the head fills only part of the 16^3 cube: padded, not stretched
+
+
+def test_grids_show_volumes_by_their_middle_axial_slice_anterior_up():
+    from meddiff.outputs import image_grid
+
+    vol = -np.ones((1, 1, 4, 6, 8), np.float32)  # [N, C, X (left-right), Y (posterior-anterior), Z (inferior-superior)]
+    vol[0, 0, 1, 5, 4] = 1.0  # most anterior row, middle axial slice
+    grid = image_grid(vol, pad=0)
+    assert grid.shape == (6, 4)  # Y up the page, X across
+    assert np.argwhere(grid == 255).tolist() == [[0, 1]]  # anterior at the top
