@@ -217,7 +217,8 @@ class _Federation:
             t0 = time.perf_counter()
             live = self._live_nodes()
             if self.exhausted_nodes and len(live) < fed.min_train_nodes:
-                self.stop_reason = (f"stopped before {phase.name} round {rnd}: only {len(live)} site(s) have privacy budget "
+                where = f"{phase.name} round" if cfg.autoencoder.enabled else "round"
+                self.stop_reason = (f"stopped before {where} {rnd}: only {len(live)} site(s) have privacy budget "
                                     f"left (or accept this run's privacy settings), fewer than min_train_nodes="
                                     f"{fed.min_train_nodes} (exhausted: {', '.join(sorted(self.exhausted_sites))})")
                 _say(self.stop_reason)

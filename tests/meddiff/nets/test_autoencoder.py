@@ -95,7 +95,7 @@ def test_latent_statistics_merge_exactly_and_give_unit_variance_latents():
     merged = latent_stats(ae, a).merge(latent_stats(ae, b))
     pooled = latent_stats(ae, torch.utils.data.ConcatDataset([a, b]))
     assert merged.count == pooled.count
-    assert merged.std == pytest.approx(pooled.std, rel=1e-9)
+    assert merged.std == pytest.approx(pooled.std, rel=1e-6)  # exact in float64; the float32 encoder varies by batching
     codec = LatentCodec(ae, merged.scale_factor())
     latents = encode_dataset(codec, torch.utils.data.ConcatDataset([a, b]))
     assert len(latents) == 32 and latents.latents.shape == (32, 2, 8, 8)
