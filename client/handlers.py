@@ -23,6 +23,7 @@ from typing import Mapping, Optional
 import yaml
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch.utils.data import Dataset
 
 from client.data import SiteData, site_data
 from client.local import local_evaluate, local_feature_stats, local_train, non_private_metrics
@@ -129,8 +130,17 @@ def _codec_of(cfg: ExperimentConfig, record: ConfigRecord, state: Optional[Recor
                       state_dir=optional_state_dir(node_config, record, site))
 
 
-def _site_key(node_config: Mapping, record: ConfigRecord) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in node_config.items())) + (str(record.get("manifest-path", "")),)
+def round_data(cfg: ExperimentConfig, record: ConfigRecord, state: Optional[RecordDict], node_config: Mapping,
+               site: SiteData, split: str) -> Optional[Dataset]:
+    """What this round trains or evaluates on: the site's images of ``split``, or in phase 2 of
+    latent diffusion their latents (None when the site lacks the autoencoder the server names)."""
+    data = site.train if split == "train" else site.test
+    if _phase(record) != "diffusion" or not cfg.autoencoder.enabled:
+        return data
+    key = tuple(sorted((k, str(v)) for k, v in node_config.items())) + (str(record.get("manifest-path", "")), split)
+    return site_latents(cfg, data, key=key, digest=str(record.get("autoencoder-digest", "")),
+                        scale=float(record.get("latent-scale", 0.0)),
+                        load_codec=lambda: _codec_of(cfg, record, state, node_config, site))
 
 
 def missing_autoencoder_reply(site: SiteData, record: ConfigRecord) -> RecordDict:
@@ -157,13 +167,10 @@ def handle_train(content: RecordDict, node_config: Mapping, state: Optional[Reco
     except SiteRefusal as exc:
         log.warning("%s", exc.reason)
         return refusal_reply(site, exc, exc.ledger)
-    train_set = site.train
-    if phase == "diffusion" and cfg.autoencoder.enabled:
-        codec = _codec_of(cfg, record, state, node_config, site)
-        if codec is None:
-            log.warning("site %s does not hold autoencoder %s; asking the server for it", site.name, record.get("autoencoder-digest"))
-            return missing_autoencoder_reply(site, record)
-        train_set = site_latents(codec, site.train, key=_site_key(node_config, record) + ("train",), cfg=cfg)
+    train_set = round_data(cfg, record, state, node_config, site, "train")
+    if train_set is None:
+        log.warning("site %s does not hold autoencoder %s; asking the server for it", site.name, record.get("autoencoder-digest"))
+        return missing_autoencoder_reply(site, record)
     weights, metrics = local_train(
         cfg, arrays_to_state(content["arrays"]), train_set, server_round=int(record["server-round"]),
         site_index=site.index, proximal_mu=float(record.get("proximal-mu", 0.0)), ledger=ledger, calibration=cal, phase=phase,
@@ -186,12 +193,9 @@ def handle_evaluate(content: RecordDict, node_config: Mapping, state: Optional[R
     cfg, record = _config(content)
     phase = _phase(record)
     site = site_data(cfg, node_config, str(record.get("manifest-path", "")))
-    test_set = site.test
-    if phase == "diffusion" and cfg.autoencoder.enabled:
-        codec = _codec_of(cfg, record, state, node_config, site)
-        if codec is None:
-            raise ValueError(f"site {site.name} does not hold autoencoder {record.get('autoencoder-digest')}")
-        test_set = site_latents(codec, site.test, key=_site_key(node_config, record) + ("test",), cfg=cfg)
+    test_set = round_data(cfg, record, state, node_config, site, "test")
+    if test_set is None:
+        raise ValueError(f"site {site.name} does not hold autoencoder {record.get('autoencoder-digest')}")
     metrics = local_evaluate(cfg, arrays_to_state(content["arrays"]), test_set, site_index=site.index, phase=phase)
     reply = RecordDict()
     if int(record.get("fid-stats", 0)):

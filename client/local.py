@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from configs import ExperimentConfig
-from meddiff.build import build_autoencoder, build_diffusion, build_optimizer, build_unet
+from meddiff.build import build_autoencoder, build_autoencoder_objective, build_diffusion, build_optimizer, build_unet
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.train import cycle, train_loop
 from privacy.accounting import PrivacyLedger
@@ -83,7 +83,7 @@ class Stage:
 def build_stage(cfg: ExperimentConfig, phase: str, global_state: Mapping[str, torch.Tensor]) -> Stage:
     """Phase ``autoencoder`` (latent diffusion's first stage) or ``diffusion`` (the UNet, on images
     or latents), loaded with the server's weights."""
-    from meddiff.first_stage import autoencoder_loop_kwargs, build_autoencoder_optimizer
+    from meddiff.first_stage import build_autoencoder_optimizer
 
     tc = cfg.train
     if phase == "autoencoder":
@@ -91,10 +91,9 @@ def build_stage(cfg: ExperimentConfig, phase: str, global_state: Mapping[str, to
             raise ValueError("the server asked for an autoencoder round but this config has autoencoder.enabled=false")
         model = build_autoencoder(cfg)
         model.load_state_dict(global_state)
-        kw = autoencoder_loop_kwargs(cfg)
         # vmap's per-image gradients are written for the diffusion loss; the first stage uses bk (or hooks)
         mode = "hooks" if cfg.privacy.grad_sample_mode == "hooks" else "bk"
-        return Stage(phase, model, build_autoencoder_optimizer(cfg, model.parameters()), kw["objective"],
+        return Stage(phase, model, build_autoencoder_optimizer(cfg, model.parameters()), build_autoencoder_objective(cfg),
                      cfg.autoencoder.local_steps, cfg.autoencoder.batch_size, 1, 0.0, mode)
     if phase != "diffusion":
         raise ValueError(f"unknown training phase {phase!r}; expected one of {PHASES}")

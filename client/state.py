@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -78,10 +78,16 @@ def site_codec(cfg: ExperimentConfig, state: Optional[RecordDict], *, digest: st
     return LatentCodec(autoencoder, scale)
 
 
-def site_latents(codec: LatentCodec, dataset: Dataset, *, key: tuple, cfg: ExperimentConfig) -> LatentDataset:
-    """``dataset`` encoded by ``codec``, once per (site, split, autoencoder, scale) in this process."""
-    full = (*key, codec.digest, codec.scale_factor)
+def site_latents(cfg: ExperimentConfig, dataset: Dataset, *, key: tuple, digest: str, scale: float,
+                 load_codec: Callable[[], Optional[LatentCodec]]) -> Optional[LatentDataset]:
+    """``dataset`` encoded by the autoencoder ``digest`` at ``scale``, once per (site, split,
+    autoencoder, scale) in this process; ``load_codec`` is called only to encode. None when the
+    site does not hold that autoencoder."""
+    full = (*key, digest, float(scale))
     if full not in _LATENTS:
+        codec = load_codec()
+        if codec is None:
+            return None
         if len(_LATENTS) >= 8:
             _LATENTS.pop(next(iter(_LATENTS)))
         _LATENTS[full] = encode_dataset(codec, dataset, batch_size=max(1, cfg.autoencoder.batch_size),

@@ -26,12 +26,6 @@ from meddiff.outputs import save_grid_png
 SCALE_EXAMPLES = 1024
 
 
-def autoencoder_loop_kwargs(cfg: ExperimentConfig) -> dict:
-    """What :func:`meddiff.train.train_loop` needs beyond the model, optimizer and batches for the
-    first stage: its objective, no labels, no noise multiplicity."""
-    return dict(objective=build_autoencoder_objective(cfg), noise_multiplicity=1, label_dropout=0.0)
-
-
 def build_autoencoder_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.autoencoder.lr, weight_decay=cfg.train.weight_decay)
 
@@ -54,7 +48,7 @@ def train_autoencoder(cfg: ExperimentConfig, dataset: Dataset, *, device: torch.
     result = train_loop(model=model, optimizer=optimizer, batches=cycle(loader), steps=steps or ae.steps, device=device,
                         grad_clip=cfg.train.grad_clip, generator=torch.Generator(device=device).manual_seed(seed + 1),
                         autocast=autocast_factory(device, autocast_dtype(device, cfg.train.mixed_precision)),
-                        progress=progress, desc=desc, **autoencoder_loop_kwargs(cfg))
+                        progress=progress, desc=desc, objective=build_autoencoder_objective(cfg))
     return model.eval(), result.losses
 
 
@@ -101,6 +95,22 @@ def public_codec(cfg: ExperimentConfig, *, device: torch.device, run_dir: Option
     if run_dir is not None:
         save_codec(Path(run_dir) / "autoencoder.pt", codec, cfg, step=ae.steps, extra={"trained_on": f"public: {ae.public_path}"})
         write_reconstructions(codec, dataset, Path(run_dir) / "samples" / "autoencoder_reconstructions.png")
+    return codec
+
+
+def train_first_stage(cfg: ExperimentConfig, dataset: Dataset, *, run_dir: Path, device: torch.device,
+                      progress: bool = True) -> LatentCodec:
+    """Latent diffusion's frozen first stage for centralized training: pre-trained on public data /
+    loaded (``autoencoder.mode: public``) or trained on ``dataset`` here; saved to
+    ``<run>/autoencoder.pt`` with its reconstructions."""
+    if cfg.autoencoder.mode == "public":
+        return public_codec(cfg, device=device, run_dir=run_dir, progress=progress)
+    model, losses = train_autoencoder(cfg, dataset, device=device, seed=cfg.train.seed, progress=progress)
+    codec = fit_codec(cfg, model, dataset, device=device)
+    save_codec(run_dir / "autoencoder.pt", codec, cfg, step=len(losses), extra={"final_loss": losses[-1]})
+    write_reconstructions(codec, dataset, run_dir / "samples" / "autoencoder_reconstructions.png")
+    print(f"[meddiff] autoencoder: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, latent scale "
+          f"{codec.scale_factor:.4f}; {run_dir / 'autoencoder.pt'}")
     return codec
 
 

@@ -91,6 +91,7 @@ class LatentCodec:
         for p in self.autoencoder.parameters():
             p.requires_grad_(False)
         self.scale_factor = float(scale_factor)
+        self.digest = state_digest(self.autoencoder.state_dict())  # frozen: hashed once, not per message
 
     def to(self, device: torch.device | str) -> "LatentCodec":
         self.autoencoder.to(device)
@@ -106,14 +107,10 @@ class LatentCodec:
         """``[N, L, *S/f]`` scaled latents -> ``[N, C, *S]`` images."""
         return self.autoencoder.decode(z / self.scale_factor)
 
-    @property
-    def digest(self) -> str:
-        return state_digest(self.autoencoder.state_dict())
-
     def to_payload(self) -> dict[str, Any]:
         """Plain data for checkpoints (``torch.load(weights_only=True)``-safe)."""
         state = {k: v.detach().cpu() for k, v in self.autoencoder.state_dict().items()}
-        return {"format": CODEC_FORMAT, "state": state, "scale_factor": self.scale_factor, "sha256": state_digest(state)}
+        return {"format": CODEC_FORMAT, "state": state, "scale_factor": self.scale_factor, "sha256": self.digest}
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], autoencoder: KLAutoencoder, *, source: str = "checkpoint") -> "LatentCodec":

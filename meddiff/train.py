@@ -203,23 +203,6 @@ def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: 
     return codec.to(device).decode(out).clamp(-1.0, 1.0)
 
 
-def first_stage(cfg: ExperimentConfig, dataset, *, run_dir: Path, device: torch.device, progress: bool = True) -> LatentCodec:
-    """Latent diffusion's frozen first stage for centralized training: pre-trained on public data /
-    loaded (``autoencoder.mode: public``) or trained on ``dataset`` here; saved to
-    ``<run>/autoencoder.pt`` with its reconstructions."""
-    from meddiff.first_stage import fit_codec, public_codec, save_codec, train_autoencoder, write_reconstructions
-
-    if cfg.autoencoder.mode == "public":
-        return public_codec(cfg, device=device, run_dir=run_dir, progress=progress)
-    model, losses = train_autoencoder(cfg, dataset, device=device, seed=cfg.train.seed, progress=progress)
-    codec = fit_codec(cfg, model, dataset, device=device)
-    save_codec(run_dir / "autoencoder.pt", codec, cfg, step=len(losses), extra={"final_loss": losses[-1]})
-    write_reconstructions(codec, dataset, run_dir / "samples" / "autoencoder_reconstructions.png")
-    print(f"[meddiff] autoencoder: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, latent scale "
-          f"{codec.scale_factor:.4f}; {run_dir / 'autoencoder.pt'}")
-    return codec
-
-
 def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
     """Centralized training: the baseline for federated runs. Returns the run directory.
 
@@ -241,7 +224,9 @@ def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
     check_labels(dataset, cfg.model)
     codec = None
     if cfg.autoencoder.enabled:
-        codec = first_stage(cfg, dataset, run_dir=run_dir, device=device, progress=progress)
+        from meddiff.first_stage import train_first_stage
+
+        codec = train_first_stage(cfg, dataset, run_dir=run_dir, device=device, progress=progress)
         dataset = encode_dataset(codec, dataset, device=device, progress=progress)
         codec.to(device)
     if len(dataset) < tc.batch_size:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -111,10 +112,10 @@ def site_summary(ledger: dict) -> dict:
 
 
 def _steps_by_phase(rounds: list[dict]) -> dict[str, int]:
-    out: dict[str, int] = {}
+    out: Counter = Counter()
     for r in rounds:
-        out[r.get("phase", "diffusion")] = out.get(r.get("phase", "diffusion"), 0) + int(r["steps"])
-    return out
+        out[r.get("phase", "diffusion")] += int(r["steps"])
+    return dict(out)
 
 
 def phase_statements(run_dir: Path) -> list[dict]:

@@ -120,6 +120,7 @@ class _Federation:
                         "num_sites": fed.num_sites, "releases": 0, "clipping_norms": []}
         self.codec: Optional[LatentCodec] = None
         self.autoencoder_transfers = 0  # messages that carried the frozen autoencoder's weights
+        self._installed: set[int] = set()  # nodes holding its weights from the scale-statistics query
         self.metrics: Optional[MetricsCSV] = None
 
     # ------------------------------------------------------------------------------------------
@@ -162,19 +163,20 @@ class _Federation:
         _say(f"resuming from {resume_from} after {x.get('phase', 'diffusion')} round {ckpt.step} (study {self.study['study-id']})")
         return ckpt
 
-    def _autoencoder_phase(self) -> Phase:
-        def build():
+    def _seeded(self, builder: Callable[[ExperimentConfig], nn.Module]) -> Callable[[], nn.Module]:
+        """The phase's model, initialised from ``train.seed`` whichever path (fresh, resumed) got here."""
+        def build() -> nn.Module:
             torch.manual_seed(self.cfg.train.seed)
-            return build_autoencoder(self.cfg)
+            return builder(self.cfg)
 
-        return Phase("autoencoder", self.cfg.autoencoder.num_rounds, build, "ae_round", None, False)
+        return build
+
+    def _autoencoder_phase(self) -> Phase:
+        return Phase("autoencoder", self.cfg.autoencoder.num_rounds, self._seeded(build_autoencoder), "ae_round", None, False)
 
     def _diffusion_phase(self) -> Phase:
-        def build():
-            torch.manual_seed(self.cfg.train.seed)
-            return build_unet(self.cfg)
-
-        return Phase("diffusion", self.cfg.federation.num_rounds, build, "round", self.cfg.federation.server_ema_decay, True)
+        return Phase("diffusion", self.cfg.federation.num_rounds, self._seeded(build_unet), "round",
+                     self.cfg.federation.server_ema_decay, True)
 
     def _payload(self, phase: str) -> dict:
         payload = {"experiment-config": self.cfg_yaml, "manifest-path": self.manifest_path,
@@ -365,7 +367,7 @@ class _Federation:
     def _install(self, nodes: list[int]) -> None:
         """Make sure ``nodes`` hold the codec: sites that already received the weights (while the
         scale was estimated) get the scale alone; the others get the weights."""
-        have = getattr(self, "_installed", set())
+        have = self._installed
         scale_only = [n for n in nodes if n in have]
         replies = self._query(scale_only, self._install_content(self.codec, weights=False)) if scale_only else []
         lacking = [n for n in nodes if n not in have] + [r.metadata.src_node_id for r in replies

@@ -83,7 +83,10 @@ def test_autoencoder_is_installed_once_and_a_site_that_lost_it_says_so(tmp_path)
     ev = evaluate(server_message(cfg, unet, dst=11, message_type=MessageType.EVALUATE, extra=extra), _ctx(state))
     assert ev.content["metrics"]["eval_loss"] > 0
 
-    # a restarted daemon (empty context.state) finds its disk copy and needs nothing from the server
+    # a restarted daemon (a new process: empty context.state, no cached latents) finds its disk copy
+    import client.state
+
+    client.state._LATENTS.clear()
     as_node(11)
     restarted = train(server_message(cfg, unet, dst=11, extra=extra), _ctx(RecordDict())).content
     assert "arrays" in restarted
