@@ -20,6 +20,7 @@ from configs.schema import (
     PartitionConfig,
     PrivacyConfig,
     SamplerConfig,
+    SimulationConfig,
     TrainConfig,
 )
 
@@ -41,5 +42,6 @@ __all__ = [
     "PartitionConfig",
     "PrivacyConfig",
     "SamplerConfig",
+    "SimulationConfig",
     "TrainConfig",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from configs.checks import ConfigError, check_cross_fields
 from configs.schema import ExperimentConfig
 
 __all__ = [
@@ -31,29 +33,61 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the field and the fix."""
-
-
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Read a YAML file (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides)
+    """Read a YAML file (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides.
+
+    Errors say where the bad value came from: the file (with the line of a duplicated key), or
+    the command-line overrides.
+    """
+    overrides = list(overrides)
+    raw = read_yaml_mapping(Path(path)) if path is not None else {}
+    where = f"{path}: " if path is not None else ""
     try:
-        return load_config_dict(raw)
+        return load_config_dict(apply_overrides(raw, overrides))
     except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
+        if overrides and not _fails(raw):
+            raise ConfigError(f"command-line override(s) {' '.join(overrides)}: {exc}") from None
         raise ConfigError(f"{where}{exc}") from None
+
+
+def _fails(raw: Mapping[str, Any]) -> bool:
+    try:
+        load_config_dict(raw)
+    except ConfigError:
+        return True
+    return False
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+
+def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; errors name the file."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
@@ -92,7 +126,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
 def load_config_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     """Build and validate an :class:`ExperimentConfig` from plain data."""
     cfg = _build(ExperimentConfig, raw, path="")
-    _check_cross_fields(cfg)
+    check_cross_fields(cfg)
     return cfg
 
 
@@ -183,11 +217,13 @@ def _coerce(value: Any, tp, dotted: str):
     if tp is float:
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"'{dotted}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -210,77 +246,3 @@ def _check_rules(value: Any, rules: Mapping[str, Any], dotted: str) -> None:
             raise ConfigError(f"'{dotted}' is {v!r}; it must be > {rules['min_exclusive']}")
         if "max" in rules and v > rules["max"]:
             raise ConfigError(f"'{dotted}' is {v!r}; it must be <= {rules['max']}")
-
-
-def _check_cross_fields(cfg: ExperimentConfig) -> None:
-    m, d = cfg.model, cfg.data
-    if not m.channel_mult or any(c < 1 for c in m.channel_mult):
-        raise ConfigError(f"'model.channel_mult' must be a non-empty list of positive integers, got {list(m.channel_mult)}")
-    if m.out_channels != m.in_channels:
-        raise ConfigError(
-            f"'model.out_channels' ({m.out_channels}) must equal 'model.in_channels' ({m.in_channels}): "
-            "the network predicts noise, velocity or x0 of the same shape as the image"
-        )
-    _check_autoencoder(cfg)
-    size, what = (cfg.model_size, f"the latent side data.image_size / {cfg.latent_downsampling} = {cfg.model_size}") \
-        if cfg.autoencoder.enabled else (d.image_size, f"data.image_size={d.image_size}")
-    factor = 2 ** (len(m.channel_mult) - 1)
-    if size % factor:
-        raise ConfigError(
-            f"{what} must be divisible by {factor}, since 'model.channel_mult' has {len(m.channel_mult)} levels"
-        )
-    sizes = [size // 2**i for i in range(len(m.channel_mult))]
-    for r in m.attention_resolutions:
-        if r not in sizes:
-            raise ConfigError(
-                f"'model.attention_resolutions' has {r}, which is no feature-map size of this model; "
-                f"with {what} the sizes are {sizes}"
-            )
-    if cfg.diffusion.noise_schedule == "linear" and cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
-        raise ConfigError("'diffusion.beta_start' must be smaller than 'diffusion.beta_end'")
-    s = cfg.sampler
-    if s.num_inference_steps > cfg.diffusion.num_train_timesteps:
-        raise ConfigError(
-            f"'sampler.num_inference_steps' ({s.num_inference_steps}) exceeds "
-            f"'diffusion.num_train_timesteps' ({cfg.diffusion.num_train_timesteps})"
-        )
-    if d.target_spacing and (len(d.target_spacing) != 3 or min(d.target_spacing) <= 0):
-        raise ConfigError(f"'data.target_spacing' must be empty or three positive numbers (mm), got {list(d.target_spacing)}")
-    if len(d.intensity_percentiles) != 2 or d.intensity_percentiles[0] >= d.intensity_percentiles[1]:
-        raise ConfigError(f"'data.intensity_percentiles' must be [lower, upper] with lower < upper, got {list(d.intensity_percentiles)}")
-    if cfg.train.device not in ("auto", "cpu", "cuda", "mps") and not cfg.train.device.startswith("cuda:"):
-        raise ConfigError(f"'train.device' is {cfg.train.device!r}; use auto, cpu, cuda, cuda:N or mps")
-    pc, fed = cfg.privacy, cfg.federation
-    if pc.central_dp != "off" and fed.strategy not in ("fedavg", "fedprox"):
-        raise ConfigError(f"'privacy.central_dp' ({pc.central_dp}) needs federation.strategy fedavg or fedprox: its noise is "
-                          f"calibrated to the sensitivity of an average of clipped updates, not of {fed.strategy}")
-
-
-def _check_autoencoder(cfg: ExperimentConfig) -> None:
-    ae, m = cfg.autoencoder, cfg.model
-    if not ae.enabled:
-        return
-    if not ae.channels or any(c < 1 for c in ae.channels):
-        raise ConfigError(f"'autoencoder.channels' must be a non-empty list of positive integers, got {list(ae.channels)}")
-    bad = [c for c in ae.channels if c % ae.norm_groups]
-    if bad:
-        raise ConfigError(f"'autoencoder.norm_groups' ({ae.norm_groups}) must divide every width in 'autoencoder.channels'; "
-                          f"it does not divide {bad}")
-    if cfg.data.image_size % cfg.latent_downsampling:
-        raise ConfigError(f"'data.image_size' ({cfg.data.image_size}) must be divisible by {cfg.latent_downsampling}, "
-                          f"since 'autoencoder.channels' has {len(ae.channels)} levels")
-    if m.in_channels != ae.latent_channels:
-        raise ConfigError(f"'model.in_channels' ({m.in_channels}) must equal 'autoencoder.latent_channels' "
-                          f"({ae.latent_channels}): with latent diffusion the UNet denoises latents")
-    if ae.perceptual_weight > 0 and not ae.perceptual_weights:
-        raise ConfigError("'autoencoder.perceptual_weight' > 0 needs 'autoencoder.perceptual_weights' (a domain encoder "
-                          "file from `meddiff train-encoder`); nothing is ever downloaded")
-    if ae.mode == "dp" and not cfg.privacy.enabled:
-        raise ConfigError("'autoencoder.mode' is 'dp' but 'privacy.enabled' is false; for a run without DP set "
-                          "autoencoder.mode=not_private (or public)")
-    if ae.attention and ae.mode == "dp":
-        raise ConfigError("'autoencoder.attention' cannot be used with autoencoder.mode=dp: MONAI's attention blocks fail on "
-                          "the empty batches of Poisson sampling; set autoencoder.attention=false")
-    if ae.mode == "public" and not ae.checkpoint and not (ae.public_path and ae.public_dataset):
-        raise ConfigError("'autoencoder.mode' is 'public': set 'autoencoder.checkpoint' (a trained autoencoder), or "
-                          "'autoencoder.public_dataset' and 'autoencoder.public_path' (public data to pre-train on)")

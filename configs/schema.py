@@ -175,6 +175,19 @@ class FederationConfig:
     transport_dtype: str = _f("fp32", help="dtype of weights on the wire", choices=("fp32", "fp16"))
     server_ema_decay: float = _f(0.9, help="EMA decay of the global weights across rounds", min=0.0, max=1.0)
     max_update_norm_ratio: float = _f(10.0, help="reject updates farther than this x the round median; 0 = off", min=0.0)
+    max_failed_rounds: int = _f(2, help="consecutive rounds without min_train_nodes valid updates before the run stops "
+                                        "as failed", min=1)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Resources of Flower's local simulation engine (consumed by `meddiff simulate`)."""
+
+    client_cpus: float = _f(1.0, help="CPUs reserved for each simulated site (Ray client resources)", min_exclusive=0.0)
+    client_gpus: float = _f(0.0, help="GPU fraction for each simulated site, e.g. 0.25 runs four sites per GPU", min=0.0)
+    parallel_sites: int = _f(0, help="sites training at once; 0 = as many as the machine's CPUs allow", min=0)
+    ray_address: str = _f("", help="an existing Ray cluster to run the sites on (e.g. 'auto' or 'ray://host:10001'); "
+                                   "empty = a local Ray started for the run")
 
 
 @dataclass(frozen=True)
@@ -235,6 +248,7 @@ class OutputConfig:
     checkpoint_every: int = _f(500, help="steps (or rounds) between checkpoints; the last is always saved", min=1)
     sample_every: int = _f(0, help="steps (or rounds) between sample grids; 0 = only at the end", min=0)
     num_samples: int = _f(16, help="images in each sample grid", min=1)
+    tensorboard: bool = _f(True, help="write TensorBoard event files (losses, epsilon, FID, sample grids) to <run>/tensorboard")
 
 
 @dataclass(frozen=True)
@@ -249,6 +263,7 @@ class ExperimentConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

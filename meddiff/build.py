@@ -165,7 +165,7 @@ def model_from_checkpoint(path, *, use_ema: bool = True, device: str | torch.dev
     Returns ``(model, config, checkpoint)``. Never unpickles code (``weights_only=True``).
     """
     from configs import ConfigError, load_config_dict
-    from meddiff.checkpoint import load_checkpoint
+    from meddiff.checkpoint import check_finite, load_checkpoint
 
     ckpt = load_checkpoint(path)
     if "autoencoder" == ckpt.extra.get("phase", ckpt.extra.get("kind")):
@@ -177,6 +177,7 @@ def model_from_checkpoint(path, *, use_ema: bool = True, device: str | torch.dev
         raise ValueError(f"{path}: the stored config is not valid for this meddiff version: {exc}") from None
     model = build_unet(cfg)
     state = ckpt.ema if (use_ema and ckpt.ema is not None) else ckpt.model
+    check_finite(state, str(path))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -127,6 +127,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{path}: not a readable meddiff checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a meddiff checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in ("config", "model", "step", "version") if k not in payload]
+    if missing:
+        raise ValueError(f"{path}: a damaged meddiff checkpoint: it lacks {missing}")
+    if not isinstance(payload["config"], dict) or not isinstance(payload["model"], dict):
+        raise ValueError(f"{path}: a damaged meddiff checkpoint: 'config' and 'model' must be mappings")
+    if _version_tuple(payload["version"]) > _version_tuple(meddiff.__version__):
+        raise ValueError(f"{path}: written by meddiff {payload['version']}, newer than this installation "
+                         f"({meddiff.__version__}); upgrade meddiff-fl to read it")
     return Checkpoint(
         config=payload["config"],
         model=payload["model"],
@@ -135,3 +143,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ema=payload.get("ema"),
         extra=payload.get("extra") or {},
     )
+
+
+def _version_tuple(version: Any) -> tuple[int, ...]:
+    parts = []
+    for p in str(version).split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` and the tensor if any floating weight is NaN or Inf."""
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{source}: weight {key!r} contains NaN or Inf; this model cannot be used "
+                             "(the training that produced it diverged)")

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from meddiff.checkpoint import check_finite
 from meddiff.nets.autoencoder import KLAutoencoder
 
 CODEC_FORMAT = "meddiff-autoencoder/1"
@@ -117,6 +118,7 @@ class LatentCodec:
         """Load a :meth:`to_payload` dict into ``autoencoder`` (built from the stored config)."""
         if not isinstance(payload, Mapping) or payload.get("format") != CODEC_FORMAT:
             raise ValueError(f"{source}: holds no autoencoder (expected format {CODEC_FORMAT!r})")
+        check_finite(payload["state"], source)
         try:
             autoencoder.load_state_dict(payload["state"])
         except RuntimeError as exc:

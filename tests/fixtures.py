@@ -49,17 +49,24 @@ def make_ixi(root: Path):
     return root
 
 
-def make_dicom_series(folder: Path, n_slices=6, slope=2.0, intercept=-1024.0, shuffle=True, rows=16, cols=12):
-    """A CT series: stored value v means HU = v * slope + intercept; slice k has HU = 100 * k."""
+def make_dicom_series(folder: Path, n_slices=6, slope=2.0, intercept=-1024.0, shuffle=True, rows=16, cols=12, order=None,
+                      orientation=(1, 0, 0, 0, 1, 0), origin=(0.0, 0.0, 0.0), spacing=(0.7, 0.7)):
+    """A CT series: stored value v means HU = v * slope + intercept; slice k has HU = 100 * k.
+
+    Slice k lies at ``origin + 2.5 * k * normal``. ``order`` lists which slice each file (by
+    name) holds; by default even slices come first (``shuffle``) or the spatial order.
+    """
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = generate_uid()
-    order = list(range(n_slices))
-    if shuffle:
-        order = order[::2] + order[1::2]
+    if order is None:
+        order = list(range(n_slices))
+        order = order[::2] + order[1::2] if shuffle else order
+    row_dir, col_dir = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    normal = np.cross(row_dir, col_dir)
     for file_no, k in enumerate(order):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
@@ -75,10 +82,10 @@ def make_dicom_series(folder: Path, n_slices=6, slope=2.0, intercept=-1024.0, sh
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelSpacing = [0.7, 0.7]
+        ds.PixelSpacing = list(spacing)
         ds.SliceThickness = 2.5
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin, float) + 2.5 * k * normal]
         ds.InstanceNumber = file_no + 1  # deliberately not the spatial order
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         hu = np.full((rows, cols), 100.0 * k)

@@ -218,7 +218,7 @@ def index_lidc(cfg: DataConfig) -> IndexResult:
     series = sorted({p.parent for p in root.rglob("*.dcm")})
     if not series:
         raise DataError(f"{root}: no DICOM (.dcm) series found (LIDC-IDRI layout)")
-    labels = _labels_from_csv(cfg) if cfg.labels_csv else {}
+    labels = _labels_from_csv(cfg, result) if cfg.labels_csv else {}
     for s in series:
         rel = s.relative_to(root)
         patient = rel.parts[0] if len(rel.parts) > 1 else s.name
@@ -227,7 +227,9 @@ def index_lidc(cfg: DataConfig) -> IndexResult:
     return result
 
 
-def _labels_from_csv(cfg: DataConfig) -> dict[str, tuple]:
+def _labels_from_csv(cfg: DataConfig, result: IndexResult) -> dict[str, tuple]:
+    """``{path: (label, patient_id, site, row)}``; a row with an unusable label is a problem of
+    ``result`` (an error, or with ``data.skip_bad`` a logged, counted skip)."""
     if not cfg.labels_csv:
         raise DataError(f"data.labels_csv is empty: data.dataset={cfg.dataset!r} needs a CSV of path,label[,patient_id][,site]")
     table = Path(cfg.labels_csv)
@@ -241,8 +243,9 @@ def _labels_from_csv(cfg: DataConfig) -> dict[str, tuple]:
         for row_no, row in enumerate(reader, start=2):
             try:
                 label = int(row["label"])
-            except ValueError:
-                raise DataError(f"{table}:{row_no}: unknown label value {row['label']!r} (expected an integer)") from None
+            except (TypeError, ValueError):
+                _problem(result, cfg, f"{table}:{row_no}: unknown label value {row['label']!r} (expected an integer)")
+                continue
             out[row["path"]] = (label, row.get("patient_id") or "", row.get("site") or "", row_no)
     return out
 
@@ -251,7 +254,7 @@ def index_folder(cfg: DataConfig) -> IndexResult:
     root = _root(cfg)
     table = Path(cfg.labels_csv)
     result = IndexResult([])
-    for rel, (label, patient, site, row_no) in _labels_from_csv(cfg).items():
+    for rel, (label, patient, site, row_no) in _labels_from_csv(cfg, result).items():
         f = root / rel
         if not f.is_file():
             _problem(result, cfg, f"{table}:{row_no}: file {rel!r} not found under {root}")

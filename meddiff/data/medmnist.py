@@ -37,14 +37,19 @@ def read_medmnist_npz(path: str | Path, split: str = "train", *, spatial_dims: i
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
             ik, lk = f"{split}_images", f"{split}_labels"
-            missing = [k for k in (ik, lk) if k not in keys]
-            if missing:
-                raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(keys)} (not a MedMNIST .npz?)")
-            images, labels = npz[ik], npz[lk]
-    except ValueError:
-        raise
-    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError ...
-        raise ValueError(f"{path}: cannot read as .npz ({type(exc).__name__}: {exc})") from None
+            found = {k: npz[k] for k in (ik, lk) if k in keys}
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError, a pickle or a bare .npy ...
+        raise ValueError(f"{path}: cannot read as a MedMNIST .npz archive (numpy could not open it: "
+                         f"{type(exc).__name__}); check that the file is complete and in the MedMNIST v2 layout") from None
+    missing = [k for k in (ik, lk) if k not in found]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(keys)} (not a MedMNIST .npz?)")
+    images, labels = found[ik], found[lk]
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        bad = int((~np.isfinite(images)).reshape(len(images), -1).any(axis=1).sum())
+        raise ValueError(f"{path}: {bad} image(s) of {split}_images contain NaN or Inf")
+    if images.dtype.kind not in "uif":
+        raise ValueError(f"{path}: {split}_images has dtype {images.dtype}; expected numbers")
     if len(images) != len(labels):
         raise ValueError(f"{path}: {split}_images has {len(images)} items but {split}_labels has {len(labels)}")
     if spatial_dims is None:

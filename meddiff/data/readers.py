@@ -87,32 +87,47 @@ def read_dicom_series(folder: str | Path) -> Volume:
     shapes = {s[1].shape for s in slices}
     if len(shapes) != 1:
         raise DataError(f"{folder}: slices have different shapes {sorted(shapes)}")
-    ds0 = slices[0][0]
-    orient = np.asarray(getattr(ds0, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
+    orient = np.asarray(getattr(slices[0][0], "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
     row, col = orient[:3], orient[3:]
     normal = np.cross(row, col)
-
-    def position(item):
-        ds = item[0]
-        if hasattr(ds, "ImagePositionPatient"):
-            return float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64), normal))
-        return float(getattr(ds, "InstanceNumber", 0))
-
-    slices.sort(key=position)
+    slices.sort(key=lambda item: _slice_position(item[0], normal))
     volume = np.stack([s[1].T for s in slices], axis=-1)  # [cols(x), rows(y), slices(z)]
-    spacing_xy = [float(v) for v in getattr(ds0, "PixelSpacing", [1.0, 1.0])]
-    positions = [position(s) for s in slices]
-    dz = float(np.median(np.diff(positions))) if len(positions) > 1 else float(getattr(ds0, "SliceThickness", 1.0))
-    if len(positions) > 1 and dz == 0:
-        raise DataError(f"{folder}: several slices share one position; is this more than one series?")
-    origin = np.asarray(getattr(ds0, "ImagePositionPatient", [0, 0, 0]), dtype=np.float64)
+    return Volume(array=volume.astype(np.float32), affine=_dicom_affine([s[0] for s in slices], row, col, normal),
+                  source=str(folder))
+
+
+def _slice_position(ds, normal: np.ndarray) -> float:
+    """Position of a slice along the slice normal (``InstanceNumber`` when it has no position)."""
+    if hasattr(ds, "ImagePositionPatient"):
+        return float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64), normal))
+    return float(getattr(ds, "InstanceNumber", 0))
+
+
+def _dicom_affine(ordered: list, row: np.ndarray, col: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """Voxel ``(i, j, k)`` -> RAS mm for slices sorted along their normal.
+
+    DICOM PS3.3 C.7.6.2.1.1: ``P = S_1 + i * X * dc + j * Y * dr + k * (S_N - S_1) / (N - 1)``, with
+    ``X``/``Y`` the row/column direction cosines of ``ImageOrientationPatient``, ``dc``/``dr`` the
+    column and row spacing (``PixelSpacing[1]``, ``PixelSpacing[0]``) and ``S_k`` the
+    ``ImagePositionPatient`` of the k-th slice in space; then LPS -> RAS (negate x and y).
+    """
+    first = ordered[0]
+    spacing_xy = [float(v) for v in getattr(first, "PixelSpacing", [1.0, 1.0])]
+    positions = [_slice_position(ds, normal) for ds in ordered]
+    origin = np.asarray(getattr(first, "ImagePositionPatient", [0, 0, 0]), dtype=np.float64)
+    if len(ordered) > 1 and all(hasattr(ds, "ImagePositionPatient") for ds in ordered):
+        last = np.asarray(ordered[-1].ImagePositionPatient, dtype=np.float64)
+        step = (last - origin) / (len(ordered) - 1)
+        if np.allclose(step, 0) or len(set(positions)) < len(positions):
+            raise DataError(f"{first.filename}: several slices share one position; is this more than one series?")
+    else:
+        step = normal * float(getattr(first, "SliceThickness", 1.0))
     lps = np.eye(4)
-    lps[:3, 0] = row * spacing_xy[1]  # column index runs along the row direction
+    lps[:3, 0] = row * spacing_xy[1]  # the column index i runs along the row direction
     lps[:3, 1] = col * spacing_xy[0]
-    lps[:3, 2] = normal * dz
+    lps[:3, 2] = step
     lps[:3, 3] = origin
-    to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return Volume(array=volume.astype(np.float32), affine=to_ras @ lps, source=str(folder))
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
 def read_image(path: str | Path, *, channels: int = 1) -> np.ndarray:

@@ -145,3 +145,42 @@ def test_shipped_latent_diffusion_configs_load(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.autoencoder.enabled and cfg.autoencoder.mode == "dp" and cfg.privacy.enabled
     assert cfg.model.in_channels == cfg.autoencoder.latent_channels
+
+
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=.inf", "privacy.target_epsilon=nan",
+                                      "federation.fraction_train=nan", "privacy.target_delta=.nan"])
+def test_nan_and_inf_are_refused_naming_the_field(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"'{key}' must be a finite number"):
+        load_config(REPO / "configs" / "default.yaml", [override])
+
+
+def test_duplicate_yaml_keys_are_refused_with_their_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: key 'lr' is given twice \(lines 2 and 4\)"):
+        load_config(path)
+
+
+def test_errors_say_whether_the_file_or_an_override_is_wrong(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("train:\n  lr: 0.1\n")
+    bad.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(good, ["train.steps=-1"])
+    assert str(exc.value).startswith("command-line override(s) train.steps=-1:") and "good.yaml" not in str(exc.value)
+    with pytest.raises(ConfigError, match=r"^.*bad.yaml: 'train.lr' must be a number"):
+        load_config(bad, ["train.steps=3"])
+    # an override may repair a bad file
+    assert load_config(bad, ["train.lr=0.5"]).train.lr == 0.5
+
+
+def test_resume_conflicts_name_the_fields_a_resume_may_not_change():
+    from configs.compare import config_differences, resume_conflicts
+
+    stored = load_config(None, [])
+    longer = load_config(None, ["federation.num_rounds=9", "output.name=x", "evaluation.every=2"])
+    assert resume_conflicts(stored, longer) == []
+    assert set(config_differences(stored, longer)) == {"federation.num_rounds", "output.name", "evaluation.every"}
+    wider = load_config(None, ["model.model_channels=16", "privacy.target_epsilon=3"])
+    assert resume_conflicts(stored, wider) == ["model.model_channels: 64 -> 16", "privacy.target_epsilon: 10.0 -> 3.0"]

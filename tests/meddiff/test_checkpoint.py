@@ -86,3 +86,25 @@ def test_errors_name_the_file(tmp_path):
     save_checkpoint(mismatch, model_state=_trained_model(cfg).state_dict(), config=config_to_dict(other), step=1)
     with pytest.raises(ValueError, match="do not fit the model"):
         model_from_checkpoint(mismatch)
+
+
+def test_damaged_newer_and_nan_checkpoints_are_refused_naming_the_file(tmp_path):
+    cfg = tiny_config()
+    model = _trained_model(cfg)
+    good = save_checkpoint(tmp_path / "good.pt", model_state=model.state_dict(), config=config_to_dict(cfg), step=1)
+    payload = torch.load(good, weights_only=True)
+    del payload["config"]
+    torch.save(payload, tmp_path / "noconfig.pt")
+    with pytest.raises(ValueError, match=r"noconfig.pt: a damaged meddiff checkpoint: it lacks \['config'\]"):
+        load_checkpoint(tmp_path / "noconfig.pt")
+    payload = torch.load(good, weights_only=True)
+    payload["version"] = "999"
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="future.pt: written by meddiff 999, newer than this installation"):
+        load_checkpoint(tmp_path / "future.pt")
+    state = model.state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = torch.full_like(state[key], float("nan"))
+    nan = save_checkpoint(tmp_path / "nan.pt", model_state=state, config=config_to_dict(cfg), step=1)
+    with pytest.raises(ValueError, match=f"nan.pt: weight '{key}' contains NaN or Inf"):
+        model_from_checkpoint(nan, use_ema=False)

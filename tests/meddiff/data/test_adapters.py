@@ -127,6 +127,10 @@ def test_generic_folder_with_csv(tmp_path):
     table.write_text("path,label\nb.png,sick\n")
     with pytest.raises(DataError, match=r"labels.csv:2: unknown label value 'sick'"):
         index_dataset(cfg("folder", root, f"data.labels_csv={table}"))
+    # with skip_bad the row is logged, counted and left out; the run goes on with the others
+    table.write_text("path,label\nb.png,sick\na.nii.gz,1\n")
+    index = index_dataset(cfg("folder", root, f"data.labels_csv={table}", "data.skip_bad=true"))
+    assert [r.sample_id for r in index.records] == ["a.nii.gz"] and "labels.csv:2: unknown label value 'sick'" in index.bad[0]
 
 
 def test_cache_hits_memory_maps_and_invalidates(tmp_path):

@@ -46,3 +46,16 @@ def test_real_pneumoniamnist():
     img, label = ds[0]
     assert img.shape == (1, 32, 32) and -1.0 <= img.min() and img.max() <= 1.0
     assert img.std() > 0.1  # a real X-ray, not a blank
+
+
+def test_garbage_and_nan_npz_name_the_file(tmp_path):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"\x80\x04not a zip archive at all")
+    with pytest.raises(ValueError) as exc:
+        read_medmnist_npz(garbage)
+    assert "garbage.npz: cannot read as a MedMNIST .npz" in str(exc.value) and "allow_pickle" not in str(exc.value)
+    images = np.zeros((3, 4, 4), np.float32)
+    images[1, 2, 2] = np.nan
+    f = _write(tmp_path / "nan.npz", train_images=images, train_labels=np.zeros((3, 1)))
+    with pytest.raises(ValueError, match="nan.npz: 1 image.s. of train_images contain NaN or Inf"):
+        read_medmnist_npz(f)

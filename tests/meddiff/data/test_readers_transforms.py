@@ -77,6 +77,37 @@ def test_dicom_series_sorted_by_position_with_rescale(tmp_path):
     assert np.allclose(vol.spacing, (0.7, 0.7, 2.5))
 
 
+def _lps_of_file_pixel(ds, r: int, c: int) -> np.ndarray:
+    """DICOM PS3.3 C.7.6.2.1.1 for one file: ``P = S + c * X * dc + r * Y * dr`` (LPS, mm)."""
+    orient = np.asarray(ds.ImageOrientationPatient, float)
+    dr, dc = (float(v) for v in ds.PixelSpacing)
+    return np.asarray(ds.ImagePositionPatient, float) + c * orient[:3] * dc + r * orient[3:] * dr
+
+
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_dicom_affine_follows_the_standard_whatever_the_file_order(tmp_path, order):
+    """Files named against their positions (head to foot) or shuffled: voxel (i, j, k) of the volume
+    maps through the affine to the patient position the standard gives for that file's pixel."""
+    import pydicom
+
+    n = 5
+    files = list(range(n))[::-1] if order == "reversed" else [3, 0, 4, 1, 2]
+    c, s_ = np.cos(0.3), np.sin(0.3)  # an oblique series, rotated about the z axis
+    folder = make_dicom_series(tmp_path / "s", n_slices=n, order=files, orientation=(c, s_, 0, -s_, c, 0),
+                               origin=(-12.5, 40.0, -70.0), spacing=(0.9, 0.7))
+    vol = read_dicom_series(folder)
+    assert vol.array[0, 0].tolist() == [100.0 * k for k in range(n)]  # slices in spatial order
+    ras_from_lps = np.diag([-1.0, -1.0, 1.0])
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(str(path))
+        k = round(ds.pixel_array[0, 0] * 2.0 - 1024.0) // 100  # the slice this file holds
+        for r, col in [(0, 0), (15, 0), (0, 11), (7, 5)]:
+            voxel = vol.affine @ np.array([col, r, k, 1.0])
+            assert np.allclose(voxel[:3], ras_from_lps @ _lps_of_file_pixel(ds, r, col), atol=1e-6), (path.name, r, col)
+    # the origin is the first slice in space, not the first file by name
+    assert np.allclose(vol.affine[:3, 3], ras_from_lps @ np.array([-12.5, 40.0, -70.0]))
+
+
 def test_dicom_errors(tmp_path):
     folder = make_dicom_series(tmp_path / "s", n_slices=3)
     bad = sorted(folder.iterdir())[1]

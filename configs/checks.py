@@ -1,0 +1,83 @@
+"""Rules that span several config fields; each error names the fields and the fix."""
+
+from __future__ import annotations
+
+from configs.schema import ExperimentConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the fix."""
+
+
+def check_cross_fields(cfg: ExperimentConfig) -> None:
+    m, d = cfg.model, cfg.data
+    if not m.channel_mult or any(c < 1 for c in m.channel_mult):
+        raise ConfigError(f"'model.channel_mult' must be a non-empty list of positive integers, got {list(m.channel_mult)}")
+    if m.out_channels != m.in_channels:
+        raise ConfigError(
+            f"'model.out_channels' ({m.out_channels}) must equal 'model.in_channels' ({m.in_channels}): "
+            "the network predicts noise, velocity or x0 of the same shape as the image"
+        )
+    check_autoencoder(cfg)
+    size, what = (cfg.model_size, f"the latent side data.image_size / {cfg.latent_downsampling} = {cfg.model_size}") \
+        if cfg.autoencoder.enabled else (d.image_size, f"data.image_size={d.image_size}")
+    factor = 2 ** (len(m.channel_mult) - 1)
+    if size % factor:
+        raise ConfigError(
+            f"{what} must be divisible by {factor}, since 'model.channel_mult' has {len(m.channel_mult)} levels"
+        )
+    sizes = [size // 2**i for i in range(len(m.channel_mult))]
+    for r in m.attention_resolutions:
+        if r not in sizes:
+            raise ConfigError(
+                f"'model.attention_resolutions' has {r}, which is no feature-map size of this model; "
+                f"with {what} the sizes are {sizes}"
+            )
+    if cfg.diffusion.noise_schedule == "linear" and cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
+        raise ConfigError("'diffusion.beta_start' must be smaller than 'diffusion.beta_end'")
+    s = cfg.sampler
+    if s.num_inference_steps > cfg.diffusion.num_train_timesteps:
+        raise ConfigError(
+            f"'sampler.num_inference_steps' ({s.num_inference_steps}) exceeds "
+            f"'diffusion.num_train_timesteps' ({cfg.diffusion.num_train_timesteps})"
+        )
+    if d.target_spacing and (len(d.target_spacing) != 3 or min(d.target_spacing) <= 0):
+        raise ConfigError(f"'data.target_spacing' must be empty or three positive numbers (mm), got {list(d.target_spacing)}")
+    if len(d.intensity_percentiles) != 2 or d.intensity_percentiles[0] >= d.intensity_percentiles[1]:
+        raise ConfigError(f"'data.intensity_percentiles' must be [lower, upper] with lower < upper, got {list(d.intensity_percentiles)}")
+    if cfg.train.device not in ("auto", "cpu", "cuda", "mps") and not cfg.train.device.startswith("cuda:"):
+        raise ConfigError(f"'train.device' is {cfg.train.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    pc, fed = cfg.privacy, cfg.federation
+    if pc.central_dp != "off" and fed.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(f"'privacy.central_dp' ({pc.central_dp}) needs federation.strategy fedavg or fedprox: its noise is "
+                          f"calibrated to the sensitivity of an average of clipped updates, not of {fed.strategy}")
+
+
+def check_autoencoder(cfg: ExperimentConfig) -> None:
+    ae, m = cfg.autoencoder, cfg.model
+    if not ae.enabled:
+        return
+    if not ae.channels or any(c < 1 for c in ae.channels):
+        raise ConfigError(f"'autoencoder.channels' must be a non-empty list of positive integers, got {list(ae.channels)}")
+    bad = [c for c in ae.channels if c % ae.norm_groups]
+    if bad:
+        raise ConfigError(f"'autoencoder.norm_groups' ({ae.norm_groups}) must divide every width in 'autoencoder.channels'; "
+                          f"it does not divide {bad}")
+    if cfg.data.image_size % cfg.latent_downsampling:
+        raise ConfigError(f"'data.image_size' ({cfg.data.image_size}) must be divisible by {cfg.latent_downsampling}, "
+                          f"since 'autoencoder.channels' has {len(ae.channels)} levels")
+    if m.in_channels != ae.latent_channels:
+        raise ConfigError(f"'model.in_channels' ({m.in_channels}) must equal 'autoencoder.latent_channels' "
+                          f"({ae.latent_channels}): with latent diffusion the UNet denoises latents")
+    if ae.perceptual_weight > 0 and not ae.perceptual_weights:
+        raise ConfigError("'autoencoder.perceptual_weight' > 0 needs 'autoencoder.perceptual_weights' (a domain encoder "
+                          "file from `meddiff train-encoder`); nothing is ever downloaded")
+    if ae.mode == "dp" and not cfg.privacy.enabled:
+        raise ConfigError("'autoencoder.mode' is 'dp' but 'privacy.enabled' is false; for a run without DP set "
+                          "autoencoder.mode=not_private (or public)")
+    if ae.attention and ae.mode == "dp":
+        raise ConfigError("'autoencoder.attention' cannot be used with autoencoder.mode=dp: MONAI's attention blocks fail on "
+                          "the empty batches of Poisson sampling; set autoencoder.attention=false")
+    if ae.mode == "public" and not ae.checkpoint and not (ae.public_path and ae.public_dataset):
+        raise ConfigError("'autoencoder.mode' is 'public': set 'autoencoder.checkpoint' (a trained autoencoder), or "
+                          "'autoencoder.public_dataset' and 'autoencoder.public_path' (public data to pre-train on)")
