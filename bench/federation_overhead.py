@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client.records import state_to_arrays  # noqa: E402
 from configs import load_config  # noqa: E402
 from meddiff.build import build_model  # noqa: E402
-from sim.run import free_port, simulate  # noqa: E402
+from sim.processes import free_port  # noqa: E402
+from sim.run import simulate  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -45,7 +46,7 @@ def main() -> None:
     sizes = {dt: payload_bytes(state_to_arrays(model.state_dict(), dt)) for dt in ("fp32", "fp16")}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        run = simulate(cfg, config_path=CONFIG, overrides=overrides, run_dir=Path(tmp) / "run", flwr_home=Path(tmp) / "flwr_home",
+        run = simulate(cfg, run_dir=Path(tmp) / "run", flwr_home=Path(tmp) / "flwr_home",
                        http_port=free_port(), control_port=free_port(), log_path=Path(tmp) / "flwr.log")
         wall = time.perf_counter() - t0
         rows = list(csv.DictReader(open(run / "metrics.csv")))

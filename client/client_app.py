@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.handlers import handle_evaluate, handle_query, handle_train
+from client.handlers import failure_reply, handle_evaluate, handle_query, handle_train
+from client.records import EVALUATE_METRIC_KEYS, QUERY_METRIC_KEYS, TRAIN_METRIC_KEYS
+
+_SITE_LOG = logging.getLogger("meddiff.site")
+_SITE_LOG.setLevel(logging.INFO)
+if not _SITE_LOG.handlers:  # site progress and errors in the SuperNode's log
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("[meddiff] %(message)s"))
+    _SITE_LOG.addHandler(_handler)
+    _SITE_LOG.propagate = False
 
 
 def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
@@ -37,19 +48,27 @@ def _threads(context: Context) -> None:
         torch.set_num_threads(1)
 
 
+def _handle(handler, keys: tuple[str, ...], msg: Message, context: Context) -> Message:
+    """Run ``handler``; an error becomes a failure reply that names it (and carries the traceback)."""
+    _threads(context)
+    node_config = dict(context.node_config)
+    try:
+        content = handler(msg.content, node_config, context.state)
+    except Exception as exc:  # noqa: BLE001 - any site error is reported, never a bare crash
+        content = failure_reply(node_config, exc, keys)
+    return Message(content=content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    _threads(context)
-    return Message(content=handle_train(msg.content, dict(context.node_config), context.state), reply_to=msg)
+    return _handle(handle_train, TRAIN_METRIC_KEYS, msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    _threads(context)
-    return Message(content=handle_evaluate(msg.content, dict(context.node_config), context.state), reply_to=msg)
+    return _handle(handle_evaluate, EVALUATE_METRIC_KEYS, msg, context)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    _threads(context)
-    return Message(content=handle_query(msg.content, dict(context.node_config), context.state), reply_to=msg)
+    return _handle(handle_query, QUERY_METRIC_KEYS, msg, context)

@@ -15,8 +15,10 @@ ConfigRecord ``refusal`` holding the reason: no update leaves the site.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import traceback
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -26,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch.utils.data import Dataset
 
 from client.data import SiteData, site_data
+from client.progress import SiteProgress, progress_path
 from client.local import local_evaluate, local_feature_stats, local_train, non_private_metrics
 from client.state import install_autoencoder, set_scale, site_codec, site_latents
 from client.records import EVALUATE_METRIC_KEYS, TRAIN_METRIC_KEYS, arrays_to_state, metric_record, state_to_arrays
@@ -39,7 +42,7 @@ from privacy.site import (Calibration, SiteRefusal, check_budget, enrol, open_si
 
 MIRROR_KEY = "privacy-ledger"
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meddiff.site")
 
 
 def _config(content: RecordDict) -> tuple[ExperimentConfig, ConfigRecord]:
@@ -88,8 +91,10 @@ def prepare_privacy(cfg: ExperimentConfig, site: SiteData, node_config: Mapping,
     for this round of ``phase``; raises :class:`BudgetExhausted`."""
     mirror = str(state[MIRROR_KEY]["json"]) if state is not None and MIRROR_KEY in state else None
     n = len(site.train)
+    known = json.loads(str(record.get("known-ledgers", "{}")) or "{}").get(site.name)
     ledger = open_site_ledger(site_state_dir(node_config, record, site), site=site.name, num_examples=n,
-                              privacy_cfg=cfg.privacy, budget=site_budget(cfg, node_config, site), mirror=mirror)
+                              privacy_cfg=cfg.privacy, budget=site_budget(cfg, node_config, site), mirror=mirror,
+                              server_copy=json.dumps(known) if known else None)
     _mirror(ledger, state)
     cal = enrol(ledger, study=str(record.get("study-id", "study")), num_examples=n, plan=study_plan(cfg),
                 privacy_cfg=cfg.privacy)
@@ -171,9 +176,16 @@ def handle_train(content: RecordDict, node_config: Mapping, state: Optional[Reco
     if train_set is None:
         log.warning("site %s does not hold autoencoder %s; asking the server for it", site.name, record.get("autoencoder-digest"))
         return missing_autoencoder_reply(site, record)
+    server_round = int(record["server-round"])
+    steps = cfg.autoencoder.local_steps if phase == "autoencoder" else cfg.federation.local_steps
+    epsilon_probe: list = []
+    progress = SiteProgress(site.name, phase, server_round, int(record.get("num-rounds", 0)), steps,
+                            path=progress_path(node_config, record, site.name),
+                            epsilon=(lambda: epsilon_probe[0]()) if private else None)
     weights, metrics = local_train(
-        cfg, arrays_to_state(content["arrays"]), train_set, server_round=int(record["server-round"]),
-        site_index=site.index, proximal_mu=float(record.get("proximal-mu", 0.0)), ledger=ledger, calibration=cal, phase=phase,
+        cfg, arrays_to_state(content["arrays"]), train_set, server_round=server_round, site_index=site.index,
+        proximal_mu=float(record.get("proximal-mu", 0.0)), ledger=ledger, calibration=cal, phase=phase,
+        on_step=progress, epsilon_probe=epsilon_probe,
     )
     log.info("site %s %s round %s: loss %.4f over %d steps, epsilon %.3f", site.name, phase, record["server-round"],
              metrics["train_loss"], metrics["steps"], metrics["epsilon"])
@@ -237,3 +249,18 @@ def handle_query(content: RecordDict, node_config: Mapping, state: Optional[Reco
     else:
         raise ValueError(f"unknown query {kind!r}; expected install-autoencoder or latent-scale")
     return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def failure_reply(node_config: Mapping, exc: BaseException, keys: tuple[str, ...]) -> RecordDict:
+    """What a site sends when handling a message raised: every metric key (NaN/0), a one-line
+    reason and the traceback (the server keeps it in ``<run>/logs/site_errors.log``); no weights.
+    The site logs the traceback too."""
+    index = int(node_config.get("partition-id", node_config.get("site-index", -1)))
+    text = "".join(traceback.format_exception(exc))
+    log.error("site %s failed: %s", node_config.get("site-name", index), text)
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+    values = {k: 0 for k in keys}
+    values.update({k: math.nan for k in ("train_loss", "eval_loss", "seconds") if k in keys})
+    values["site-index"] = index
+    return RecordDict({"metrics": metric_record(values, keys),
+                       "failure": ConfigRecord({"reason": reason, "traceback": text})})

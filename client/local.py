@@ -7,7 +7,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -116,6 +116,8 @@ def local_train(
     ledger: Optional[PrivacyLedger] = None,
     calibration: Optional[Calibration] = None,
     phase: str = "diffusion",
+    on_step: Optional[Callable[[int, float], None]] = None,
+    epsilon_probe: Optional[list] = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the global model of ``phase`` for its local steps on the site's data.
 
@@ -126,8 +128,10 @@ def local_train(
     site runs DP-SGD (Opacus, Poisson sampling, logical batches of the phase's calibrated batch
     size split into physical ones of ``privacy.max_physical_batch_size``) at the calibrated sigma,
     on the accountant history from ``ledger``, and records the round, with its phase, in the
-    ledger; DP noise and sampling use unpredictable randomness. Returns the new (unwrapped) state
-    dict and the metrics.
+    ledger; DP noise and sampling use unpredictable randomness. ``on_step(step_index, loss)`` is
+    called after every real optimizer step; under DP, ``epsilon_probe`` (a list) receives a
+    function that returns the epsilon spent so far. Returns the new (unwrapped) state dict and
+    the metrics.
     """
     tc = cfg.train
     private = phase_is_private(cfg, phase)
@@ -146,38 +150,50 @@ def local_train(
     gen = torch.Generator(device=device).manual_seed(seed)
     loop = dict(objective=stage.objective, steps=stage.steps, device=device, noise_multiplicity=stage.noise_multiplicity,
                 label_dropout=stage.label_dropout, autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)),
-                generator=gen, progress=progress, desc=f"site {site_index} {phase} round {server_round}")
+                generator=gen, progress=progress, desc=f"site {site_index} {phase} round {server_round}", on_step=on_step)
     start = time.perf_counter()
     if private:
-        plan = calibration.phase(phase)
-        loader = DataLoader(dataset, batch_size=plan["batch_size"], num_workers=tc.num_workers,
-                            generator=unpredictable_generator())
-        dp = make_private(model, optimizer, loader, noise_multiplier=calibration.noise_multiplier,
-                          max_grad_norm=calibration.max_grad_norm, noise_multiplicity=stage.noise_multiplicity,
-                          accountant_history=ledger.history, grad_sample_mode=stage.grad_sample_mode,
-                          noise_generator=unpredictable_generator(device))
-        batches = dp.batches(cfg.privacy.max_physical_batch_size)
-        try:
-            result = train_loop(model=dp.model, optimizer=dp.optimizer, batches=batches, step_fn=dp.step_fn,
-                                optimizer_stepped=dp.optimizer_stepped, **loop)
-        finally:
-            batches.close()
-        sigma, q, _ = dp.history[-1]
-        ledger.record(dp.history, {"study": calibration.study, "phase": phase, "round": server_round, "steps": result.steps,
-                                   "noise_multiplier": sigma, "sample_rate": q, "max_grad_norm": calibration.max_grad_norm,
-                                   "clip_fraction": dp.stats.clip_fraction})
-        privacy_metrics = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "noise_multiplier": sigma, "sample_rate": q,
-                           "clip_fraction": dp.stats.clip_fraction, "budget_exhausted": 0}
-        state = dp.state_dict()
+        result, privacy_metrics, state = _private_round(cfg, stage, dataset, loop, ledger, calibration, server_round,
+                                                        epsilon_probe)
     else:
         loader = DataLoader(dataset, batch_size=min(stage.batch_size, len(dataset)), shuffle=True, drop_last=True,
                             num_workers=tc.num_workers, generator=torch.Generator().manual_seed(seed))
         result = train_loop(model=model, optimizer=optimizer, batches=cycle(loader), grad_clip=tc.grad_clip, **loop)
         privacy_metrics = non_private_metrics()
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if not math.isfinite(result.mean_loss):
+        raise FloatingPointError(f"site {site_index}: the {phase} training loss became {result.mean_loss} in round "
+                                 f"{server_round}; check train.lr and the data (no update is sent)")
     metrics = {"num-examples": len(dataset), "train_loss": result.mean_loss, "steps": result.steps,
                "site-index": site_index, "seconds": time.perf_counter() - start, **privacy_metrics}
     return state, metrics
+
+
+def _private_round(cfg: ExperimentConfig, stage: "Stage", dataset: Dataset, loop: dict, ledger: PrivacyLedger,
+                   calibration: Calibration, server_round: int, epsilon_probe: Optional[list]):
+    """DP-SGD for the round's steps; records the round in the ledger. ``(result, metrics, state)``."""
+    plan = calibration.phase(stage.phase)
+    loader = DataLoader(dataset, batch_size=plan["batch_size"], num_workers=cfg.train.num_workers,
+                        generator=unpredictable_generator())
+    dp = make_private(stage.model, stage.optimizer, loader, noise_multiplier=calibration.noise_multiplier,
+                      max_grad_norm=calibration.max_grad_norm, noise_multiplicity=stage.noise_multiplicity,
+                      accountant_history=ledger.history, grad_sample_mode=stage.grad_sample_mode,
+                      noise_generator=unpredictable_generator(loop["device"]))
+    if epsilon_probe is not None:
+        epsilon_probe.append(lambda: float(dp.engine.accountant.get_epsilon(ledger.delta)))
+    batches = dp.batches(cfg.privacy.max_physical_batch_size)
+    try:
+        result = train_loop(model=dp.model, optimizer=dp.optimizer, batches=batches, step_fn=dp.step_fn,
+                            optimizer_stepped=dp.optimizer_stepped, **loop)
+    finally:
+        batches.close()
+    sigma, q, _ = dp.history[-1]
+    ledger.record(dp.history, {"study": calibration.study, "phase": stage.phase, "round": server_round, "steps": result.steps,
+                               "noise_multiplier": sigma, "sample_rate": q, "max_grad_norm": calibration.max_grad_norm,
+                               "clip_fraction": dp.stats.clip_fraction})
+    metrics = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "noise_multiplier": sigma, "sample_rate": q,
+               "clip_fraction": dp.stats.clip_fraction, "budget_exhausted": 0}
+    return result, metrics, dp.state_dict()
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ TRANSPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 TRAIN_METRIC_KEYS = ("num-examples", "train_loss", "steps", "site-index", "seconds", "epsilon", "delta", "noise_multiplier",
                      "sample_rate", "clip_fraction", "budget_exhausted")
 EVALUATE_METRIC_KEYS = ("num-examples", "eval_loss", "site-index", "feature-count")
+QUERY_METRIC_KEYS = ("site-index", "installed", "count", "total", "total-sq")
 
 
 def state_to_arrays(state: Mapping[str, torch.Tensor], transport_dtype: str = "fp32") -> ArrayRecord:

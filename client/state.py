@@ -23,7 +23,7 @@ from meddiff.checkpoint import load_state_file, save_state_file
 from meddiff.device import resolve_device
 from meddiff.latent import LatentCodec, LatentDataset, encode_dataset, state_digest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("meddiff.site")
 
 WEIGHTS_KEY = "autoencoder-weights"
 INFO_KEY = "autoencoder"

@@ -158,6 +158,9 @@ def main(argv: Sequence[str] | None = None, *, extend=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:  # DataError is a ValueError
         print(f"meddiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"meddiff {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -100,15 +100,27 @@ def site_delta(privacy_cfg: PrivacyConfig, num_examples: int, site: str) -> floa
 
 
 def open_site_ledger(state_dir: str | Path, *, site: str, num_examples: int, privacy_cfg: PrivacyConfig,
-                     budget: float, mirror: Optional[str] = None) -> PrivacyLedger:
-    """The site's ledger (a fresh one at its first round), reconciled with the in-memory mirror."""
+                     budget: float, mirror: Optional[str] = None, server_copy: Optional[str] = None) -> PrivacyLedger:
+    """The site's ledger (a fresh one at its first round), reconciled with the in-memory mirror and
+    with the server's record of this site (``server_copy``): whichever holds the most steps wins,
+    so a moved, copied or restored state directory never restarts the site's accounting at zero."""
     path = Path(state_dir) / LEDGER_FILE
     ledger = PrivacyLedger.open(path, site=site, delta=site_delta(privacy_cfg, num_examples, site), budget=budget)
-    if mirror:
-        copy = PrivacyLedger.from_json(mirror, path=path, budget_cap=ledger.budget)
+    for origin, text in (("this process's mirror", mirror), ("the server's record of this site", server_copy)):
+        if not text:
+            continue
+        try:
+            copy = PrivacyLedger.from_json(text, path=path, budget_cap=ledger.budget)
+        except ValueError:
+            log.warning("site %s: %s is unreadable; ignored", site, origin)
+            continue
+        if copy.site != site:
+            log.warning("site %s: %s names site %r; ignored", site, origin, copy.site)
+            continue
         if copy.steps > ledger.steps:
-            log.warning("site %s: %s holds %d steps but this process spent %d; restoring the larger ledger",
-                        site, path, ledger.steps, copy.steps)
+            log.warning("site %s: %s holds %d steps but %s holds %d; adopting the larger record", site, path,
+                        ledger.steps, origin, copy.steps)
+            copy.delta = min(copy.delta, ledger.delta)
             ledger = copy
             ledger.save()
     return ledger
@@ -126,18 +138,13 @@ def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: 
     if stored is not None:
         return Calibration.from_dict(stored)
     plan = dict(plan or {"diffusion": (batch_size, planned_steps)})
-    if "diffusion" not in plan:
-        raise ValueError(f"a study's plan must include the diffusion phase, got {sorted(plan)}")
-    phases = {name: {"batch_size": int(b), "sample_rate": poisson_sample_rate(num_examples, b), "planned_steps": int(n)}
-              for name, (b, n) in plan.items()}
-    main = phases["diffusion"]
-    extra = [(p["sample_rate"], p["planned_steps"]) for name, p in phases.items() if name != "diffusion"]
     try:
-        sigma = calibrate_noise_multiplier(target_epsilon=ledger.budget, target_delta=ledger.delta, sample_rate=main["sample_rate"],
-                                           steps=main["planned_steps"], prior_history=ledger.history, extra_segments=extra)
+        sigma, phases = calibrate_study(budget=ledger.budget, delta=ledger.delta, num_examples=num_examples, plan=plan,
+                                        prior_history=ledger.history)
     except ValueError as exc:
         raise BudgetExhausted(f"site {ledger.site}: cannot enrol in study {study!r}: {exc}", epsilon=ledger.epsilon(),
                               ledger=ledger) from None
+    main = phases["diffusion"]
     cal = Calibration(study=study, noise_multiplier=sigma, sample_rate=main["sample_rate"], planned_steps=main["planned_steps"],
                       max_grad_norm=privacy_cfg.max_grad_norm, batch_size=main["batch_size"], num_examples=int(num_examples),
                       phases=phases)
@@ -147,6 +154,22 @@ def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: 
     log.info("site %s enrolled in %s: sigma %.4f for phases %s, budget %g", ledger.site, study, sigma,
              {k: (round(v["sample_rate"], 5), v["planned_steps"]) for k, v in phases.items()}, ledger.budget)
     return cal
+
+
+def calibrate_study(*, budget: float, delta: float, num_examples: int, plan: dict[str, tuple[int, int]],
+                    prior_history=()) -> tuple[float, dict]:
+    """One sigma for every DP phase of ``plan`` (``{phase: (batch_size, planned_steps)}``) within
+    ``budget`` on top of ``prior_history``; ``(sigma, {phase: {batch_size, sample_rate,
+    planned_steps}})``. Raises ``ValueError`` when no sigma fits."""
+    if "diffusion" not in plan:
+        raise ValueError(f"a study's plan must include the diffusion phase, got {sorted(plan)}")
+    phases = {name: {"batch_size": int(b), "sample_rate": poisson_sample_rate(num_examples, b), "planned_steps": int(n)}
+              for name, (b, n) in plan.items()}
+    main = phases["diffusion"]
+    extra = [(p["sample_rate"], p["planned_steps"]) for name, p in phases.items() if name != "diffusion"]
+    sigma = calibrate_noise_multiplier(target_epsilon=budget, target_delta=delta, sample_rate=main["sample_rate"],
+                                       steps=main["planned_steps"], prior_history=prior_history, extra_segments=extra)
+    return sigma, phases
 
 
 def check_budget(ledger: PrivacyLedger, cal: Calibration, steps: int, *, sample_rate: Optional[float] = None) -> None:

@@ -37,11 +37,18 @@ def cmd_data_from_template(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from sim.run import simulate
+    from sim.run import RunInterrupted, simulate
 
-    cfg = load_config(args.config, args.overrides)
-    simulate(cfg, config_path=args.config, overrides=list(args.overrides), run_dir=args.run_dir,
-             resume_from=str(args.resume_from or ""), timeout=args.timeout)
+    flags = {"client_cpus": args.client_cpus, "client_gpus": args.client_gpus, "parallel_sites": args.parallel_sites,
+             "ray_address": args.ray_address}
+    overrides = list(args.overrides) + [f"simulation.{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_config(args.config, overrides)
+    try:
+        simulate(cfg, run_dir=args.run_dir,
+                 resume_from=str(args.resume_from or ""), timeout=args.timeout, verbose=args.verbose)
+    except RunInterrupted as exc:
+        print(f"meddiff simulate: {exc}", file=sys.stderr)
+        return 128 + int(exc.signum)
     return 0
 
 
@@ -63,7 +70,12 @@ def _extend(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.add_argument("--run-dir", type=Path, default=None, help="output folder (default: <output.root>/<output.name or federated-timestamp>)")
     p.add_argument("--resume-from", type=Path, default=None, help="round checkpoint to continue from")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
+    p.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds before the run is stopped")
+    p.add_argument("--verbose", "-v", action="store_true", help="show every Flower and Ray log line")
+    p.add_argument("--client-cpus", type=float, default=None, help="CPUs per simulated site (simulation.client_cpus)")
+    p.add_argument("--client-gpus", type=float, default=None, help="GPU share per site, e.g. 0.25 (simulation.client_gpus)")
+    p.add_argument("--parallel-sites", type=int, default=None, help="sites training at once (simulation.parallel_sites)")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (simulation.ray_address)")
     p.set_defaults(func=cmd_simulate)
 
     data = sub.add_parser("data", help="dataset tools")

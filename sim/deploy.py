@@ -2,7 +2,7 @@
 
 Used by the deployment tests and as a worked example of the commands a hospital consortium runs
 (see README "Deploying across hospitals"). Everything binds to 127.0.0.1 and every process it
-starts is stopped by PID (:func:`sim.run.stop_process_tree`).
+starts is stopped by PID (:func:`sim.processes.stop_process_tree`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from sim.run import PROJECT, flower_env, free_port, stop_process_tree
+from sim.processes import free_port, stop_process_tree
+from sim.run import PROJECT, flower_env
 
 
 @dataclass

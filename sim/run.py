@@ -1,12 +1,16 @@
 """``meddiff simulate``: run an experiment on Flower's local simulation engine, end to end.
 
-1. Resolve the config and an absolute run directory; for real datasets, write the split
-   ``manifest.json`` there (the sites read their share from it).
-2. Start the local simulation SuperLink ourselves (the same command ``flwr run`` would start,
-   on the ports Flower's ``FLWR_LOCAL_*_PORT`` variables name) so that its PID is known.
-3. ``flwr run <project> local --stream`` with the run config and the simulation size.
-4. Stop the SuperLink and every process it started (SuperExec, simulation), by PID, whatever
-   happened.
+1. Check the config, the resume and the privacy plan before anything starts (:mod:`sim.preflight`);
+   for real datasets write the split ``manifest.json`` into the run directory (a resume reuses
+   the stored one, after checking the data still matches it).
+2. Start the local simulation SuperLink ourselves (the command ``flwr run`` would start, on the
+   ports Flower's ``FLWR_LOCAL_*_PORT`` variables name) so that its PID is known, and a watchdog
+   (:class:`sim.processes.Reaper`) that stops the whole tree if this process dies, even by SIGKILL.
+3. ``flwr run <project> local --stream`` with the run config and the simulation's resources;
+   its output goes to ``<run>/flower.log`` and, filtered, to the console, with each site's
+   progress (:mod:`sim.console`).
+4. Stop every process started, by PID, whatever happened (SIGTERM and SIGINT included), and
+   remove Ray's session directory.
 
 Runtime dependency installation, telemetry and update checks are off, and ``FLWR_HOME`` is
 project-local (``<project>/.flwr_home`` unless set), holding the shipped ``config.toml``.
@@ -15,16 +19,26 @@ project-local (``<project>/.flwr_home`` unless set), holding the shipped ``confi
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
+import queue
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from configs import ExperimentConfig
+from rich.console import Console
+
+from configs import ExperimentConfig, config_to_yaml
+from sim.console import SiteWatcher, StreamPrinter, final_table
+from sim.preflight import check_federation, check_fresh_run_dir, check_privacy_plan, check_resume, site_sizes
+from sim.processes import Reaper, port_free, port_owner, stop_process_tree
 
 PROJECT = Path(__file__).resolve().parents[1]
 FLOWER_ENV = {
@@ -40,127 +54,115 @@ address = ":local:"
 """
 
 
+class RunInterrupted(RuntimeError):
+    """The user (or ``timeout``, ``kill``, ``docker stop``) stopped the run with a signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; every Flower process of the run was stopped")
+        self.signum = signum
+
+
+class RunFailed(RuntimeError):
+    """The federated run ended without a usable result (its ``stop_reason`` says why)."""
+
+
 def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FLOWER_ENV)
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    """All descendants of ``pid`` (from /proc), deepest last."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def stop_process_tree(pid: int, *, grace: float = 10.0) -> list[int]:
-    """SIGTERM ``pid`` and its descendants, then SIGKILL what is left after ``grace`` seconds."""
-    pids = [pid] + _children(pid)
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    for p in pids:
-        if _alive(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def start_superlink(flwr_home: Path, env: dict[str, str], http_port: int, control_port: int) -> subprocess.Popen:
     """Start the local simulation SuperLink (as ``flwr run . local`` would) and wait for health."""
     for port in (http_port, control_port):
-        if not _port_free(port):
-            raise RuntimeError(f"port {port} on 127.0.0.1 is busy (another SuperLink?); stop it or set "
-                               "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT / FLWR_LOCAL_CONTROL_API_PORT")
+        if not port_free(port):
+            owner = port_owner(port) or "a process this user cannot see"
+            raise RuntimeError(f"port {port} on 127.0.0.1 is busy, held by {owner}; stop it, or set "
+                               "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT / FLWR_LOCAL_CONTROL_API_PORT to free ports")
     runtime = flwr_home / "local-superlink"
     runtime.mkdir(parents=True, exist_ok=True)
     cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
            "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
            "--database", str(runtime / "state.db"), "--log-file", str(runtime / "superlink.log")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    import urllib.request
-
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; see {runtime / 'superlink.log'}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=0.5) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2) as r:
                 if r.status == 200:
                     return proc
         except OSError:
             time.sleep(0.2)
     stop_process_tree(proc.pid)
-    raise RuntimeError(f"flower-superlink did not become healthy within 30 s; see {runtime / 'superlink.log'}")
+    raise RuntimeError(f"flower-superlink did not become healthy within 120 s; see {runtime / 'superlink.log'}")
 
 
-def simulate(cfg: ExperimentConfig, *, config_path: Optional[Path], overrides: list[str], run_dir: Optional[Path] = None,
-             resume_from: str = "", flwr_home: Optional[Path] = None, timeout: float = 3600.0,
-             http_port: Optional[int] = None, control_port: Optional[int] = None, log_path: Optional[Path] = None) -> Path:
+def federation_config(cfg: ExperimentConfig) -> str:
+    """``--federation-config``: sites, each site's CPUs and GPU share, and how many run at once."""
+    sim = cfg.simulation
+    parts = [f"num-supernodes={cfg.federation.num_sites}", f"client-resources-num-cpus={sim.client_cpus:g}",
+             f"client-resources-num-gpus={sim.client_gpus:g}"]
+    if sim.parallel_sites and not sim.ray_address:  # a Ray cluster has its own resources
+        parts.append(f"init-args-num-cpus={math.ceil(sim.parallel_sites * sim.client_cpus)}")
+    return " ".join(parts)
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _manifest(cfg: ExperimentConfig, run_dir: Path, resume_from: str, say) -> tuple[str, Optional[dict]]:
+    """The split manifest of a real dataset: built for a new run; reused (and checked) on resume."""
+    from meddiff.data.sites import load_manifest, verify_manifest
+    from sim.manifest import build_manifest, dumps, write_manifest
+
+    if cfg.data.dataset == "phantoms":
+        return "", None
+    stored = [p for p in (run_dir / "manifest.json", Path(resume_from).resolve().parent.parent / "manifest.json")
+              if resume_from and p.is_file()]
+    if not stored:
+        manifest = build_manifest(cfg)
+        path = write_manifest(manifest, run_dir)
+        say(f"[meddiff] split manifest: {path}")
+        return str(path), manifest
+    manifest = load_manifest(stored[0])
+    added = verify_manifest(manifest, cfg)
+    path = run_dir / "manifest.json"
+    if stored[0] != path:
+        path.write_text(dumps(manifest))
+    say(f"[meddiff] resuming on the stored split {stored[0]}" + (f"; {added} record(s) added since are left out" if added else ""))
+    return str(path), manifest
+
+
+def simulate(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, resume_from: str = "", flwr_home: Optional[Path] = None, timeout: float = 3600.0,
+             http_port: Optional[int] = None, control_port: Optional[int] = None, log_path: Optional[Path] = None,
+             verbose: bool = False) -> Path:
     """Run ``cfg`` as a local Flower simulation; returns the run directory.
 
-    The Flower log streams to the console, or to ``log_path`` when given.
-    """
-    from sim.manifest import build_manifest, write_manifest
+    The ServerApp receives ``cfg`` itself (as ``<run>/.simulate_config.yaml``), so what runs is
+    exactly what was checked here.
 
+    The full Flower log goes to ``<run>/flower.log`` (or ``log_path``, which also silences the
+    console). Raises :class:`RunFailed` when the run ended without a result, and
+    :class:`RunInterrupted` when a signal stopped it.
+    """
     run_dir = (run_dir or Path(cfg.output.root) / (cfg.output.name or f"federated-{_dt.datetime.now():%Y%m%d-%H%M%S}")).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)  # the ServerApp writes config.yaml into it
-    manifest_path = ""
-    if cfg.data.dataset != "phantoms":
-        manifest_path = str(write_manifest(build_manifest(cfg), run_dir))
-        if not log_path:
-            print(f"[meddiff] split manifest: {manifest_path}")
+    console = Console(highlight=False, quiet=log_path is not None)
+    say = lambda m: console.print(m, markup=False)  # noqa: E731
+    check_federation(cfg)
+    if resume_from:
+        check_resume(cfg, run_dir, resume_from)
+    else:
+        check_fresh_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path, manifest = _manifest(cfg, run_dir, resume_from, say)
+    check_privacy_plan(cfg, site_sizes(cfg, manifest))
     flwr_home = (flwr_home or Path(os.environ.get("FLWR_HOME", PROJECT / ".flwr_home"))).resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
     if not (flwr_home / "config.toml").exists():
@@ -168,34 +170,95 @@ def simulate(cfg: ExperimentConfig, *, config_path: Optional[Path], overrides: l
     http_port = http_port or int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", 39091))
     control_port = control_port or int(os.environ.get("FLWR_LOCAL_CONTROL_API_PORT", 39093))
     env = flower_env(flwr_home, http_port, control_port)
-
-    def q(s: str) -> str:
-        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    run_config = " ".join([
-        f"config-path={q(str(Path(config_path).resolve()) if config_path else '')}",
-        f"overrides={q(' '.join(overrides))}",
-        f"run-dir={q(str(run_dir))}",
-        f"resume-from={q(str(Path(resume_from).resolve()) if resume_from else '')}",
-        f"manifest-path={q(manifest_path)}",
-    ])
-    fed = cfg.federation
+    requested = run_dir / ".simulate_config.yaml"
+    requested.write_text(config_to_yaml(cfg))
+    run_config = " ".join([f"config-path={_q(str(requested))}", 'overrides=""', f"run-dir={_q(str(run_dir))}",
+                           f"resume-from={_q(str(Path(resume_from).resolve()) if resume_from else '')}",
+                           f"manifest-path={_q(manifest_path)}"])
     cmd = ["flwr", "run", str(PROJECT), "local", "--stream", "--run-config", run_config,
-           "--federation-config", f"num-supernodes={fed.num_sites} client-resources-num-cpus=1"]
-    superlink = start_superlink(flwr_home, env, http_port, control_port)
-    (run_dir / "flower_pids.txt").write_text(f"superlink {superlink.pid}\n")
-    say = (lambda m: None) if log_path else (lambda m: print(m, flush=True))
-    say(f"[meddiff] local SuperLink pid {superlink.pid} on 127.0.0.1:{http_port}; run dir {run_dir}")
-    log = open(log_path, "w") if log_path else None
+           "--federation-config", federation_config(cfg)]
+    started = time.time()
+    _run_flower(cmd, env, cfg, run_dir, flwr_home, console, timeout=timeout, log_path=log_path, verbose=verbose)
+    return _outcome(run_dir, started, console, log_path or run_dir / "flower.log")
+
+
+def _run_flower(cmd: list[str], env: dict, cfg: ExperimentConfig, run_dir: Path, flwr_home: Path, console: Console, *,
+                timeout: float, log_path: Optional[Path], verbose: bool) -> None:
+    """Start SuperLink and ``flwr run``, stream the output, and stop everything, whatever happens."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="meddiff-ray-"))
+    env = {**env, "RAY_TMPDIR": str(ray_tmp)}
+    if cfg.simulation.ray_address:
+        env["RAY_ADDRESS"] = cfg.simulation.ray_address
+    reaper, superlink, flwr, watcher = Reaper(), None, None, None
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        subprocess.run(cmd, env=env, check=True, timeout=timeout, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT if log else None)
+        superlink = start_superlink(flwr_home, env, int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]),
+                                    int(env["FLWR_LOCAL_CONTROL_API_PORT"]))
+        (run_dir / "flower_pids.txt").write_text(f"superlink {superlink.pid}\n")
+        console.print(f"[meddiff] local SuperLink pid {superlink.pid}; run dir {run_dir}", markup=False)
+        watcher = SiteWatcher(run_dir / "progress", lambda m: console.print(m, markup=False))
+        watcher.start()
+        with open(log_path or run_dir / "flower.log", "w") as log:
+            flwr = subprocess.Popen(cmd, env=env, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    bufsize=1, start_new_session=True)
+            _pump(flwr, StreamPrinter(console, log, verbose=verbose), timeout)
+    except KeyboardInterrupt:
+        raise RunInterrupted(signal.SIGINT) from None
     finally:
-        if log:
-            log.close()
-        stopped = stop_process_tree(superlink.pid)
-        say(f"[meddiff] stopped Flower processes {stopped}")
-    if not (run_dir / "summary.json").exists():
-        raise RuntimeError(f"the federated run ended without writing {run_dir / 'summary.json'}; "
-                           f"see {flwr_home / 'local-superlink' / 'superlink.log'}")
-    say(f"[meddiff] done: {run_dir / 'summary.md'}")
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if watcher is not None:
+            watcher.stop()
+        stopped = [p for proc in (flwr, superlink) if proc is not None for p in stop_process_tree(proc.pid)]
+        reaper.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        console.print(f"[meddiff] stopped Flower processes {sorted(set(stopped))}", markup=False)
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise RunInterrupted(signum)
+
+
+def _pump(proc: subprocess.Popen, printer: StreamPrinter, timeout: float) -> None:
+    """Feed ``proc``'s output to ``printer`` until it exits; stop it after ``timeout`` seconds."""
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise RunFailed(f"the run did not finish within --timeout {timeout:g} s and was stopped") from None
+            continue
+        if line is None:
+            break
+        printer.feed(line)
+    proc.wait()
+
+
+def _outcome(run_dir: Path, started: float, console: Console, log_file: Path) -> Path:
+    """The run directory if the run wrote a fresh summary that is not a failure; else RunFailed."""
+    import json
+
+    path = run_dir / "summary.json"
+    if not path.is_file() or path.stat().st_mtime < started:
+        raise RunFailed(f"the federated run ended without writing {path}: the server stopped with an error; "
+                        f"{_last_error(log_file)}(full log: {log_file})")
+    summary = json.loads(path.read_text())
+    final_table(console, run_dir, summary)
+    if summary.get("status") == "failed":
+        raise RunFailed(f"the run failed: {summary.get('stop_reason') or 'no round aggregated an update'} "
+                        f"(see {run_dir / 'summary.md'})")
+    console.print(f"[meddiff] done ({summary.get('status')}): {run_dir / 'summary.md'}", markup=False)
     return run_dir
+
+
+def _last_error(log_file: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if ("Error" in ln or "error" in ln) and not ln.startswith("File ")]
+    return f"last error: {errors[-1][-400:]} " if errors else ""

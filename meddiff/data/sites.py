@@ -56,6 +56,30 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
 
 
 
+def verify_manifest(manifest: dict[str, Any], cfg: ExperimentConfig) -> int:
+    """Check that every sample of a stored manifest is still there with the same content (before a
+    resumed run reuses the split). Returns how many records the data holds that the manifest does
+    not (rows added since the split, which the run leaves out); raises ``ValueError`` naming the
+    first missing or changed sample."""
+    if manifest["dataset"] == "phantoms":
+        return 0
+    wanted = {s["id"]: s["sha256"] for part in _parts(manifest) for s in part["samples"]}
+    records = {r.sample_id: r for r in index_dataset(cfg.data).records}
+    missing = sorted(set(wanted) - set(records))
+    if missing:
+        raise ValueError(f"the data at {cfg.data.path} no longer holds {len(missing)} sample(s) of the run's split "
+                         f"manifest, e.g. {missing[0]!r}; resume with the data the run started with")
+    for sid, digest in wanted.items():
+        if content_digest(records[sid]) != digest:
+            raise ValueError(f"{records[sid].files[0]}: content changed since the split (sample {sid}); resume with "
+                             "the data the run started with")
+    return len(set(records) - set(wanted))
+
+
+def _parts(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [manifest["global_test"]] + [site[k] for site in manifest["sites"] for k in ("train", "test")]
+
+
 def _site_entry(manifest: dict[str, Any], site: int | str) -> tuple[int, dict[str, Any]]:
     sites = manifest["sites"]
     if isinstance(site, str):

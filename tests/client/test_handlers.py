@@ -96,8 +96,11 @@ def test_node_config_without_site_is_an_error():
     cfg = tiny_config()
     msg = server_message(cfg, build_model(cfg.model, 16).state_dict(), dst=11)
     ctx = Context(run_id=1, node_id=11, node_config={}, state=RecordDict(), run_config={})
-    with pytest.raises(ValueError, match="neither 'data-path'"):
-        train(msg, ctx)
+    reply = train(msg, ctx)  # the error goes back to the server as a failure reply, with its traceback
+    failure = reply.content["failure"]
+    assert "ValueError: node config has neither 'data-path'" in failure["reason"]
+    assert "Traceback" in failure["traceback"] and "arrays" not in reply.content.array_records
+    assert set(reply.content["metrics"]) == set(TRAIN_METRIC_KEYS)
 
 
 def test_fedprox_term_pulls_towards_the_global_weights():

@@ -124,8 +124,8 @@ def test_deployed_site_needs_its_own_budget_and_state_dir(tmp_path):
     assert site_budget(cfg, dict(deployed, **{"epsilon-budget": 3.0}), site) == 3.0
     assert site_state_dir({"partition-id": 0}, from_server, site) == tmp_path / "elsewhere" / "hospital_a"
     weights = build_model(cfg.model, 16).state_dict()
-    with pytest.raises(ValueError, match="needs a state directory"):
-        _round(cfg, weights, 1, {"partition-id": 0, "num-partitions": 2})  # simulation, but no root from the server
+    failed = _round(cfg, weights, 1, {"partition-id": 0, "num-partitions": 2})  # simulation, but no root from the server
+    assert "needs a state directory" in failed["failure"]["reason"] and "arrays" not in failed.array_records
 
 
 def test_a_site_whose_ledger_is_spent_refuses_to_enrol_in_a_new_study(tmp_path):

@@ -90,7 +90,7 @@ def test_site_killed_mid_round_the_round_completes_with_the_other(tmp_path):
         run_dir = tmp_path / "run"
         import threading
 
-        from sim.run import stop_process_tree
+        from sim.processes import stop_process_tree
 
         def kill_when_training():
             # hospital_b dies while round 1 trains: start-up takes ~10 s, 2000 local steps ~20-40 s more

@@ -13,7 +13,8 @@ from opacus.accountants import RDPAccountant
 from configs import load_config
 from meddiff.checkpoint import load_checkpoint
 from meddiff.data.template import write_template_cohort
-from sim.run import free_port, simulate
+from sim.processes import free_port
+from sim.run import simulate
 from tests.conftest import REPO, shared_file
 
 TINY_3D = ["federation.num_sites=2", "federation.min_train_nodes=2", "federation.num_rounds=1", "federation.local_steps=2",
@@ -26,7 +27,7 @@ TINY_3D = ["federation.num_sites=2", "federation.min_train_nodes=2", "federation
 
 def _run(tmp_path: Path, name: str, config, overrides: list[str], resume_from: str = "") -> Path:
     cfg = load_config(config, overrides)
-    return simulate(cfg, config_path=config, overrides=overrides, run_dir=tmp_path / name, resume_from=resume_from,
+    return simulate(cfg, run_dir=tmp_path / name, resume_from=resume_from,
                     flwr_home=tmp_path / "flwr_home", timeout=600, http_port=free_port(), control_port=free_port())
 
 

@@ -11,7 +11,8 @@ from opacus.accountants import RDPAccountant
 from configs import load_config
 from meddiff.build import build_model
 from meddiff.checkpoint import load_checkpoint
-from sim.run import free_port, simulate
+from sim.processes import free_port
+from sim.run import simulate
 
 TINY = ["federation.num_sites=2", "federation.min_train_nodes=2", "federation.local_steps=2", "data.num_samples=40",
         "data.image_size=16", "model.model_channels=8", "model.channel_mult=[1,2]", "model.attention_resolutions=[8]",
@@ -21,7 +22,7 @@ TINY = ["federation.num_sites=2", "federation.min_train_nodes=2", "federation.lo
 
 def _run(tmp_path: Path, name: str, overrides: list[str], resume_from: str = "") -> Path:
     cfg = load_config(None, overrides)
-    return simulate(cfg, config_path=None, overrides=overrides, run_dir=tmp_path / name, resume_from=resume_from,
+    return simulate(cfg, run_dir=tmp_path / name, resume_from=resume_from,
                     flwr_home=tmp_path / "flwr_home", timeout=300, http_port=free_port(), control_port=free_port())
 
 

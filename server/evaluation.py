@@ -1,0 +1,80 @@
+"""Each round's evaluation: every site's held-out loss of the new global model, a federated FID
+from the sites' feature statistics (no image leaves a site), and EMA sample grids."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from configs import ExperimentConfig
+from meddiff.build import sample_spacing
+from meddiff.ema import EMA
+from meddiff.evaluate import FeatureStats, build_encoder, federated_fid
+from meddiff.latent import LatentCodec
+from meddiff.outputs import write_samples
+from meddiff.train import sample_images
+
+log = logging.getLogger("meddiff.server")
+
+
+class Evaluation:
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, run_dir: Path, say: Callable[[str], None]):
+        self.grid, self.cfg, self.run_dir, self.say = grid, cfg, run_dir, say
+        self.codec: Optional[LatentCodec] = None
+
+    def held_out(self, strategy, rnd: int, global_state, payload: dict, *, with_fid: bool) -> tuple[list[dict], dict]:
+        """``(rows, site_stats)``: each site's evaluate metrics and, when asked, its feature statistics."""
+        messages = strategy.configure_evaluate(rnd, ArrayRecord(global_state), ConfigRecord({**payload, "fid-stats": int(with_fid)}),
+                                               self.grid)
+        rows, site_stats = [], {}
+        for reply in self.grid.send_and_receive(messages=messages, timeout=self.cfg.federation.round_timeout):
+            problem = _problem(reply)
+            if problem:
+                log.warning("round %d: node %s could not evaluate: %s", rnd, reply.metadata.src_node_id, problem)
+                continue
+            m = dict(reply.content["metrics"])
+            rows.append(m)
+            if with_fid and "feature-stats" in reply.content.array_records:
+                arrays = reply.content["feature-stats"].to_torch_state_dict()
+                site_stats[f"site_{int(m['site-index'])}"] = FeatureStats(
+                    int(m["feature-count"]), arrays["mean"].double().numpy(), arrays["cov"].double().numpy())
+        return rows, site_stats
+
+    def federated_fid(self, ema: EMA, model, site_stats: dict) -> dict:
+        """FID of EMA samples against the merged site statistics (and per site)."""
+        ev = self.cfg.evaluation
+        ema.copy_to(model)
+        samples = sample_images(model, self.cfg, num=ev.num_samples, device=torch.device("cpu"), seed=self.cfg.train.seed + 1,
+                                progress=False, codec=self.codec)
+        features = build_encoder(ev.encoder, ev.encoder_weights or None).encode(samples)
+        result = federated_fid(features, site_stats)
+        self.say(f"federated FID ({ev.encoder}) {result['fid_global']:.3f}; per site: "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result["fid_per_site"].items())))
+        return result
+
+    def draw(self, ema: EMA, model, stem: str) -> torch.Tensor:
+        """EMA samples of the config's sampler, written as ``samples/<stem>.png`` (and .npy / NIfTI)."""
+        ema.copy_to(model)
+        samples = sample_images(model, self.cfg, num=self.cfg.output.num_samples, device=torch.device("cpu"),
+                                seed=self.cfg.train.seed, progress=False, codec=self.codec)
+        write_samples(samples, self.run_dir / "samples", stem, spacing=sample_spacing(self.cfg))
+        return samples
+
+
+def _problem(reply) -> str:
+    """Why an evaluate reply holds no metrics ("" when it does)."""
+    if reply.has_error():
+        return (str(reply.error.reason).strip().splitlines() or ["error reply"])[-1]
+    if "failure" in reply.content.config_records:
+        return str(reply.content["failure"].get("reason", "failed"))
+    return "" if "metrics" in reply.content.metric_records else "no metrics in the reply"
+
+
+def weighted_mean(rows: list[dict], key: str) -> float:
+    n = sum(r.get("num-examples", 0) for r in rows)
+    return sum(r[key] * r["num-examples"] for r in rows) / n if n else float("nan")

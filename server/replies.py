@@ -1,0 +1,108 @@
+"""What each site's reply to a round says, before any update reaches a strategy.
+
+A reply is one of: an update (weights and metrics), a refusal (the site's privacy budget or
+policy does not allow the round; metrics and a reason, no weights), a failure (the site raised
+an error; a one-line reason and the traceback), a request for the phase-2 autoencoder, or a
+Flower error reply (the node went offline mid-round, or the ClientApp crashed outside our
+handlers). Every kind but the update becomes one report entry naming the site and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from flwr.app import Message
+
+log = logging.getLogger("meddiff.server")
+
+#: Flower's error code for a message whose destination node went offline (missed heartbeats).
+NODE_UNAVAILABLE = 5
+
+
+@dataclass
+class SortedReplies:
+    """One round's replies by kind (see the module docstring)."""
+
+    updates: list[Message] = field(default_factory=list)
+    refusals: list[Message] = field(default_factory=list)
+    failures: list[Message] = field(default_factory=list)
+    missing_autoencoder: list[Message] = field(default_factory=list)
+    errors: list[Message] = field(default_factory=list)
+
+
+def sort_replies(replies: Iterable[Message]) -> SortedReplies:
+    out = SortedReplies()
+    for r in replies:
+        if r.has_error():
+            out.errors.append(r)
+        elif "failure" in r.content.config_records:
+            out.failures.append(r)
+        elif "refusal" in r.content.config_records:
+            out.refusals.append(r)
+        elif "missing-autoencoder" in r.content.config_records:
+            out.missing_autoencoder.append(r)
+        else:
+            out.updates.append(r)
+    return out
+
+
+def _metrics(msg: Message) -> dict:
+    return dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
+
+
+def refusal_report(server_round: int, msg: Message) -> dict:
+    node, m = msg.metadata.src_node_id, _metrics(msg)
+    reason = str(msg.content["refusal"].get("reason", "no reason given"))
+    log.warning("round %d: node %s refused: %s", server_round, node, reason)
+    return {**m, "node": node, "site": int(m.get("site-index", -1)), "accepted": False, "refused": True,
+            "reason": f"refused: {reason}"}
+
+
+def failure_report(server_round: int, msg: Message, error_log: Path) -> dict:
+    """A site's error: one line for ``metrics.csv``, the traceback appended to ``error_log``."""
+    node, m = msg.metadata.src_node_id, _metrics(msg)
+    record = msg.content["failure"]
+    site = int(m.get("site-index", -1))
+    reason = str(record.get("reason", "unknown error"))
+    append_traceback(error_log, f"round {server_round}, site {site} (node {node})", str(record.get("traceback", "")))
+    log.warning("round %d: site %s (node %s) failed: %s (traceback in %s)", server_round, site, node, reason, error_log)
+    return {"node": node, "site": site, "accepted": False, "reason": f"failed: {reason}"}
+
+
+def error_report(server_round: int, msg: Message, node_sites: dict[int, int], error_log: Path) -> dict:
+    """A Flower error reply: a lost node (offline mid-round), or a ClientApp that crashed."""
+    node = msg.metadata.src_node_id
+    site = node_sites.get(node, -1)
+    if msg.error.code == NODE_UNAVAILABLE:
+        reason = f"lost: node {node} went offline during the round (missed heartbeats); the round went on without it"
+    else:
+        first = (str(msg.error.reason).strip().splitlines() or ["no reason given"])[-1]
+        reason = f"error reply: {first[:300]}"
+        append_traceback(error_log, f"round {server_round}, node {node}", str(msg.error.reason))
+    log.warning("round %d: site %s (node %s): %s", server_round, site, node, reason)
+    return {"node": node, "site": site, "accepted": False, "reason": reason}
+
+
+def missing_autoencoder_report(msg: Message) -> dict:
+    node, m = msg.metadata.src_node_id, _metrics(msg)
+    log.warning("node %s lacks the autoencoder; sending it again", node)
+    return {**m, "node": node, "site": int(m.get("site-index", -1)), "accepted": False,
+            "reason": "lacked the phase-1 autoencoder; sent again"}
+
+
+def append_traceback(path: Path, where: str, text: str) -> None:
+    if not text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(f"==== {where}\n{text.rstrip()}\n\n")
+
+
+def learn_node_sites(replies: Iterable[Message], node_sites: dict[int, int]) -> None:
+    """Remember which site each node is, from any reply that says so (to name lost nodes later)."""
+    for r in replies:
+        if not r.has_error() and "site-index" in _metrics(r):
+            node_sites[r.metadata.src_node_id] = int(_metrics(r)["site-index"])

@@ -1,0 +1,82 @@
+"""What the server knows about a run beyond the weights, and how it survives in checkpoints.
+
+The study id names the sites' privacy enrolment; the site ledgers are the server's copy of every
+DP site's accounting (sent back to the sites, which adopt it when it holds more than their own
+disk: a moved or copied run never restarts a site's accounting at zero); refused sites are those
+whose budget or policy no longer allows a round. Where the sites keep their state is *not*
+stored: in simulation it is always ``<run dir>/site_state``, so a moved run finds its ledgers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from flwr.app import Message
+
+from privacy.report import update_site_ledgers
+
+log = logging.getLogger("meddiff.server")
+
+
+@dataclass
+class RunState:
+    study_id: str
+    history: list[dict] = field(default_factory=list)
+    ledgers: dict = field(default_factory=dict)
+    refused_sites: set[str] = field(default_factory=set)
+    refused_nodes: set[int] = field(default_factory=set)
+    central: dict = field(default_factory=dict)
+    node_sites: dict[int, int] = field(default_factory=dict)
+    failed_streak: int = 0
+
+    @classmethod
+    def new(cls, run_dir: Path, central: dict) -> "RunState":
+        return cls(study_id=f"{run_dir.name}-{time.strftime('%Y%m%dT%H%M%S')}", central=central)
+
+    def to_checkpoint(self) -> dict:
+        """Plain strings for a checkpoint's ``extra`` (``torch.load(weights_only=True)``-safe)."""
+        return {"history": json.dumps({"rounds": self.history}), "study": json.dumps({"study-id": self.study_id}),
+                "privacy_ledgers": json.dumps(self.ledgers), "exhausted_sites": json.dumps(sorted(self.refused_sites)),
+                "central_dp": json.dumps(self.central)}
+
+    @classmethod
+    def from_checkpoint(cls, extra: dict, default_central: dict) -> "RunState":
+        study = json.loads(extra.get("study", "{}"))
+        if "study-id" not in study:
+            raise ValueError("the checkpoint names no study; it was not written by a federated run")
+        return cls(study_id=study["study-id"], history=json.loads(extra.get("history", '{"rounds": []}'))["rounds"],
+                   ledgers=json.loads(extra.get("privacy_ledgers", "{}")),
+                   refused_sites=set(json.loads(extra.get("exhausted_sites", "[]"))),
+                   central=json.loads(extra.get("central_dp", json.dumps(default_central))))
+
+    def merge_privacy(self, updates: Iterable[Message], refusals: Iterable[Message]) -> None:
+        """Keep the newest ledger each DP reply carries; remember the sites that refused."""
+        found = {}
+        for reply in updates:
+            name, text = _ledger_of(reply)
+            if name:
+                found[name] = text
+        for reply in refusals:
+            name, text = _ledger_of(reply)
+            if name:
+                found[name] = text
+            self.refused_nodes.add(reply.metadata.src_node_id)
+            self.refused_sites.add(name or f"node {reply.metadata.src_node_id}")
+        self.ledgers = update_site_ledgers(self.ledgers, found)
+
+
+def _ledger_of(reply: Message) -> tuple[str, str]:
+    """``(site, ledger JSON)`` carried by a DP reply, or ``("", "")``."""
+    if "privacy" not in reply.content.config_records:
+        return "", ""
+    text = str(reply.content["privacy"].get("ledger", ""))
+    try:
+        return str(json.loads(text)["site"]), text
+    except (json.JSONDecodeError, KeyError, TypeError):
+        log.warning("node %s sent an unreadable privacy ledger; ignored", reply.metadata.src_node_id)
+        return "", ""

@@ -1,0 +1,164 @@
+"""The record a federated run leaves: ``metrics.csv`` rows, TensorBoard scalars, the console line
+of each round, and ``summary.{json,md}`` at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+from configs import ExperimentConfig
+from meddiff.board import RunBoard
+from meddiff.runs import MetricsCSV
+
+log = logging.getLogger("meddiff.server")
+
+PRIVACY_FIELDS = ["epsilon", "delta", "noise_multiplier", "sample_rate", "clip_fraction", "budget_exhausted"]
+METRIC_FIELDS = ["round", "phase", "scope", "node", "accepted", "reason", "num_examples", "train_loss", "eval_loss", "fid",
+                 "steps", "seconds", *PRIVACY_FIELDS]
+PHASE_ORDER = {"autoencoder": 0, "diffusion": 1}
+
+
+def say(msg: str) -> None:
+    log.info(msg)
+    print(f"[meddiff] {msg}", flush=True)
+
+
+class RunRecord:
+    """``metrics.csv`` and the TensorBoard event files of one federated run."""
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig):
+        self.metrics = MetricsCSV(run_dir / "metrics.csv", METRIC_FIELDS)
+        self.board = RunBoard(run_dir, enabled=cfg.output.tensorboard)
+
+    def sites(self, rnd: int, phase: str, report: list[dict]) -> None:
+        """One row per site reply of a training round (accepted, or the reason it was not)."""
+        for r in report:
+            scope = f"site_{r['site']}" if int(r["site"]) >= 0 else f"node_{r['node']}"
+            self.metrics.write({"round": rnd, "phase": phase, "scope": scope, "node": r["node"], "accepted": int(r["accepted"]),
+                                "reason": r["reason"], "num_examples": r.get("num-examples", ""),
+                                "train_loss": r.get("train_loss", ""), "steps": r.get("steps", ""),
+                                "seconds": r.get("seconds", ""), **{k: r.get(k, "") for k in PRIVACY_FIELDS}})
+            if r["accepted"]:
+                self.board.scalars(_tag(phase, scope), {k: r.get(k) for k in ("train_loss", "epsilon", "clip_fraction")}, rnd)
+
+    def evaluation(self, rnd: int, phase: str, rows: list[dict], fid_per_site: dict) -> None:
+        for m in rows:
+            scope = f"site_{int(m['site-index'])}"
+            self.metrics.write({"round": rnd, "phase": phase, "scope": scope, "accepted": "", "num_examples": m["num-examples"],
+                                "eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope, "")})
+            self.board.scalars(_tag(phase, scope), {"eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope)}, rnd)
+
+    def round(self, phase: str, row: dict) -> None:
+        self.metrics.write({"phase": phase, "scope": "global", **row})
+        self.board.scalars(_tag(phase, "global"), {k: row.get(k) for k in ("train_loss", "eval_loss", "fid", "accepted")},
+                           row["round"])
+        self.board.flush()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.board.close()
+
+    def __enter__(self) -> "RunRecord":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tag(phase: str, scope: str) -> str:
+    return scope if phase == "diffusion" else f"{phase}/{scope}"
+
+
+def supersede_rows_after(path: Path, phase: str, rnd: int) -> int:
+    """Move the rows of ``metrics.csv`` that come after ``(phase, round)`` into
+    ``metrics_superseded.csv`` (a run resumed from an earlier checkpoint redoes those rounds);
+    returns how many moved. Nothing is deleted."""
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields, rows = reader.fieldnames or METRIC_FIELDS, list(reader)
+    limit = (PHASE_ORDER[phase], rnd)
+    later = [r for r in rows if (PHASE_ORDER.get(r.get("phase") or "diffusion", 1), int(r["round"] or 0)) > limit]
+    if not later:
+        return 0
+    old = path.with_name("metrics_superseded.csv")
+    with open(old, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        if fh.tell() == 0:
+            writer.writeheader()
+        writer.writerows(later)
+    kept = [r for r in rows if r not in later]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    return len(later)
+
+
+def round_line(cfg: ExperimentConfig, phase: str, rnd: int, num_rounds: int, counts: dict, row: dict, kept: bool) -> str:
+    """The console line of one round."""
+    what = "reconstruction L1" if phase == "autoencoder" else "held-out loss"
+    name = f"{phase} round" if cfg.autoencoder.enabled else "round"
+    fate = (f"{counts['accepted']} valid update(s), fewer than min_train_nodes={cfg.federation.min_train_nodes}: "
+            "kept the previous global model") if kept else f"{counts['accepted']} update(s) aggregated"
+    extra = "".join(f", {n} {k}" for k, n in (("rejected", counts["rejected"]), ("refused", counts["refused"]),
+                                                ("failed", counts["failed"]), ("lost", counts["lost"])) if n)
+    eps = f", max site epsilon {row['max_epsilon']:.3f}" if cfg.privacy.enabled and math.isfinite(row["max_epsilon"]) else ""
+    return (f"{name} {rnd}/{num_rounds}: {fate}{extra}; train loss {row['train_loss']:.4f}, {what} "
+            f"{row['eval_loss']:.4f}{eps} ({row['seconds']:.1f}s)")
+
+
+def write_summary(run_dir: Path, cfg: ExperimentConfig, summary: dict) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (run_dir / "summary.md").write_text(_summary_md(run_dir, cfg, summary))
+
+
+def _summary_md(run_dir: Path, cfg: ExperimentConfig, summary: dict) -> str:
+    fed, ae = cfg.federation, cfg.autoencoder
+    model = "latent diffusion (ADM on autoencoder latents)" if ae.enabled else "ADM"
+    lines = ["# meddiff-fl federated run", "", f"- status: **{summary['status']}**",
+             f"- strategy: `{fed.strategy}`, {fed.num_rounds} rounds x {fed.local_steps} local steps, {fed.num_sites} sites",
+             f"- data: `{cfg.data.dataset}` at {cfg.data.image_size}px ({cfg.model.spatial_dims}-D); model: {model}, "
+             f"{cfg.model.model_channels} base channels"]
+    if ae.enabled:
+        first = {"dp": f"federated, {ae.num_rounds} rounds x {ae.local_steps} steps, DP-SGD at every site",
+                 "not_private": f"federated, {ae.num_rounds} rounds x {ae.local_steps} steps, **not private**",
+                 "public": "pre-trained on public data / loaded; never trained on site data"}[ae.mode]
+        scale = summary.get("autoencoder", {}).get("scale_factor")
+        lines.append(f"- autoencoder (phase 1): {first}; latent {ae.latent_channels} x {cfg.model_size}^{cfg.model.spatial_dims}"
+                     + (f", scale factor {scale:.4f}" if scale else ""))
+    lines += [f"- config: `{run_dir / 'config.yaml'}`", f"- metrics: `{run_dir / 'metrics.csv'}` (TensorBoard: "
+              f"`tensorboard --logdir {run_dir / 'tensorboard'}`)", f"- final checkpoint: `{summary['checkpoint']}`",
+              f"- final EMA samples: `{summary['samples'] or 'none (no diffusion round ran)'}`", "- privacy: " + _privacy(cfg, summary)]
+    if summary.get("stop_reason"):
+        lines.append(f"- **ended early**: {summary['stop_reason']}")
+    lines += ["", "| phase | round | accepted | rejected | refused (budget) | train loss | held-out loss | max site epsilon | seconds |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary["rounds"]:
+        lines.append(f"| {r.get('phase', 'diffusion')} | {r['round']} | {r['accepted']} | {r['rejected']} | {r.get('refused', 0)} | "
+                     f"{r['train_loss']:.4f} | {r['eval_loss']:.4f} | {r.get('max_epsilon', float('nan')):.3f} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _privacy(cfg: ExperimentConfig, summary: dict) -> str:
+    if not cfg.privacy.enabled:
+        return "none (privacy.enabled=false: epsilon is infinite)"
+    eps = ", ".join(f"{k} {v:.3f}" for k, v in summary.get("epsilon", {}).items())
+    return f"DP-SGD at every site; report `{summary.get('privacy_report', 'none (no DP site replied)')}`; final epsilon per site: {eps}"
+
+
+def final_status(stop_reason: str, failed: bool, aggregated_rounds: int) -> str:
+    """``completed``, ``stopped`` (the sites' budgets or policies ended it) or ``failed``."""
+    if failed or not aggregated_rounds:
+        return "failed"
+    return "stopped" if stop_reason else "completed"
+
+
+def read_status(run_dir: Path) -> Optional[dict]:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
