@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from functools import lru_cache
-from typing import Mapping
+from typing import Callable, Mapping
 
 from torch.utils.data import Dataset
 
@@ -28,12 +28,27 @@ def _held_out(patient_id: str) -> bool:
     return int(hashlib.sha256(patient_id.encode()).hexdigest(), 16) % 10 == 9
 
 
-@dataclasses.dataclass
 class SiteData:
-    name: str
-    index: int
-    train: Dataset
-    test: Dataset
+    """A site's name, index and its ``train`` and ``test`` datasets, each built on first use (an
+    evaluate message never pays for building the training set)."""
+
+    def __init__(self, name: str, index: int, train: Dataset | Callable[[], Dataset], test: Dataset | Callable[[], Dataset]):
+        self.name, self.index = name, index
+        self._parts: dict[str, Dataset | Callable[[], Dataset]] = {"train": train, "test": test}
+
+    def _part(self, split: str) -> Dataset:
+        part = self._parts[split]
+        if not isinstance(part, Dataset):
+            part = self._parts[split] = part()
+        return part
+
+    @property
+    def train(self) -> Dataset:
+        return self._part("train")
+
+    @property
+    def test(self) -> Dataset:
+        return self._part("test")
 
 
 def site_data(cfg: ExperimentConfig, node_config: Mapping, manifest_path: str = "") -> SiteData:
@@ -56,8 +71,9 @@ def _site_data(cfg_yaml: str, node_items: tuple, manifest_path: str) -> SiteData
         test = [r for r in records if _held_out(r.patient_id)] or records[:1]
         dims = cfg.model.spatial_dims
         name = node.get("site-name", "site")
-        return SiteData(name, int(node.get("site-index", -1)), MedicalDataset(train, data_cfg, spatial_dims=dims, train=True),
-                        MedicalDataset(test, data_cfg, spatial_dims=dims))
+        return SiteData(name, int(node.get("site-index", -1)),
+                        lambda: MedicalDataset(train, data_cfg, spatial_dims=dims, train=True),
+                        lambda: MedicalDataset(test, data_cfg, spatial_dims=dims))
     if "partition-id" not in node:
         raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
     pid, num = int(node["partition-id"]), int(node.get("num-partitions", cfg.federation.num_sites))
@@ -66,8 +82,10 @@ def _site_data(cfg_yaml: str, node_items: tuple, manifest_path: str) -> SiteData
         if len(manifest["sites"]) != num:
             raise ValueError(f"{manifest_path} has {len(manifest['sites'])} sites but the simulation runs {num} SuperNodes")
         name = manifest["sites"][pid]["name"]
-        return SiteData(name, pid, site_dataset(manifest, pid, cfg, split="train"), site_dataset(manifest, pid, cfg, split="test"))
+        return SiteData(name, pid, lambda: site_dataset(manifest, pid, cfg, split="train"),
+                        lambda: site_dataset(manifest, pid, cfg, split="test"))
     if cfg.data.dataset != "phantoms":
         raise ValueError(f"data.dataset={cfg.data.dataset!r} needs a split manifest: run `meddiff simulate` "
                          "or `meddiff data split` and pass manifest-path")
-    return SiteData(f"site_{pid}", pid, phantom_site(pid, num, cfg, split="train"), phantom_site(pid, num, cfg, split="test"))
+    return SiteData(f"site_{pid}", pid, lambda: phantom_site(pid, num, cfg, split="train"),
+                    lambda: phantom_site(pid, num, cfg, split="test"))

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from configs import ExperimentConfig
-from meddiff.build import build_autoencoder, build_autoencoder_objective, build_diffusion, build_optimizer, build_unet
+from meddiff.build import (build_autoencoder, build_autoencoder_objective, build_diffusion, build_lr_schedule, build_optimizer,
+                           build_unet)
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.train import cycle, train_loop
 from privacy.accounting import PrivacyLedger
@@ -151,6 +152,9 @@ def local_train(
     loop = dict(objective=stage.objective, steps=stage.steps, device=device, noise_multiplicity=stage.noise_multiplicity,
                 label_dropout=stage.label_dropout, autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)),
                 generator=gen, progress=progress, desc=f"site {site_index} {phase} round {server_round}", on_step=on_step)
+    if phase == "diffusion":  # the study's learning-rate schedule runs across rounds
+        loop["lr_schedule"] = build_lr_schedule(tc, optimizer, cfg.federation.num_rounds * stage.steps,
+                                                start_step=(server_round - 1) * stage.steps)
     start = time.perf_counter()
     if private:
         result, privacy_metrics, state = _private_round(cfg, stage, dataset, loop, ledger, calibration, server_round,

@@ -134,11 +134,14 @@ def build_optimizer(train_cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
 
-def build_lr_schedule(train_cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Linear warm-up, then constant or cosine decay to 10% of ``lr``."""
+def build_lr_schedule(train_cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int, *, start_step: int = 0):
+    """Linear warm-up, then constant or cosine decay to 10% of ``lr`` over ``total_steps``;
+    ``start_step`` continues a schedule (a site's round ``r`` starts at ``(r - 1) x local_steps``
+    of the study's ``num_rounds x local_steps``)."""
     warm = train_cfg.warmup_steps
 
     def factor(step: int) -> float:
+        step += start_step
         if warm and step < warm:
             return (step + 1) / warm
         if train_cfg.lr_schedule == "cosine":

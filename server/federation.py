@@ -39,14 +39,15 @@ from meddiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from meddiff.ema import EMA
 from meddiff.latent import LatentCodec
 from meddiff.train import seed_everything
-from privacy.report import save_central, save_site_ledgers, write_privacy_report
+from privacy.report import save_central, save_site_ledgers
 from server.evaluation import Evaluation, weighted_mean
 from server.latent_setup import LatentSetup
 from server.replies import (error_report, failure_report, learn_node_sites, missing_autoencoder_report, refusal_report,
                             sort_replies)
-from server.run_state import RunState
+from server.run_state import RunState, record_config
 from server.strategy import base_strategy, create_strategy, load_strategy_state, sampled_sites, strategy_state
-from server.summary import RunRecord, final_status, round_line, say, supersede_rows_after, write_summary
+from server.summary import (RunRecord, build_summary, phase_banner, round_line, say, supersede_rows_after,
+                            write_summary)
 
 log = logging.getLogger("meddiff.server")
 
@@ -106,7 +107,7 @@ class _Federation:
     # ------------------------------------------------------------------------------------------
     def run(self, resume_from: str) -> dict:
         ckpt = self._restore(resume_from) if resume_from else None
-        self._write_config(ckpt)
+        record_config(self.run_dir, self.cfg_yaml, ckpt)
         resumed_phase = ckpt.extra.get("phase", "diffusion") if ckpt else None
         with RunRecord(self.run_dir, self.cfg) as self.record:
             if self.cfg.autoencoder.enabled:
@@ -145,18 +146,6 @@ class _Federation:
         say(f"resuming from {resume_from} after {ckpt.extra.get('phase', 'diffusion')} round {ckpt.step} (study "
             f"{self.state.study_id})" + (f"; {moved} later metric row(s) moved to metrics_superseded.csv" if moved else ""))
         return ckpt
-
-    def _write_config(self, ckpt: Optional[Checkpoint]) -> None:
-        """``config.yaml`` is the config the run started with and is never rewritten; a resume
-        that changes what it may (rounds, outputs) records its config beside it."""
-        path = self.run_dir / "config.yaml"
-        if not path.exists():
-            path.write_text(self.cfg_yaml)
-        elif path.read_text() != self.cfg_yaml:
-            if ckpt is None:
-                raise ValueError(f"{self.run_dir} already holds a run with another config; resume it with resume-from, "
-                                 "or choose another run directory")
-            (self.run_dir / f"config_resumed_{ckpt.extra.get('phase', 'diffusion')}_{ckpt.step:04d}.yaml").write_text(self.cfg_yaml)
 
     def _seeded(self, builder: Callable[[ExperimentConfig], nn.Module]) -> Callable[[], nn.Module]:
         """The phase's model, initialised from ``train.seed`` whichever path (fresh, resumed) got here."""
@@ -201,17 +190,8 @@ class _Federation:
         model.load_state_dict(global_state)
         run = PhaseRun(phase, model, ema, strategy, global_state, phase.build() if phase.samples else None)
         if first_round <= phase.num_rounds:
-            self._announce(phase)
+            say(phase_banner(self.cfg, phase.name, phase.num_rounds))
         return run, first_round
-
-    def _announce(self, phase: Phase) -> None:
-        cfg = self.cfg
-        if phase.name == "autoencoder":
-            say(f"phase 1: autoencoder, {phase.num_rounds} rounds x {cfg.autoencoder.local_steps} local steps "
-                f"({'site DP-SGD' if cfg.autoencoder.mode == 'dp' else 'NOT private'})")
-        elif cfg.autoencoder.enabled:
-            say(f"phase 2: latent diffusion UNet on {cfg.model.in_channels} x {cfg.model_size}^{cfg.model.spatial_dims} "
-                f"latents, {phase.num_rounds} rounds")
 
     def _rounds(self, phase: Phase, ckpt: Optional[Checkpoint]) -> dict[str, torch.Tensor]:
         """Run ``phase``'s rounds (from the round after ``ckpt``'s); returns the final global weights."""
@@ -242,6 +222,8 @@ class _Federation:
                                 f"{', '.join(sorted(self.state.refused_sites))})")
             say(self.stop_reason)
             return False
+        if not self._enough_nodes(rnd):
+            return False
         payload = self._payload(phase.name, phase.num_rounds)
         report, counts = self._train(run, rnd, payload)
         kept = counts.pop("kept")
@@ -263,6 +245,22 @@ class _Federation:
         self._checkpoint(run, rnd, report)
         return not self._too_many_failures(kept, rnd, phase)
 
+    def _enough_nodes(self, rnd: int) -> bool:
+        """Wait (up to ``round_timeout``) for ``min_train_nodes`` connected sites; False, with the
+        run marked failed, if they never come (Flower itself would wait forever)."""
+        fed = self.cfg.federation
+        deadline = time.monotonic() + fed.round_timeout
+        while len(self._live_nodes()) < fed.min_train_nodes:
+            if time.monotonic() > deadline:
+                self.failed = True
+                self.stop_reason = (f"failed before round {rnd}: only {len(self._live_nodes())} site(s) connected after "
+                                    f"waiting federation.round_timeout={fed.round_timeout:g} s, fewer than "
+                                    f"min_train_nodes={fed.min_train_nodes}")
+                say(self.stop_reason)
+                return False
+            time.sleep(1.0)
+        return True
+
     def _train(self, run: PhaseRun, rnd: int, payload: dict) -> tuple[list[dict], dict]:
         """Send, sort, aggregate; ``(report, counts)`` with one report entry per reply."""
         strategy, screened = run.strategy, base_strategy(run.strategy)
@@ -270,13 +268,14 @@ class _Federation:
         messages = strategy.configure_train(rnd, ArrayRecord(run.global_state), ConfigRecord(payload), self.grid)
         messages = [m for m in messages if m.metadata.dst_node_id not in self.state.refused_nodes]
         replies = sort_replies(self.grid.send_and_receive(messages=messages, timeout=self.cfg.federation.round_timeout))
+        destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         learn_node_sites(replies.updates + replies.refusals + replies.failures, self.state.node_sites)
         self.state.merge_privacy(replies.updates, replies.refusals)
         new_arrays, _ = strategy.aggregate_train(rnd, replies.updates)
         errors = self.run_dir / "logs" / "site_errors.log"
         report = (getattr(screened, "round_report", []) + [refusal_report(rnd, r) for r in replies.refusals]
                   + [failure_report(rnd, r, errors) for r in replies.failures]
-                  + [error_report(rnd, r, self.state.node_sites, errors) for r in replies.errors]
+                  + [error_report(rnd, r, self.state.node_sites, errors, destinations) for r in replies.errors]
                   + [missing_autoencoder_report(r) for r in replies.missing_autoencoder])
         if replies.missing_autoencoder:
             self.latent.install(self.codec, [r.metadata.src_node_id for r in replies.missing_autoencoder])
@@ -332,20 +331,7 @@ class _Federation:
                             config=config_to_dict(self.cfg), step=rnd, extra=extra)
 
     def _finish(self) -> dict:
-        cfg, rounds = self.cfg, self.state.history
-        diffusion = [r for r in rounds if r.get("phase", "diffusion") == "diffusion"]
-        last_round = diffusion[-1]["round"] if diffusion else 0
-        summary = {"run_dir": str(self.run_dir), "rounds": rounds, "checkpoint": str(self.ckpt_dir / "last.pt"),
-                   "samples": str(self.run_dir / "samples" / f"round_{last_round:04d}.png") if diffusion else None,
-                   "status": final_status(self.stop_reason, self.failed, sum(r["accepted"] > 0 for r in rounds)),
-                   "stop_reason": self.stop_reason, "private": cfg.privacy.enabled, "latent_diffusion": cfg.autoencoder.enabled}
-        if self.codec is not None:
-            summary["autoencoder"] = {"mode": cfg.autoencoder.mode, "digest": self.codec.digest,
-                                      "scale_factor": self.codec.scale_factor, "weight_transfers": self.latent.transfers}
-        if cfg.privacy.enabled:
-            save_site_ledgers(self.run_dir, self.state.ledgers, exhausted=sorted(self.state.refused_sites))
-            summary["epsilon"] = {name: led["epsilon"] for name, led in sorted(self.state.ledgers.items())}
-        if self.state.ledgers or self.state.central["releases"]:
-            summary["privacy_report"] = str(write_privacy_report(self.run_dir)["md"])
-        write_summary(self.run_dir, cfg, summary)
+        summary = build_summary(self.run_dir, self.cfg, self.state, stop_reason=self.stop_reason, failed=self.failed,
+                                codec=self.codec, weight_transfers=self.latent.transfers)
+        write_summary(self.run_dir, self.cfg, summary)
         return summary

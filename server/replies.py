@@ -72,9 +72,12 @@ def failure_report(server_round: int, msg: Message, error_log: Path) -> dict:
     return {"node": node, "site": site, "accepted": False, "reason": f"failed: {reason}"}
 
 
-def error_report(server_round: int, msg: Message, node_sites: dict[int, int], error_log: Path) -> dict:
-    """A Flower error reply: a lost node (offline mid-round), or a ClientApp that crashed."""
-    node = msg.metadata.src_node_id
+def error_report(server_round: int, msg: Message, node_sites: dict[int, int], error_log: Path,
+                 destinations: dict[str, int]) -> dict:
+    """A Flower error reply: a lost node (offline mid-round), or a ClientApp that crashed.
+    ``destinations`` maps the ids of the messages sent to their nodes (the SuperLink, not the
+    node, writes the reply for a node that went offline)."""
+    node = destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
     site = node_sites.get(node, -1)
     if msg.error.code == NODE_UNAVAILABLE:
         reason = f"lost: node {node} went offline during the round (missed heartbeats); the round went on without it"

@@ -80,3 +80,16 @@ def _ledger_of(reply: Message) -> tuple[str, str]:
     except (json.JSONDecodeError, KeyError, TypeError):
         log.warning("node %s sent an unreadable privacy ledger; ignored", reply.metadata.src_node_id)
         return "", ""
+
+
+def record_config(run_dir: Path, cfg_yaml: str, ckpt) -> None:
+    """``config.yaml`` is the config the run started with and is never rewritten; a resume that
+    changes what it may (rounds, outputs) records its config beside it."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        path.write_text(cfg_yaml)
+    elif path.read_text() != cfg_yaml:
+        if ckpt is None:
+            raise ValueError(f"{run_dir} already holds a run with another config; resume it with resume-from, "
+                             "or choose another run directory")
+        (run_dir / f"config_resumed_{ckpt.extra.get('phase', 'diffusion')}_{ckpt.step:04d}.yaml").write_text(cfg_yaml)

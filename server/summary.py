@@ -13,6 +13,7 @@ from typing import Optional
 from configs import ExperimentConfig
 from meddiff.board import RunBoard
 from meddiff.runs import MetricsCSV
+from privacy.report import save_site_ledgers, write_privacy_report
 
 log = logging.getLogger("meddiff.server")
 
@@ -150,6 +151,38 @@ def _privacy(cfg: ExperimentConfig, summary: dict) -> str:
         return "none (privacy.enabled=false: epsilon is infinite)"
     eps = ", ".join(f"{k} {v:.3f}" for k, v in summary.get("epsilon", {}).items())
     return f"DP-SGD at every site; report `{summary.get('privacy_report', 'none (no DP site replied)')}`; final epsilon per site: {eps}"
+
+
+def phase_banner(cfg: ExperimentConfig, phase: str, num_rounds: int) -> str:
+    """The line that opens a phase of latent diffusion ("" for a pixel-space run)."""
+    if phase == "autoencoder":
+        return (f"phase 1: autoencoder, {num_rounds} rounds x {cfg.autoencoder.local_steps} local steps "
+                f"({'site DP-SGD' if cfg.autoencoder.mode == 'dp' else 'NOT private'})")
+    if cfg.autoencoder.enabled:
+        return (f"phase 2: latent diffusion UNet on {cfg.model.in_channels} x {cfg.model_size}^{cfg.model.spatial_dims} "
+                f"latents, {num_rounds} rounds")
+    return f"{num_rounds} rounds x {cfg.federation.local_steps} local steps at {cfg.federation.num_sites} site(s)"
+
+
+def build_summary(run_dir: Path, cfg: ExperimentConfig, state, *, stop_reason: str, failed: bool, codec,
+                  weight_transfers: int) -> dict:
+    """``summary.json``'s content; writes the server's site ledgers and the privacy report too."""
+    rounds = state.history
+    diffusion = [r for r in rounds if r.get("phase", "diffusion") == "diffusion"]
+    last_round = diffusion[-1]["round"] if diffusion else 0
+    summary = {"run_dir": str(run_dir), "rounds": rounds, "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
+               "samples": str(run_dir / "samples" / f"round_{last_round:04d}.png") if diffusion else None,
+               "status": final_status(stop_reason, failed, sum(r["accepted"] > 0 for r in rounds)),
+               "stop_reason": stop_reason, "private": cfg.privacy.enabled, "latent_diffusion": cfg.autoencoder.enabled}
+    if codec is not None:
+        summary["autoencoder"] = {"mode": cfg.autoencoder.mode, "digest": codec.digest,
+                                  "scale_factor": codec.scale_factor, "weight_transfers": weight_transfers}
+    if cfg.privacy.enabled:
+        save_site_ledgers(run_dir, state.ledgers, exhausted=sorted(state.refused_sites))
+        summary["epsilon"] = {name: led["epsilon"] for name, led in sorted(state.ledgers.items())}
+    if state.ledgers or state.central["releases"]:
+        summary["privacy_report"] = str(write_privacy_report(run_dir)["md"])
+    return summary
 
 
 def final_status(stop_reason: str, failed: bool, aggregated_rounds: int) -> str:

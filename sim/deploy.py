@@ -89,4 +89,5 @@ def new_deployment(workdir: Path) -> Deployment:
     home = workdir / "flwr_home"
     home.mkdir(exist_ok=True)
     env = flower_env(home, free_port(), free_port())
+    env["OMP_NUM_THREADS"] = "1"  # several sites share this machine: one thread each, or they thrash
     return Deployment(workdir=workdir, certs=workdir / "certs", env=env)

@@ -30,8 +30,9 @@ def _ctx(node_config, state=None):
     return Context(run_id=1, node_id=11, node_config=node_config, state=state if state is not None else RecordDict(), run_config={})
 
 
-def _round(cfg, state_dict, rnd, node_config, state=None, study="s1"):
-    msg = server_message(cfg, state_dict, dst=11, round_=rnd, extra={"study-id": study})
+def _round(cfg, state_dict, rnd, node_config, state=None, study="s1", known=None):
+    extra = {"study-id": study, **({"known-ledgers": json.dumps(known)} if known else {})}
+    msg = server_message(cfg, state_dict, dst=11, round_=rnd, extra=extra)
     as_node(11)
     return train(msg, _ctx(node_config, state)).content
 
@@ -197,3 +198,24 @@ def test_a_site_with_its_own_budget_never_trains_without_dp(tmp_path):
     content = _round(cfg, build_model(cfg.model, 16).state_dict(), 1, node)
     assert "arrays" not in content and content["metrics"]["budget_exhausted"] == 0
     assert "trains only with DP" in content["refusal"]["reason"]
+
+
+def test_a_site_that_lost_its_ledger_adopts_the_servers_larger_record_never_a_smaller_one(tmp_path):
+    """A moved or copied run, or a restored state directory: the site's own ledger is gone (or
+    behind), the server's checkpoint holds the site's spending, and the site continues from it."""
+    cfg = tiny_config(extra=DP)
+    weights = build_model(cfg.model, 16).state_dict()
+    first = _round(cfg, weights, 1, {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "a")})
+    held = json.loads(first["privacy"]["ledger"])
+    fresh = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "b")}  # an empty state dir
+    second = _round(cfg, weights, 2, fresh, known={held["site"]: held})
+    ledger = json.loads(second["privacy"]["ledger"])
+    assert sum(h[2] for h in ledger["history"]) == 2 * 2  # round 1's steps were kept, round 2's added
+    assert len(ledger["calibrations"]) == 1 and ledger["calibrations"][0]["noise_multiplier"] == \
+        held["calibrations"][0]["noise_multiplier"]  # no re-enrolment at a new sigma
+    assert second["metrics"]["epsilon"] > first["metrics"]["epsilon"]
+    on_disk = json.loads((tmp_path / "b" / LEDGER_FILE).read_text())
+    assert sum(h[2] for h in on_disk["history"]) == 4
+    # a smaller record from the server never replaces a larger one on disk
+    third = _round(cfg, weights, 3, fresh, known={held["site"]: held})
+    assert sum(h[2] for h in json.loads(third["privacy"]["ledger"])["history"]) == 6

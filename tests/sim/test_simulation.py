@@ -2,6 +2,8 @@
 
 import csv
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from configs import load_config
+from meddiff.board import read_scalars
 from meddiff.build import build_model
 from meddiff.checkpoint import load_checkpoint
 from sim.processes import free_port
@@ -31,9 +34,23 @@ def _alive_flower_processes(pids_file: Path) -> list[int]:
     return [pid] if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3] else []
 
 
+def _ray_sessions() -> set[str]:
+    root = Path(tempfile.gettempdir()) / "ray"
+    return {p.name for p in root.glob("session_*")} if root.is_dir() else set()
+
+
 @pytest.mark.slow
-def test_two_sites_two_rounds_then_resume_equals_uninterrupted(tmp_path):
+def test_two_sites_two_rounds_then_resume_equals_uninterrupted(tmp_path, capsys):
+    sessions = _ray_sessions()
     full = _run(tmp_path, "full", TINY + ["federation.num_rounds=2"])
+    shown = capsys.readouterr().out
+    # alive on screen: each site's progress, each server line once, no Flower/Ray noise
+    assert "site_0 diffusion round 1/2: step" in shown and "site_1 diffusion round 2/2: step 2/2" in shown
+    assert shown.count("[meddiff] round 1/2:") == 1 and "Manually terminating" not in shown and "INFO:" not in shown
+    assert "Manually terminating" in (full / "flower.log").read_text()  # all of it is kept in the run's log
+    assert _ray_sessions() == sessions and not list(Path(tempfile.gettempdir()).glob("meddiff-ray-*"))
+    scalars = read_scalars(full)
+    assert [s for s, _ in scalars["global/eval_loss"]] == [1, 2] and "site_0/train_loss" in scalars
     ckpts = sorted(p.name for p in (full / "checkpoints").iterdir())
     assert ckpts == ["last.pt", "round_0001.pt", "round_0002.pt"]
     rows = list(csv.DictReader(open(full / "metrics.csv")))
@@ -78,7 +95,11 @@ def test_dp_study_extended_past_its_plan_is_refused_and_ends_cleanly_with_a_repo
     own = json.loads((first / "site_state" / "site_0" / "privacy_ledger.json").read_text())
     assert own["history"] == ledgers["site_0"]["history"]
 
-    resumed = _run(tmp_path, "dp", dp + ["federation.num_rounds=3"], resume_from=str(first / "checkpoints" / "round_0001.pt"))
+    # the run is moved before it resumes: the sites' ledgers travel with it (none restarts at epsilon 0)
+    moved = shutil.move(str(first), str(tmp_path / "dp_moved"))
+    first = Path(moved)
+    resumed = _run(tmp_path, "dp_moved", dp + ["federation.num_rounds=3"],
+                   resume_from=str(first / "checkpoints" / "round_0001.pt"))
     summary = json.loads((resumed / "summary.json").read_text())
     assert "stopped before round 3" in summary["stop_reason"] and "privacy budget" in summary["stop_reason"]
     rows = list(csv.DictReader(open(resumed / "metrics.csv")))
