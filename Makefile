@@ -38,7 +38,7 @@ train-centralized: $(STAMP)
 	$(BIN)/meddiff train --config configs/default.yaml output.name=centralized-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

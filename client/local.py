@@ -148,13 +148,7 @@ def local_train(
     stage = build_stage(cfg, phase, global_state)
     model, optimizer = stage.model.to(device), stage.optimizer
     add_proximal_term(optimizer, [p.detach().clone() for p in model.parameters()], proximal_mu)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    loop = dict(objective=stage.objective, steps=stage.steps, device=device, noise_multiplicity=stage.noise_multiplicity,
-                label_dropout=stage.label_dropout, autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)),
-                generator=gen, progress=progress, desc=f"site {site_index} {phase} round {server_round}", on_step=on_step)
-    if phase == "diffusion":  # the study's learning-rate schedule runs across rounds
-        loop["lr_schedule"] = build_lr_schedule(tc, optimizer, cfg.federation.num_rounds * stage.steps,
-                                                start_step=(server_round - 1) * stage.steps)
+    loop = _loop_settings(cfg, stage, phase, server_round, site_index, seed, device, progress, on_step)
     start = time.perf_counter()
     if private:
         result, privacy_metrics, state = _private_round(cfg, stage, dataset, loop, ledger, calibration, server_round,
@@ -171,6 +165,20 @@ def local_train(
     metrics = {"num-examples": len(dataset), "train_loss": result.mean_loss, "steps": result.steps,
                "site-index": site_index, "seconds": time.perf_counter() - start, **privacy_metrics}
     return state, metrics
+
+
+def _loop_settings(cfg: ExperimentConfig, stage: "Stage", phase: str, server_round: int, site_index: int, seed: int,
+                   device: torch.device, progress: bool, on_step: Optional[Callable[[int, float], None]]) -> dict:
+    """Keyword arguments of :func:`meddiff.train.train_loop` for one site's round."""
+    tc = cfg.train
+    loop = dict(objective=stage.objective, steps=stage.steps, device=device, noise_multiplicity=stage.noise_multiplicity,
+                label_dropout=stage.label_dropout, autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)),
+                generator=torch.Generator(device=device).manual_seed(seed), progress=progress,
+                desc=f"site {site_index} {phase} round {server_round}", on_step=on_step)
+    if phase == "diffusion":  # the study's learning-rate schedule runs across rounds
+        loop["lr_schedule"] = build_lr_schedule(tc, stage.optimizer, cfg.federation.num_rounds * stage.steps,
+                                                start_step=(server_round - 1) * stage.steps)
+    return loop
 
 
 def _private_round(cfg: ExperimentConfig, stage: "Stage", dataset: Dataset, loop: dict, ledger: PrivacyLedger,

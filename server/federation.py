@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -42,7 +41,8 @@ from meddiff.train import seed_everything
 from privacy.report import save_central, save_site_ledgers
 from server.evaluation import Evaluation, weighted_mean
 from server.latent_setup import LatentSetup
-from server.replies import (error_report, failure_report, learn_node_sites, missing_autoencoder_report, refusal_report,
+from server.phase import Phase, PhaseRun, arrays_to_state
+from server.replies import (error_report, wait_for_nodes, failure_report, learn_node_sites, missing_autoencoder_report, refusal_report,
                             sort_replies)
 from server.run_state import RunState, record_config
 from server.strategy import base_strategy, create_strategy, load_strategy_state, sampled_sites, strategy_state
@@ -50,35 +50,6 @@ from server.summary import (RunRecord, build_summary, phase_banner, round_line, 
                             write_summary)
 
 log = logging.getLogger("meddiff.server")
-
-
-def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Float32 tensors of an aggregated ``ArrayRecord`` (the strategy may return float64)."""
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in record.to_torch_state_dict().items()}
-
-
-@dataclass
-class Phase:
-    """One federated training phase: what is trained, for how many rounds, how it is saved."""
-
-    name: str                              # "autoencoder" | "diffusion"
-    num_rounds: int
-    build: Callable[[], nn.Module]
-    checkpoint_prefix: str                 # "ae_round" | "round"
-    ema_decay: Optional[float]             # server EMA of the global weights (None: none)
-    samples: bool                          # draw sample grids (the diffusion phase)
-
-
-@dataclass
-class PhaseRun:
-    """The objects one phase's rounds share."""
-
-    phase: Phase
-    model: nn.Module
-    ema: Optional[EMA]
-    strategy: object
-    global_state: dict
-    sample_model: Optional[nn.Module]
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig, *, run_dir: Path, resume_from: str = "",
@@ -104,7 +75,6 @@ class _Federation:
         self.latent = LatentSetup(grid, cfg, lambda: self._payload("diffusion"), say)
         self.record: Optional[RunRecord] = None
 
-    # ------------------------------------------------------------------------------------------
     def run(self, resume_from: str) -> dict:
         ckpt = self._restore(resume_from) if resume_from else None
         record_config(self.run_dir, self.cfg_yaml, ckpt)
@@ -174,7 +144,6 @@ class _Federation:
     def _live_nodes(self) -> list[int]:
         return sorted(set(self.grid.get_node_ids()) - self.state.refused_nodes)
 
-    # ------------------------------------------------------------------------------------------
     def _start_phase(self, phase: Phase, ckpt: Optional[Checkpoint]) -> tuple[PhaseRun, int]:
         fed = self.cfg.federation
         model = phase.build()
@@ -246,20 +215,12 @@ class _Federation:
         return not self._too_many_failures(kept, rnd, phase)
 
     def _enough_nodes(self, rnd: int) -> bool:
-        """Wait (up to ``round_timeout``) for ``min_train_nodes`` connected sites; False, with the
-        run marked failed, if they never come (Flower itself would wait forever)."""
-        fed = self.cfg.federation
-        deadline = time.monotonic() + fed.round_timeout
-        while len(self._live_nodes()) < fed.min_train_nodes:
-            if time.monotonic() > deadline:
-                self.failed = True
-                self.stop_reason = (f"failed before round {rnd}: only {len(self._live_nodes())} site(s) connected after "
-                                    f"waiting federation.round_timeout={fed.round_timeout:g} s, fewer than "
-                                    f"min_train_nodes={fed.min_train_nodes}")
-                say(self.stop_reason)
-                return False
-            time.sleep(1.0)
-        return True
+        """False, with the run marked failed, when ``min_train_nodes`` sites never connect."""
+        problem = wait_for_nodes(self._live_nodes, self.cfg.federation, rnd)
+        if problem:
+            self.failed, self.stop_reason = True, problem
+            say(problem)
+        return not problem
 
     def _train(self, run: PhaseRun, rnd: int, payload: dict) -> tuple[list[dict], dict]:
         """Send, sort, aggregate; ``(report, counts)`` with one report entry per reply."""

@@ -10,9 +10,10 @@ handlers). Every kind but the update becomes one report entry naming the site an
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from flwr.app import Message
 
@@ -109,3 +110,15 @@ def learn_node_sites(replies: Iterable[Message], node_sites: dict[int, int]) -> 
     for r in replies:
         if not r.has_error() and "site-index" in _metrics(r):
             node_sites[r.metadata.src_node_id] = int(_metrics(r)["site-index"])
+
+
+def wait_for_nodes(live_nodes: Callable[[], list[int]], fed, rnd: int, poll: float = 1.0) -> str:
+    """Wait up to ``fed.round_timeout`` seconds for ``fed.min_train_nodes`` connected sites (Flower
+    itself would wait forever); ``""`` when they came, else the reason the run fails."""
+    deadline = time.monotonic() + fed.round_timeout
+    while len(live_nodes()) < fed.min_train_nodes:
+        if time.monotonic() > deadline:
+            return (f"failed before round {rnd}: only {len(live_nodes())} site(s) connected after waiting "
+                    f"federation.round_timeout={fed.round_timeout:g} s, fewer than min_train_nodes={fed.min_train_nodes}")
+        time.sleep(poll)
+    return ""

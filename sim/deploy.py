@@ -51,7 +51,7 @@ class Deployment:
     def env_home(self) -> Path:
         return Path(self.env["FLWR_HOME"])
 
-    def flwr(self, args: list[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    def flwr(self, args: list[str], *, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], env=self.env, cwd=PROJECT, capture_output=True, text=True, check=check, timeout=timeout)
 
     def register(self, site: str) -> None:
@@ -67,7 +67,8 @@ class Deployment:
         self.supernodes[site] = proc
         return proc
 
-    def _wait_for(self, ok, what: str, timeout: float = 40) -> None:
+    def _wait_for(self, ok, what: str, timeout: float = 300) -> None:
+        """Poll ``ok`` until it holds; the bound only stops a broken start, never a slow one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ok():

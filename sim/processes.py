@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -130,12 +131,13 @@ def stop_process_tree(pid: int, *, grace: float = 10.0) -> list[int]:
 
 
 class Reaper:
-    """A watchdog process (``python -m sim.processes <driver pid>``) that stops every descendant
-    of the driver once the driver has died, by whatever signal. ``close()`` ends it when the
-    driver cleaned up itself."""
+    """A watchdog process (``python -m sim.processes <driver pid> [folder ...]``) that stops every
+    descendant of the driver once the driver has died, by whatever signal, then removes the
+    driver's temporary ``folders``. ``close()`` ends it when the driver cleaned up itself."""
 
-    def __init__(self, driver_pid: Optional[int] = None):
-        self.proc = subprocess.Popen([sys.executable, "-m", "sim.processes", str(driver_pid or os.getpid())],
+    def __init__(self, driver_pid: Optional[int] = None, folders: Iterable[Path] = ()):
+        self.proc = subprocess.Popen([sys.executable, "-m", "sim.processes", str(driver_pid or os.getpid()),
+                                      *map(str, folders)],
                                      cwd=str(Path(__file__).resolve().parents[1]), start_new_session=True,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -145,8 +147,9 @@ class Reaper:
             self.proc.wait(timeout=30)
 
 
-def _watch(driver: int, poll: float = 0.5) -> None:
-    """Snapshot the driver's descendants until it dies, then stop every one still alive."""
+def _watch(driver: int, folders: list[str], poll: float = 0.5) -> None:
+    """Snapshot the driver's descendants until it dies, then stop every one still alive and
+    remove ``folders``."""
     known: dict[int, Optional[int]] = {}
     pidfd = os.pidfd_open(driver)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the driver stopped its processes itself
@@ -157,7 +160,9 @@ def _watch(driver: int, poll: float = 0.5) -> None:
             break
     same = [p for p, started in known.items() if alive(p) and start_time(p) == started and p != os.getpid()]
     stop_processes(same + [d for p in same for d in descendants(p) if d not in known], grace=10.0)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    _watch(int(sys.argv[1]))
+    _watch(int(sys.argv[1]), sys.argv[2:])

@@ -185,11 +185,11 @@ def simulate(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, resume_fr
 def _run_flower(cmd: list[str], env: dict, cfg: ExperimentConfig, run_dir: Path, flwr_home: Path, console: Console, *,
                 timeout: float, log_path: Optional[Path], verbose: bool) -> None:
     """Start SuperLink and ``flwr run``, stream the output, and stop everything, whatever happens."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="meddiff-ray-"))
+    ray_tmp = _ray_root()
     env = {**env, "RAY_TMPDIR": str(ray_tmp)}
     if cfg.simulation.ray_address:
         env["RAY_ADDRESS"] = cfg.simulation.ray_address
-    reaper, superlink, flwr, watcher = Reaper(), None, None, None
+    reaper, superlink, flwr, watcher = Reaper(folders=[ray_tmp]), None, None, None
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         superlink = start_superlink(flwr_home, env, int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]),
@@ -213,6 +213,13 @@ def _run_flower(cmd: list[str], env: dict, cfg: ExperimentConfig, run_dir: Path,
         reaper.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
         console.print(f"[meddiff] stopped Flower processes {sorted(set(stopped))}", markup=False)
+
+
+def _ray_root() -> Path:
+    """A fresh private folder for Ray's session files. Ray's socket paths add ~70 characters and a
+    Unix socket path may not exceed 107, so a long temporary directory falls back to /tmp."""
+    base = tempfile.gettempdir()
+    return Path(tempfile.mkdtemp(prefix="meddiff-ray-", dir=base if len(base) <= 24 else "/tmp"))
 
 
 def _raise_interrupted(signum, _frame) -> None:

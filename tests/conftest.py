@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,11 @@ def tiny_cfg(tmp_path):
 def _work_in_tmp(tmp_path, monkeypatch):
     """Relative outputs (runs/, .cache/) go to a temporary folder, never into the repo."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def short_tmp():
+    """A temporary directory private to one test and short enough for Ray's socket paths."""
+    path = Path(tempfile.mkdtemp(prefix="mdt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

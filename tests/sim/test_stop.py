@@ -18,16 +18,16 @@ BUSY = ["federation.num_sites=2", "federation.min_train_nodes=2", "federation.lo
         "model.num_head_channels=8", "model.norm_groups=4"]
 
 
-def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_HOME=str(tmp_path / "flwr_home"),
+def _env(tmp_path: Path, tmp: Path) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_HOME=str(tmp_path / "flwr_home"), TMPDIR=str(tmp),
                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     return env
 
 
-def _start(tmp_path: Path, *args: str, run: str = "run") -> subprocess.Popen:
+def _start(tmp_path: Path, tmp: Path, *args: str, run: str = "run") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sim.cli", "simulate", "--run-dir", str(tmp_path / run), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path, tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_training(proc: subprocess.Popen) -> list[str]:
@@ -55,17 +55,20 @@ def _processes_of(flwr_home: Path) -> list[int]:
     return out
 
 
-def _wait_until_gone(flwr_home: Path, limit: float = 180.0) -> list[int]:
+def _wait_until_gone(flwr_home: Path, tmp: Path, limit: float = 180.0) -> list[int]:
+    """The run's processes still alive after they had ``limit`` seconds to go; its private Ray
+    root in ``tmp`` must be gone too."""
     deadline = time.monotonic() + limit
-    while (left := _processes_of(flwr_home)) and time.monotonic() < deadline:
+    while ((left := _processes_of(flwr_home)) or list(tmp.glob("meddiff-ray-*"))) and time.monotonic() < deadline:
         time.sleep(0.5)
+    assert not list(tmp.glob("meddiff-ray-*")), "the run's Ray root was left behind"
     return left
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_a_stopped_run_stops_every_process_it_started(tmp_path, sig):
-    proc = _start(tmp_path, *BUSY)
+def test_a_stopped_run_stops_every_process_it_started(tmp_path, short_tmp, sig):
+    proc = _start(tmp_path, short_tmp, *BUSY)
     try:
         _wait_for_training(proc)
         assert _processes_of(tmp_path / "flwr_home")  # the federation is running
@@ -75,22 +78,22 @@ def test_a_stopped_run_stops_every_process_it_started(tmp_path, sig):
         if sig == signal.SIGTERM:
             assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in stderr
             assert "Traceback" not in stderr
-        assert _wait_until_gone(tmp_path / "flwr_home") == []
+        assert _wait_until_gone(tmp_path / "flwr_home", short_tmp) == []
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
 @pytest.mark.slow
-def test_timeout_and_failed_runs_end_with_a_message_and_a_non_zero_exit(tmp_path):
-    proc = _start(tmp_path, "--timeout", "1", *BUSY)
+def test_timeout_and_failed_runs_end_with_a_message_and_a_non_zero_exit(tmp_path, short_tmp):
+    proc = _start(tmp_path, short_tmp, "--timeout", "1", *BUSY)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "did not finish within --timeout 1 s" in err and "Traceback" not in err
-    assert _wait_until_gone(tmp_path / "flwr_home") == []
+    assert _wait_until_gone(tmp_path / "flwr_home", short_tmp) == []
     # a run whose sites all fail (the loss diverges at a huge learning rate) fails, and says why
     diverging = [a for a in BUSY if not a.startswith("federation.local_steps")] + [
         "federation.local_steps=3", "train.lr=1e30", "federation.max_failed_rounds=1", "federation.num_rounds=3"]
-    proc = _start(tmp_path, *diverging, run="diverged")
+    proc = _start(tmp_path, short_tmp, *diverging, run="diverged")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 2 and "the run failed" in err, out[-2000:] + err[-2000:]
     assert "FloatingPointError" in (tmp_path / "diverged" / "logs" / "site_errors.log").read_text()
