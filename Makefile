@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sampler_speed.py
 	$(BIN)/python bench/data_throughput.py
 	$(BIN)/python bench/federation_overhead.py
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/sites_scaling.py
 	$(BIN)/python bench/dp_overhead.py
 	$(BIN)/python bench/ldm_vs_pixel.py
 
