@@ -1,1 +1,1 @@
-"""Flower ClientApp for hospital sites (federated-training issue)."""
+"""Flower ClientApp for hospital sites."""

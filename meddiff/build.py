@@ -1,4 +1,4 @@
-"""The one module that maps config sections to objects (GUIDE principle 3).
+"""The one module that maps config sections to objects.
 
 Library constructors take explicit keyword arguments; only these ``build_*`` functions read config
 objects.

@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict saved with ``torch.save``: tensors, numbers, strings, lists and dicts
 only, so it loads with ``torch.load(weights_only=True)``. Loading rebuilds the model from the stored
-config (GUIDE principle 4). Writes are atomic (temporary file, then ``os.replace``), so a crash never
+config. Writes are atomic (temporary file, then ``os.replace``), so a crash never
 leaves a half-written checkpoint behind.
 """
 

@@ -1,1 +1,1 @@
-"""Flower ServerApp and strategies (federated-training issue)."""
+"""Flower ServerApp and strategies."""

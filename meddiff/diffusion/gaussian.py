@@ -4,7 +4,7 @@ Notation follows Ho et al. 2020 (DDPM): ``alpha_bar_t = prod_{s<=t} (1 - beta_s)
 ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`` (eq. 4). The velocity is
 ``v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0`` (Salimans & Ho 2022, Sec. 4).
 
-The process takes the network as an argument and never owns it (GUIDE principle 1).
+The process takes the network as an argument and never owns it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every learned parameter lives in an ``nn.Conv{1,2,3}d``, ``nn.Linear``, ``nn.GroupNorm`` or
 ``nn.Embedding`` leaf module taking a single input, so that Opacus computes exact per-sample
-gradients in ``hooks`` mode (../shared/GUIDE.md, principle 8). Attention is written with
+gradients in ``hooks`` mode. Attention is written with
 ``F.scaled_dot_product_attention`` rather than ``nn.MultiheadAttention`` (whose Opacus replacement
 is numerically wrong in Opacus 1.6). No reshape uses ``-1`` against the batch dimension, so empty
 Poisson batches (N = 0) pass through.
