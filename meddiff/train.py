@@ -1,6 +1,6 @@
 """The plain-PyTorch training step and loop (no knowledge of privacy or federation).
 
-Differential privacy wraps ``(model, optimizer, loader)`` before the loop (GUIDE principle 5); the
+Differential privacy wraps ``(model, optimizer, loader)`` before the loop; the
 same loop then runs unchanged. The centralized ``meddiff train`` run is the baseline that federated
 runs are compared against.
 """

@@ -2,7 +2,7 @@
 
 ``make_private`` wraps ``(model, optimizer, loader)`` with Opacus ``PrivacyEngine(accountant="rdp")``
 in ``hooks`` mode and Poisson sampling, on a restored accountant history, so the same plain
-training loop runs with and without DP (GUIDE principle 5).
+training loop runs with and without DP.
 
 Noise multiplicity (Dockhorn et al. 2022, arXiv 2210.09929, Sec. 3.2): the diffusion loss expands
 each image to K rows with ``repeat_interleave``. Opacus computes one gradient per *row*; before it

@@ -1,6 +1,6 @@
 """ADM UNet (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", arXiv 2105.05233).
 
-A pure function ``unet(x_t, t, y) -> eps | v | x0`` (GUIDE principle 1): the diffusion process and
+A pure function ``unet(x_t, t, y) -> eps | v | x0``: the diffusion process and
 samplers take it as an argument. Works on 2-D images and 3-D volumes (``spatial_dims``), any number
 of input/output channels, optionally class-conditional with an extra *null* label for
 classifier-free guidance (Ho & Salimans 2022).
