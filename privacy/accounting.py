@@ -5,6 +5,9 @@ The ledger is the accountant history ``[(noise_multiplier, sample_rate, steps), 
 as JSON in the site's state directory and reloaded before every round, so a restarted site
 continues its epsilon instead of starting again from 0. Epsilon is recomputed from the history
 alone, which is what lets an auditor reproduce it.
+
+Opacus's accountants are imported on first use (:func:`_accountants`): importing Opacus costs
+about 2 s per process, which a run without DP never needs.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from meddiff.checkpoint import atomic_write_text
 
 LEDGER_VERSION = 2
+
+
+def _accountants():
+    """``opacus.accountants``, imported when an epsilon or sigma is first computed."""
+    import opacus.accountants
+    import opacus.accountants.utils  # noqa: F401 - get_noise_multiplier
+
+    return opacus.accountants
 
 
 def default_delta(num_examples: int) -> float:
@@ -56,7 +64,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
             raise ValueError(f"need 0 < sample_rate <= 1 and steps >= 1, got {q}, {n}")
     prior = [tuple(h) for h in prior_history]
     if not prior and len(segments) == 1:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+        return float(_accountants().utils.get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
                                           sample_rate=sample_rate, steps=steps, accountant="rdp"))
     spent = epsilon_of(prior, target_delta)
     if spent >= target_epsilon * 0.99:
@@ -80,7 +88,7 @@ def epsilon_of(history, delta: float) -> float:
     """Epsilon of an accountant history at ``delta`` (a fresh RDP accountant fed the history)."""
     if not history:
         return 0.0
-    accountant = RDPAccountant()
+    accountant = _accountants().RDPAccountant()
     accountant.history = [tuple(h) for h in history]
     return float(accountant.get_epsilon(delta))
 
@@ -91,7 +99,7 @@ def prv_epsilon_of(history, delta: float) -> Optional[float]:
     if not history:
         return 0.0
     try:
-        accountant = PRVAccountant()
+        accountant = _accountants().PRVAccountant()
         accountant.history = [tuple(h) for h in history]
         value = float(accountant.get_epsilon(delta))
     except Exception:  # noqa: BLE001 - PRV's numerical failures are varied (ValueError, RuntimeError, ...)

@@ -24,6 +24,10 @@ Three per-sample-gradient modes, all validated against one-image-at-a-time autog
   (diffusion loss only).
 
 ``bk`` and ``no_op`` yield per-*image* gradients directly, with nothing to collapse.
+
+Opacus is imported when a model is made private, not with this module: importing it costs about
+2 s per process (it pulls in ``torch.distributed`` and ``scipy.stats``), which every Flower
+process of a run without DP would otherwise pay.
 """
 
 from __future__ import annotations
@@ -31,13 +35,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
-from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -47,6 +47,10 @@ from meddiff.checkpoint import unwrap_state_dict
 from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, row_mse
 from meddiff.train import train_step
 from privacy.per_sample import check_supported, per_example_gradients
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+    from opacus.optimizers import DPOptimizer
 
 GRAD_SAMPLE_MODES = ("hooks", "no_op", "bk")
 
@@ -93,6 +97,8 @@ class PrivateTraining:
         """Poisson batches forever (a fresh Poisson draw each pass), split by Opacus's
         ``BatchMemoryManager`` into physical batches of at most ``max_physical_batch_size``;
         empty logical batches are yielded too, and still step."""
+        from opacus.utils.batch_memory_manager import BatchMemoryManager
+
         with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=max_physical_batch_size,
                                 optimizer=self.optimizer) as loader:
             while True:
@@ -120,6 +126,8 @@ def _install_collapse(optimizer: DPOptimizer, noise_multiplicity: int, stats: Cl
     40 ms a step for the default ADM's 277 tensors on CPU). Hand-written because Opacus has no
     notion of several rows per privacy unit.
     """
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
     k = int(noise_multiplicity)
 
     def clip_and_accumulate():
@@ -194,6 +202,8 @@ def make_private(
         raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}")
     if grad_sample_mode == "bk":
         check_supported(model)
+    from opacus import PrivacyEngine
+
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = [tuple(h) for h in accountant_history]
     private_model, private_opt, private_loader = engine.make_private(

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from sim.processes import free_port, stop_process_tree
-from sim.run import PROJECT, flower_env
+from sim.app_bundle import PROJECT, stage_app
+from sim.run import flower_env
 
 
 @dataclass
@@ -53,6 +54,13 @@ class Deployment:
 
     def flwr(self, args: list[str], *, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], env=self.env, cwd=PROJECT, capture_output=True, text=True, check=check, timeout=timeout)
+
+    def run_study(self, run_config: str, *, timeout: float) -> subprocess.CompletedProcess:
+        """``flwr run`` of the app (staged once, see :mod:`sim.app_bundle`) on this federation."""
+        app = self.workdir / "app"
+        if not app.is_dir():
+            stage_app(app)
+        return self.flwr(["run", str(app), "consortium", "--stream", "--run-config", run_config], check=False, timeout=timeout)
 
     def register(self, site: str) -> None:
         self.flwr(["supernode", "register", str(self.certs / "sites" / f"{site}.pub"), "consortium"])

@@ -36,11 +36,11 @@ from typing import Optional
 from rich.console import Console
 
 from configs import ExperimentConfig, config_to_yaml
+from sim.app_bundle import PROJECT, stage_app
 from sim.console import SiteWatcher, StreamPrinter, final_table
 from sim.preflight import check_federation, check_fresh_run_dir, check_privacy_plan, check_resume, site_sizes
 from sim.processes import Reaper, port_free, port_owner, stop_process_tree
 
-PROJECT = Path(__file__).resolve().parents[1]
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -175,17 +175,18 @@ def simulate(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, resume_fr
     run_config = " ".join([f"config-path={_q(str(requested))}", 'overrides=""', f"run-dir={_q(str(run_dir))}",
                            f"resume-from={_q(str(Path(resume_from).resolve()) if resume_from else '')}",
                            f"manifest-path={_q(manifest_path)}"])
-    cmd = ["flwr", "run", str(PROJECT), "local", "--stream", "--run-config", run_config,
-           "--federation-config", federation_config(cfg)]
+    flwr_args = ["local", "--stream", "--run-config", run_config, "--federation-config", federation_config(cfg)]
     started = time.time()
-    _run_flower(cmd, env, cfg, run_dir, flwr_home, console, timeout=timeout, log_path=log_path, verbose=verbose)
+    _run_flower(flwr_args, env, cfg, run_dir, flwr_home, console, timeout=timeout, log_path=log_path, verbose=verbose)
     return _outcome(run_dir, started, console, log_path or run_dir / "flower.log")
 
 
-def _run_flower(cmd: list[str], env: dict, cfg: ExperimentConfig, run_dir: Path, flwr_home: Path, console: Console, *,
+def _run_flower(flwr_args: list[str], env: dict, cfg: ExperimentConfig, run_dir: Path, flwr_home: Path, console: Console, *,
                 timeout: float, log_path: Optional[Path], verbose: bool) -> None:
-    """Start SuperLink and ``flwr run``, stream the output, and stop everything, whatever happens."""
+    """Start SuperLink and ``flwr run <staged app> <flwr_args>``, stream the output, and stop
+    everything, whatever happens."""
     ray_tmp = _ray_root()
+    app = stage_app(ray_tmp / "app")
     env = {**env, "RAY_TMPDIR": str(ray_tmp)}
     if cfg.simulation.ray_address:
         env["RAY_ADDRESS"] = cfg.simulation.ray_address
@@ -199,8 +200,8 @@ def _run_flower(cmd: list[str], env: dict, cfg: ExperimentConfig, run_dir: Path,
         watcher = SiteWatcher(run_dir / "progress", lambda m: console.print(m, markup=False))
         watcher.start()
         with open(log_path or run_dir / "flower.log", "w") as log:
-            flwr = subprocess.Popen(cmd, env=env, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    bufsize=1, start_new_session=True)
+            flwr = subprocess.Popen(["flwr", "run", str(app), *flwr_args], env=env, cwd=PROJECT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
             _pump(flwr, StreamPrinter(console, log, verbose=verbose), timeout)
     except KeyboardInterrupt:
         raise RunInterrupted(signal.SIGINT) from None
@@ -216,7 +217,7 @@ def _run_flower(cmd: list[str], env: dict, cfg: ExperimentConfig, run_dir: Path,
 
 
 def _ray_root() -> Path:
-    """A fresh private folder for Ray's session files. Ray's socket paths add ~70 characters and a
+    """A fresh private folder for Ray's session files (and the staged app). Ray's socket paths add ~70 characters and a
     Unix socket path may not exceed 107, so a long temporary directory falls back to /tmp."""
     base = tempfile.gettempdir()
     return Path(tempfile.mkdtemp(prefix="meddiff-ray-", dir=base if len(base) <= 24 else "/tmp"))

@@ -101,7 +101,7 @@ def test_tls_study_where_a_site_dies_mid_round_completes_with_the_other(federati
     killer.start()
     try:
         cfg = f'run-dir="{run_dir}" overrides="{TINY.format(min_nodes=1, steps=40, timeout=RUN_WITHIN)}"'
-        result = d.flwr(["run", ".", "consortium", "--stream", "--run-config", cfg], check=False, timeout=RUN_WITHIN)
+        result = d.run_study(cfg, timeout=RUN_WITHIN)
     finally:
         done.set()
         killer.join()
