@@ -37,11 +37,9 @@ run-dp: $(STAMP)
 train-centralized: $(STAMP)
 	$(BIN)/meddiff train --config configs/default.yaml output.name=centralized-$$(date +%Y%m%d-%H%M%S)
 
-# The deployment tests run on their own: a SuperLink's SQLite state store reports "database is
-# locked" when another federation loads the same two cores.
+# Two xdist workers, one test file per worker at a time (a file's federations share fixtures).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 --ignore=tests/deploy
-	$(BIN)/python -m pytest -q --durations=5 tests/deploy
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

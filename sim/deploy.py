@@ -29,6 +29,13 @@ class Deployment:
     control: str = ""
     superlink: Optional[subprocess.Popen] = None
     supernodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    #: SQLite file for the SuperLink's state (node identities and run history survive a restart);
+    #: empty keeps it in memory, which cannot report "database is locked" on a loaded machine
+    database: str = ""
+
+    @property
+    def database_args(self) -> list[str]:
+        return ["--database", self.database] if self.database else []
 
     def make_certs(self, sites: list[str]) -> None:
         subprocess.run(["bash", str(PROJECT / "deploy" / "make_certs.sh"), str(self.certs), "localhost", *sites],
@@ -39,7 +46,7 @@ class Deployment:
         self.fleet = self.control = f"127.0.0.1:{port}"
         c = self.certs
         cmd = ["flower-superlink", "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
-               "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth", "--database", str(self.workdir / "state.db"),
+               "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth", *self.database_args,
                "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
         log = open(self.workdir / "superlink.log", "w")
         self.superlink = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

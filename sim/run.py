@@ -87,7 +87,7 @@ def start_superlink(flwr_home: Path, env: dict[str, str], http_port: int, contro
     runtime.mkdir(parents=True, exist_ok=True)
     cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
            "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
-           "--database", str(runtime / "state.db"), "--log-file", str(runtime / "superlink.log")]
+           "--log-file", str(runtime / "superlink.log")]  # state in memory: one run per SuperLink, no SQLite locks
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
