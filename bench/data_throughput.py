@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
 
 from configs import load_config  # noqa: E402
 from meddiff.build import build_diffusion, build_model  # noqa: E402
-from meddiff.data.adapters import index_dataset, load_record  # noqa: E402
+from meddiff.data.adapters import index_dataset  # noqa: E402
 from meddiff.data.cache import ArrayCache, MedicalDataset  # noqa: E402
+from meddiff.data.records import load_record  # noqa: E402
 from meddiff.train import train_step  # noqa: E402
 
 

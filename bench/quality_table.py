@@ -56,7 +56,7 @@ def run_arm(arm: str, data: Path, out: Path, steps: int) -> Path:
     local = max(1, steps // (SITES * ROUNDS))
     overrides = base_overrides(data, out, arm)
     if arm == "centralized":
-        from meddiff.train import train_centralized
+        from meddiff.centralized import train_centralized
 
         overrides += [f"train.steps={steps}", "train.log_every=50", f"output.checkpoint_every={steps}"]
         return train_centralized(load_config(None, overrides), progress=False) / "checkpoints" / "last.pt"
@@ -126,6 +126,11 @@ def main() -> None:
                           "federated_dp": "MIA AUC <= 0.55"},
               "total_seconds": round(time.perf_counter() - t0, 1)}
     (out / "quality_table.json").write_text(json.dumps(result, indent=2))
+    (out / "quality_table.md").write_text(markdown_table(rows, central))
+    print(json.dumps(result, indent=2))
+
+
+def markdown_table(rows: dict, central) -> str:
     lines = ["| arm | domain-FID | vs centralized | precision | recall | TSTR | TRTR | MIA AUC | TPR@1%FPR | near-dup. | epsilon |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm, r in rows.items():
@@ -133,8 +138,7 @@ def main() -> None:
         lines.append(f"| {arm} | {r['fid']:.2f} | {ratio} | {r['precision']:.3f} | {r['recall']:.3f} | {r['tstr']:.3f} | "
                      f"{r['trtr']:.3f} | {r['mia_auc']:.3f} | {r['mia_tpr_at_1pct_fpr']:.3f} | {r['near_duplicates']} | "
                      f"{'-' if r['epsilon'] is None else format(r['epsilon'], '.2f')} |")
-    (out / "quality_table.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(result, indent=2))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from meddiff.train import train_centralized
+    from meddiff.centralized import train_centralized
 
     cfg = load_config(args.config, args.overrides)
     train_centralized(cfg, progress=not args.no_progress)

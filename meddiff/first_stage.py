@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader, Dataset
 from configs import ExperimentConfig, config_to_dict, load_config_dict
 from meddiff.build import build_autoencoder, build_autoencoder_objective, build_image_dataset
 from meddiff.checkpoint import load_checkpoint, save_checkpoint
+from meddiff.device import autocast_dtype, autocast_factory
 from meddiff.latent import LatentCodec, latent_stats
 from meddiff.nets.autoencoder import KLAutoencoder
 from meddiff.outputs import save_grid_png
+from meddiff.train import cycle, train_loop
 
 #: latents used to estimate the scale factor (enough for a stable standard deviation)
 SCALE_EXAMPLES = 1024
@@ -34,9 +36,6 @@ def train_autoencoder(cfg: ExperimentConfig, dataset: Dataset, *, device: torch.
                       seed: int = 0, progress: bool = True, desc: str = "autoencoder") -> tuple[KLAutoencoder, list[float]]:
     """Train the autoencoder centrally for ``steps`` (default ``autoencoder.steps``); returns it
     and its per-step losses."""
-    from meddiff.device import autocast_dtype, autocast_factory
-    from meddiff.train import cycle, train_loop
-
     ae = cfg.autoencoder
     if len(dataset) == 0:
         raise ValueError("the autoencoder's training data is empty")

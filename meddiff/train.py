@@ -1,43 +1,29 @@
 """The plain-PyTorch training step and loop (no knowledge of privacy or federation).
 
-Differential privacy wraps ``(model, optimizer, loader)`` before the loop; the
-same loop then runs unchanged. The centralized ``meddiff train`` run is the baseline that federated
-runs are compared against.
+Differential privacy wraps ``(model, optimizer, loader)`` before the loop; the same loop then runs
+unchanged, at a site (:mod:`client.local`) or centrally (:mod:`meddiff.centralized`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from configs import ExperimentConfig, config_to_dict
-from meddiff.build import (
-    build_diffusion,
-    build_image_dataset,
-    build_lr_schedule,
-    build_optimizer,
-    build_sampler,
-    build_unet,
-    check_labels,
-    sample_shape,
-    sample_spacing,
-)
-from meddiff.checkpoint import save_checkpoint
-from meddiff.device import autocast_dtype, autocast_factory, resolve_device
+from configs import ExperimentConfig
+from meddiff.build import build_diffusion, build_sampler, sample_shape
+from meddiff.device import autocast_dtype, autocast_factory
 from meddiff.diffusion import GaussianDiffusion
 from meddiff.ema import EMA
-from meddiff.latent import LatentCodec, encode_dataset
+from meddiff.latent import LatentCodec
 from meddiff.nets.autoencoder import AutoencoderObjective
-from meddiff.outputs import write_samples
-from meddiff.runs import MetricsCSV, create_run_dir
 from meddiff.sampling import generate
 
 
@@ -91,6 +77,17 @@ def cycle(loader: Iterable) -> Iterator:
             raise ValueError("the data loader yielded no batches: the dataset is empty or smaller than one batch")
 
 
+def _next_batch(batches: Iterator, device: torch.device, *, num_classes: int, label_dropout: float,
+                generator: Optional[torch.Generator]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(x0 [N, C, *S], y [N] or None)`` on ``device``; labels dropped to the null label at
+    ``label_dropout`` (none for an unconditional model)."""
+    x0, y = next(batches)
+    x0 = x0.to(device, non_blocking=True)
+    if not num_classes:
+        return x0, None
+    return x0, drop_labels(y.to(device, non_blocking=True), p=label_dropout, null_label=num_classes, generator=generator)
+
+
 @dataclass
 class LoopResult:
     steps: int
@@ -139,11 +136,7 @@ def train_loop(
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
     loss_sum, rows = 0.0, 0
     while result.steps < steps:
-        x0, y = next(batches)
-        x0 = x0.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True) if num_classes else None
-        if y is not None:
-            y = drop_labels(y, p=label_dropout, null_label=num_classes, generator=generator)
+        x0, y = _next_batch(batches, device, num_classes=num_classes, label_dropout=label_dropout, generator=generator)
         loss = step_fn(
             model, objective, optimizer, x0, y,
             noise_multiplicity=noise_multiplicity, grad_clip=grad_clip, autocast=autocast, generator=generator,
@@ -169,10 +162,6 @@ def train_loop(
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -201,91 +190,3 @@ def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: 
     if codec is None:
         return out
     return codec.to(device).decode(out).clamp(-1.0, 1.0)
-
-
-def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
-    """Centralized training: the baseline for federated runs. Returns the run directory.
-
-    Writes ``config.yaml``, ``metrics.csv`` (step, loss, lr, examples/s), checkpoints every
-    ``output.checkpoint_every`` steps plus ``checkpoints/last.pt``, and EMA sample grids. For latent
-    diffusion it first trains (or loads) the autoencoder, encodes the data once, trains the UNet
-    on the latents, and every checkpoint carries the autoencoder.
-    """
-    if cfg.privacy.enabled:
-        raise ValueError("privacy.enabled=true applies to federated sites; `meddiff train` is the non-private baseline")
-    tc, oc = cfg.train, cfg.output
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    seed_everything(tc.seed)
-    device = resolve_device(tc.device)
-    run_dir = create_run_dir(oc, cfg, kind="train")
-
-    dataset = build_image_dataset(cfg)
-    check_labels(dataset, cfg.model)
-    codec = None
-    if cfg.autoencoder.enabled:
-        from meddiff.first_stage import train_first_stage
-
-        codec = train_first_stage(cfg, dataset, run_dir=run_dir, device=device, progress=progress)
-        dataset = encode_dataset(codec, dataset, device=device, progress=progress)
-        codec.to(device)
-    if len(dataset) < tc.batch_size:
-        raise ValueError(f"the dataset has {len(dataset)} examples, fewer than train.batch_size={tc.batch_size}")
-    loader = DataLoader(
-        dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.num_workers,
-        generator=torch.Generator().manual_seed(tc.seed), pin_memory=device.type == "cuda",
-    )
-    model = build_unet(cfg).to(device)
-    diffusion = build_diffusion(cfg.diffusion)
-    optimizer = build_optimizer(tc, model.parameters())
-    lr_schedule = build_lr_schedule(tc, optimizer, tc.steps)
-    ema = EMA(model, decay=tc.ema_decay)
-    autocast = autocast_factory(device, autocast_dtype(device, tc.mixed_precision))
-    gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
-    cfg_dict = config_to_dict(cfg)
-    ckpt_dir = run_dir / "checkpoints"
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"[meddiff] run dir {run_dir}\n[meddiff] {n_params / 1e6:.2f}M parameters, {len(dataset)} examples, device {device}")
-    codec_extra = {"autoencoder": codec.to_payload()} if codec is not None else {}
-
-    window: list[float] = []
-    t0 = time.perf_counter()
-    metrics = MetricsCSV(run_dir / "metrics.csv", ["step", "loss", "lr", "examples_per_s", "elapsed_s"])
-
-    def save(step: int) -> None:
-        for name in (f"step_{step:06d}.pt", "last.pt"):
-            save_checkpoint(ckpt_dir / name, model_state=model.state_dict(), ema_state=ema.state_dict(),
-                            config=cfg_dict, step=step, extra={"ema_updates": ema.num_updates, **codec_extra})
-
-    def draw(step: int) -> None:
-        ema_model = build_unet(cfg).to(device)
-        ema.copy_to(ema_model)
-        samples = sample_images(ema_model, cfg, num=oc.num_samples, device=device, seed=tc.seed, progress=progress,
-                                codec=codec)
-        write_samples(samples, run_dir / "samples", f"step_{step:06d}", spacing=sample_spacing(cfg))
-
-    def on_step(i: int, loss: float) -> None:
-        step = i + 1
-        window.append(loss)
-        if step % tc.log_every == 0 or step == tc.steps:
-            elapsed = time.perf_counter() - t0
-            metrics.write({"step": step, "loss": sum(window) / len(window), "lr": optimizer.param_groups[0]["lr"],
-                           "examples_per_s": step * tc.batch_size / elapsed, "elapsed_s": elapsed})
-            window.clear()
-        if step % oc.checkpoint_every == 0 and step != tc.steps:
-            save(step)
-        if oc.sample_every and step % oc.sample_every == 0 and step != tc.steps:
-            draw(step)
-
-    with metrics:
-        result = train_loop(
-            model=model, objective=diffusion, optimizer=optimizer, batches=cycle(loader), steps=tc.steps,
-            device=device, noise_multiplicity=cfg.diffusion.noise_multiplicity, label_dropout=tc.label_dropout,
-            grad_clip=tc.grad_clip, autocast=autocast, ema=ema, lr_schedule=lr_schedule, generator=gen,
-            progress=progress, desc="train", on_step=on_step,
-        )
-    save(tc.steps)
-    draw(tc.steps)
-    print(f"[meddiff] {result.steps} steps in {result.seconds:.1f}s; final loss {result.losses[-1]:.4f}; "
-          f"samples in {run_dir / 'samples'}")
-    return run_dir

@@ -19,7 +19,8 @@ import numpy as np
 
 import meddiff
 from configs import ExperimentConfig
-from meddiff.data.adapters import IndexResult, Record, index_dataset
+from meddiff.data.adapters import index_dataset
+from meddiff.data.records import IndexResult, Record
 from meddiff.data.cache import ArrayCache, content_digest
 from meddiff.data.readers import DataError
 from meddiff.data.sites import MANIFEST_VERSION, check_disjoint, load_manifest  # noqa: F401  (re-exported)

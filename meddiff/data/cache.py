@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 import meddiff
 from configs import DataConfig
-from meddiff.data.adapters import Record, load_record, npz_images
+from meddiff.data.records import Record, load_record, npz_images
 from meddiff.data.readers import DataError, file_digest
 
 log = logging.getLogger(__name__)

@@ -93,6 +93,70 @@ def _smooth_texture(rng, n, scale):
     return scale * tex / (tex.std() + 1e-8)
 
 
+def _head_frame(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> dict:
+    """Subject pose and head shape: rotated coordinates ``xr, yr``, the head's semi-axes ``ax, ay``,
+    the normalised radius ``r`` (1 at the scalp) and the polar angle ``phi``."""
+    angle = rng.uniform(-0.15, 0.15)
+    cx, cy = rng.uniform(-0.04, 0.04, size=2)
+    c, s = np.cos(angle), np.sin(angle)
+    xr, yr = c * (x - cx) + s * (y - cy), -s * (x - cx) + c * (y - cy)
+    ax, ay = rng.uniform(0.70, 0.80), rng.uniform(0.84, 0.94)
+    return {"xr": xr, "yr": yr, "ax": ax, "ay": ay, "r": np.sqrt((xr / ax) ** 2 + (yr / ay) ** 2),
+            "phi": np.arctan2(yr / ay, xr / ax)}
+
+
+def _anatomy(head: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """T1 intensities of scalp, skull, CSF, folded cortex, white matter, deep grey nuclei,
+    ventricles and falx; returns ``(image, brain mask)``, both ``[n, n]``."""
+    xr, yr, r, phi = head["xr"], head["yr"], head["r"], head["phi"]
+    # Folded cortex: the grey/white boundary and the pial surface wobble with the polar angle.
+    k = np.arange(5, 13)
+    amp = rng.uniform(0.0, 0.035, size=k.size)
+    phase = rng.uniform(0, 2 * np.pi, size=k.size)
+    folds = (amp[:, None, None] * np.cos(k[:, None, None] * phi[None] + phase[:, None, None])).sum(0)
+    cortex = rng.uniform(0.10, 0.15)
+    pial = 0.83 + 0.3 * folds
+    wm_edge = pial - cortex + 1.2 * folds
+
+    img = np.zeros(r.shape)
+    img[r <= 1.0] = _T1["scalp"]
+    img[r <= 0.93] = _T1["bone"]
+    img[r <= 0.87] = _T1["csf"]
+    img[r <= pial] = _T1["gm"]
+    img[r <= wm_edge] = _T1["wm"]
+    for side in (-1, 1):  # deep grey nuclei (thalamus / basal ganglia)
+        img[_ellipse(xr, yr, side * 0.20, 0.08, 0.10, 0.15, side * 0.3) <= 1] = _T1["deep_gm"]
+    # Lateral ventricles: paired, slightly splayed, size varies with the subject (age, atrophy).
+    vs = rng.uniform(0.7, 1.4)
+    vy = rng.uniform(-0.12, -0.02)
+    for side in (-1, 1):
+        img[_ellipse(xr, yr, side * 0.075 * vs, vy, 0.055 * vs, 0.24 * vs, -side * 0.25) <= 1] = _T1["csf"]
+    # Falx cerebri: a thin midline line outside the ventricles.
+    brain = r <= pial
+    falx = (np.abs(xr) < 0.012) & brain & ((yr < vy - 0.26 * vs) | (yr > vy + 0.30 * vs))
+    img[falx] = _T1["falx"]
+    return img, brain
+
+
+def _draw_tumour(img: np.ndarray, brain: np.ndarray, head: dict, rng: np.random.Generator) -> None:
+    """A tumour inside the brain parenchyma, in place: oedema, enhancing rim, necrotic core."""
+    xr, yr, ax, ay = head["xr"], head["yr"], head["ax"], head["ay"]
+    for _ in range(20):
+        lr, la = rng.uniform(0.15, 0.55), rng.uniform(0, 2 * np.pi)
+        lx, ly = lr * np.cos(la) * ax, lr * np.sin(la) * ay
+        if abs(lx) > 0.12:
+            break
+    radius = rng.uniform(0.08, 0.17)
+    d = np.sqrt((xr - lx) ** 2 + (yr - ly) ** 2)
+    theta = np.arctan2(yr - ly, xr - lx)
+    wobble = 1 + 0.15 * np.cos(3 * theta + rng.uniform(0, 6.3)) + 0.08 * np.cos(5 * theta + rng.uniform(0, 6.3))
+    rr = d / (radius * wobble)
+    inside = brain & (rr <= 1.7)
+    img[inside & (rr > 1.0)] *= 0.72  # oedema: T1-hypointense
+    img[brain & (rr <= 1.0)] = 0.97  # enhancing rim
+    img[brain & (rr <= rng.uniform(0.45, 0.7))] = 0.25  # necrotic core
+
+
 def phantom_slice(size: int, rng: np.random.Generator, *, lesion: bool, supersample: int = 2) -> np.ndarray:
     """One clean phantom slice.
 
@@ -107,65 +171,11 @@ def phantom_slice(size: int, rng: np.random.Generator, *, lesion: bool, supersam
     n = size * supersample
     lin = (np.arange(n) + 0.5) / n * 2.0 - 1.0
     y, x = np.meshgrid(lin, lin, indexing="ij")
-
-    # Subject pose and head shape.
-    angle = rng.uniform(-0.15, 0.15)
-    cx, cy = rng.uniform(-0.04, 0.04, size=2)
-    c, s = np.cos(angle), np.sin(angle)
-    xr, yr = c * (x - cx) + s * (y - cy), -s * (x - cx) + c * (y - cy)
-    ax, ay = rng.uniform(0.70, 0.80), rng.uniform(0.84, 0.94)
-    r = np.sqrt((xr / ax) ** 2 + (yr / ay) ** 2)
-    phi = np.arctan2(yr / ay, xr / ax)
-
-    # Folded cortex: the grey/white boundary and the pial surface wobble with the polar angle.
-    k = np.arange(5, 13)
-    amp = rng.uniform(0.0, 0.035, size=k.size)
-    phase = rng.uniform(0, 2 * np.pi, size=k.size)
-    folds = (amp[:, None, None] * np.cos(k[:, None, None] * phi[None] + phase[:, None, None])).sum(0)
-    cortex = rng.uniform(0.10, 0.15)
-    pial = 0.83 + 0.3 * folds
-    wm_edge = pial - cortex + 1.2 * folds
-
-    img = np.zeros((n, n))
-    img[r <= 1.0] = _T1["scalp"]
-    img[r <= 0.93] = _T1["bone"]
-    img[r <= 0.87] = _T1["csf"]
-    img[r <= pial] = _T1["gm"]
-    img[r <= wm_edge] = _T1["wm"]
-
-    # Deep grey nuclei (thalamus / basal ganglia), left and right.
-    for side in (-1, 1):
-        img[_ellipse(xr, yr, side * 0.20, 0.08, 0.10, 0.15, side * 0.3) <= 1] = _T1["deep_gm"]
-
-    # Lateral ventricles: paired, slightly splayed, size varies with the subject (age, atrophy).
-    vs = rng.uniform(0.7, 1.4)
-    vy = rng.uniform(-0.12, -0.02)
-    for side in (-1, 1):
-        img[_ellipse(xr, yr, side * 0.075 * vs, vy, 0.055 * vs, 0.24 * vs, -side * 0.25) <= 1] = _T1["csf"]
-    # Falx cerebri: a thin midline line outside the ventricles.
-    brain = r <= pial
-    falx = (np.abs(xr) < 0.012) & brain & ((yr < vy - 0.26 * vs) | (yr > vy + 0.30 * vs))
-    img[falx] = _T1["falx"]
-
-    # Tissue texture (low-frequency), brain only.
-    img = img + brain * _smooth_texture(rng, n, 0.02)
-
+    head = _head_frame(x, y, rng)
+    img, brain = _anatomy(head, rng)
+    img = img + brain * _smooth_texture(rng, n, 0.02)  # low-frequency tissue texture, brain only
     if lesion:
-        for _ in range(20):  # place the tumour inside the brain parenchyma
-            lr, la = rng.uniform(0.15, 0.55), rng.uniform(0, 2 * np.pi)
-            lx, ly = lr * np.cos(la) * ax, lr * np.sin(la) * ay
-            if abs(lx) > 0.12:
-                break
-        radius = rng.uniform(0.08, 0.17)
-        d = np.sqrt((xr - lx) ** 2 + (yr - ly) ** 2)
-        theta = np.arctan2(yr - ly, xr - lx)
-        wobble = 1 + 0.15 * np.cos(3 * theta + rng.uniform(0, 6.3)) + 0.08 * np.cos(5 * theta + rng.uniform(0, 6.3))
-        rr = d / (radius * wobble)
-        inside = brain & (rr <= 1.7)
-        img[inside & (rr > 1.0)] *= 0.72  # oedema: T1-hypointense
-        img[brain & (rr <= 1.0)] = 0.97  # enhancing rim
-        img[brain & (rr <= rng.uniform(0.45, 0.7))] = 0.25  # necrotic core
-
+        _draw_tumour(img, brain, head, rng)
     img = img.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 

@@ -99,15 +99,25 @@ def per_site_membership(model, diffusion, cfg: ExperimentConfig, run_dir: Path, 
             continue
         (_, train_y), (_, test_y) = dataset_images(train, 4 * examples), dataset_images(test, 4 * examples)
         try:
-            m_pos, n_pos = matched_indices(train_y, test_y, examples)
-        except ValueError:
+            matched = matched_indices(train_y, test_y, examples)
+        except ValueError:  # too few records of a shared label to match members with non-members
             continue
-        m_idx, n_idx = subset_indices(len(train), 4 * examples), subset_indices(len(test), 4 * examples)
-        members = diffusion_losses(model, diffusion, to_model_space(Subset(train, [m_idx[i] for i in m_pos])), device=device, seed=seed)
-        nonmembers = diffusion_losses(model, diffusion, to_model_space(Subset(test, [n_idx[i] for i in n_pos])), device=device,
-                                      seed=seed)
-        out[name] = membership_inference(members, nonmembers)
+        out[name] = loss_attack(model, diffusion, train, test, matched, pool=4 * examples, device=device, seed=seed,
+                                to_model_space=to_model_space)
     return out
+
+
+def loss_attack(model, diffusion, train_ds, test_ds, matched: tuple, *, pool: int, device, seed: int,
+                to_model_space=lambda ds: ds) -> dict:
+    """Membership inference by the diffusion loss: the ``matched`` positions (label-matched, from
+    :func:`matched_indices`) among the first ``pool`` training records (members) and held-out ones."""
+    m_pos, n_pos = matched
+    m_idx, n_idx = subset_indices(len(train_ds), pool), subset_indices(len(test_ds), pool)
+    members = diffusion_losses(model, diffusion, to_model_space(Subset(train_ds, [m_idx[i] for i in m_pos])),
+                               device=device, seed=seed)
+    nonmembers = diffusion_losses(model, diffusion, to_model_space(Subset(test_ds, [n_idx[i] for i in n_pos])),
+                                  device=device, seed=seed)
+    return membership_inference(members, nonmembers)
 
 
 def distribution_metrics(real: np.ndarray, fake: np.ndarray) -> dict:
@@ -116,6 +126,25 @@ def distribution_metrics(real: np.ndarray, fake: np.ndarray) -> dict:
     kid, kid_std = kernel_inception_distance(real, fake, subset_size=min(100, len(real), len(fake)))
     return {"fid": fid_from_stats(FeatureStats.of(real), FeatureStats.of(fake)), "kid": kid, "kid_std": kid_std,
             "precision": p, "recall": r, "density": d, "coverage": c}
+
+
+def _per_class_fid(f_real: np.ndarray, real_y: torch.Tensor, f_gen: np.ndarray, gen_y: torch.Tensor, k: int) -> dict:
+    """FID per class label, for the classes with at least two real and two generated images."""
+    out = {}
+    for c in range(k):
+        real_c, gen_c = f_real[(real_y == c).numpy()], f_gen[(gen_y == c).numpy()]
+        if len(real_c) >= 2 and len(gen_c) >= 2:
+            out[str(c)] = fid_from_stats(FeatureStats.of(real_c), FeatureStats.of(gen_c))
+    return out
+
+
+def _memorization(generated: torch.Tensor, train_x: torch.Tensor, test_x: torch.Tensor, pairs_png: Path) -> dict:
+    """Nearest-training-image distances; the eight closest pairs go to ``pairs_png``."""
+    mem = memorization(generated, train_x, test_x)
+    worst = np.argsort(mem.generated_to_train)[:8]
+    pairs = torch.stack([torch.stack([generated[i], train_x[mem.nearest_train_index[i]]]) for i in worst]).flatten(0, 1)
+    save_grid_png(pairs, pairs_png, nrow=2, upscale=2)
+    return mem.summary()
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, out_dir: str | Path, encoder: str = "domain",
@@ -148,29 +177,14 @@ def evaluate_checkpoint(checkpoint: str | Path, *, out_dir: str | Path, encoder:
                     **distribution_metrics(f_real, f_gen), "diversity_ssim_generated": ms_ssim_diversity(generated),
                     "diversity_ssim_real": ms_ssim_diversity(test_x)}
     if k:
-        report["per_class_fid"] = {}
-        for c in range(k):
-            real_c, gen_c = f_real[(test_y == c).numpy()], f_gen[(y == c).numpy()]
-            if len(real_c) >= 2 and len(gen_c) >= 2:
-                report["per_class_fid"][str(c)] = fid_from_stats(FeatureStats.of(real_c), FeatureStats.of(gen_c))
-
+        report["per_class_fid"] = _per_class_fid(f_real, test_y, f_gen, y, k)
         report["utility"] = downstream_utility(real_train=(train_x, train_y), synthetic=(generated, y),
                                                real_test=(test_x, test_y), num_classes=k, steps=utility_steps, seed=seed)
-
-    mem = memorization(generated, train_x, test_x)
-    report["memorization"] = mem.summary()
-    worst = np.argsort(mem.generated_to_train)[:8]
-    pairs = torch.stack([torch.stack([generated[i], train_x[mem.nearest_train_index[i]]]) for i in worst]).flatten(0, 1)
-    save_grid_png(pairs, out_dir / "nearest_pairs.png", nrow=2, upscale=2)
-
+    report["memorization"] = _memorization(generated, train_x, test_x, out_dir / "nearest_pairs.png")
     diffusion = build_diffusion(cfg.diffusion)
-    m_pos, n_pos = matched_indices(train_y, test_y, mia_examples)
-    train_idx, test_idx = subset_indices(len(train_ds), max_real), subset_indices(len(test_ds), max_real)
-    members = diffusion_losses(model, diffusion, to_model_space(Subset(train_ds, [train_idx[i] for i in m_pos])), device=dev,
-                               seed=seed)
-    nonmembers = diffusion_losses(model, diffusion, to_model_space(Subset(test_ds, [test_idx[i] for i in n_pos])), device=dev,
-                                  seed=seed)
-    report["membership_inference"] = membership_inference(members, nonmembers)
+    report["membership_inference"] = loss_attack(model, diffusion, train_ds, test_ds,
+                                                 matched_indices(train_y, test_y, mia_examples), pool=max_real,
+                                                 device=dev, seed=seed, to_model_space=to_model_space)
     sites = per_site_membership(model, diffusion, cfg, Path(checkpoint).resolve().parent.parent, examples=mia_examples,
                                 device=dev, seed=seed, to_model_space=to_model_space)
     if sites:

@@ -79,58 +79,63 @@ class ADMUNet(nn.Module):
         self.num_classes = num_classes
         self.num_levels = len(channel_mult)
         emb_ch = 4 * model_channels
+        self._block_args = dict(spatial_dims=spatial_dims, emb_channels=emb_ch, dropout=dropout, norm_groups=norm_groups)
+        self._attn_args = dict(num_head_channels=num_head_channels, norm_groups=norm_groups)
+        self._resblock_updown = resblock_updown
 
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)
         )
         self.label_embed = nn.Embedding(num_classes + 1, emb_ch) if num_classes > 0 else None
-
-        def res(cin: int, cout: int, resample: Optional[str] = None) -> ResBlock:
-            return ResBlock(
-                spatial_dims=spatial_dims,
-                in_channels=cin,
-                out_channels=cout,
-                emb_channels=emb_ch,
-                dropout=dropout,
-                norm_groups=norm_groups,
-                resample=resample,
-            )
-
-        def attn(ch: int) -> AttentionBlock:
-            return AttentionBlock(ch, num_head_channels=num_head_channels, norm_groups=norm_groups)
-
         self.conv_in = conv_nd(spatial_dims, in_channels, model_channels, 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_channels = [model_channels]
-        ch = model_channels
-        for level, mult in enumerate(channel_mult):
+        widths = [mult * model_channels for mult in channel_mult]
+        self.down, skip_channels = self._encoder(widths, num_res_blocks, attention_levels)
+        ch = widths[-1]
+        self.middle = TimestepSequential([self._res(ch, ch), self._attn(ch), self._res(ch, ch)])
+        self.up = self._decoder(widths, num_res_blocks, attention_levels, skip_channels)
+        self.out_norm = group_norm(widths[0], norm_groups)
+        self.conv_out = zero_module(conv_nd(spatial_dims, widths[0], out_channels, 3, padding=1))
+
+    def _res(self, cin: int, cout: int, resample: Optional[str] = None) -> ResBlock:
+        return ResBlock(in_channels=cin, out_channels=cout, resample=resample, **self._block_args)
+
+    def _attn(self, ch: int) -> AttentionBlock:
+        return AttentionBlock(ch, **self._attn_args)
+
+    def _resample(self, ch: int, direction: str) -> nn.Module:
+        if self._resblock_updown:
+            return self._res(ch, ch, direction)
+        return ConvResample(self._block_args["spatial_dims"], ch, direction)
+
+    def _encoder(self, widths: list[int], num_res_blocks: int,
+                 attention_levels: Sequence[int]) -> tuple[nn.ModuleList, list[int]]:
+        """The down path and the channels of each skip connection it leaves (input side first)."""
+        blocks, skips, ch = nn.ModuleList(), [self.model_channels], self.model_channels
+        for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
-                layers = [res(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if level in attention_levels:
-                    layers.append(attn(ch))
-                self.down.append(TimestepSequential(layers))
-                skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
-                down = res(ch, ch, "down") if resblock_updown else ConvResample(spatial_dims, ch, "down")
-                self.down.append(TimestepSequential([down]))
-                skip_channels.append(ch)
+                layers = [self._res(ch, width)] + ([self._attn(width)] if level in attention_levels else [])
+                ch = width
+                blocks.append(TimestepSequential(layers))
+                skips.append(ch)
+            if level != len(widths) - 1:
+                blocks.append(TimestepSequential([self._resample(ch, "down")]))
+                skips.append(ch)
+        return blocks, skips
 
-        self.middle = TimestepSequential([res(ch, ch), attn(ch), res(ch, ch)])
-
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
+    def _decoder(self, widths: list[int], num_res_blocks: int, attention_levels: Sequence[int],
+                 skips: list[int]) -> nn.ModuleList:
+        """The up path, consuming ``skips`` from the deepest one."""
+        blocks, ch = nn.ModuleList(), widths[-1]
+        for level in reversed(range(len(widths))):
             for i in range(num_res_blocks + 1):
-                layers = [res(ch + skip_channels.pop(), mult * model_channels)]
-                ch = mult * model_channels
+                layers = [self._res(ch + skips.pop(), widths[level])]
+                ch = widths[level]
                 if level in attention_levels:
-                    layers.append(attn(ch))
+                    layers.append(self._attn(ch))
                 if level and i == num_res_blocks:
-                    layers.append(res(ch, ch, "up") if resblock_updown else ConvResample(spatial_dims, ch, "up"))
-                self.up.append(TimestepSequential(layers))
-
-        self.out_norm = group_norm(ch, norm_groups)
-        self.conv_out = zero_module(conv_nd(spatial_dims, ch, out_channels, 3, padding=1))
+                    layers.append(self._resample(ch, "up"))
+                blocks.append(TimestepSequential(layers))
+        return blocks
 
     @property
     def null_label(self) -> int:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from configs import load_config
-from meddiff.data.adapters import index_dataset, load_record
+from meddiff.data.adapters import index_dataset
+from meddiff.data.records import load_record
 from meddiff.data.cache import ArrayCache, MedicalDataset
 from meddiff.data.readers import DataError
 from tests.fixtures import make_brats, make_chexpert, make_covid_ct, make_dicom_series, make_ixi, write_nifti, write_png

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from configs import load_config
-from meddiff.data.adapters import index_dataset, load_record
+from meddiff.data.adapters import index_dataset
+from meddiff.data.records import load_record
 from meddiff.data.template import pseudo_patient, write_template_cohort
 from meddiff.data.readers import read_nifti
 from meddiff.data.transforms import crop_or_pad_volume

@@ -1,0 +1,122 @@
+"""``meddiff train``: centralized training on the whole dataset, the baseline that federated runs
+are compared against.
+
+Writes ``config.yaml``, ``metrics.csv`` (step, loss, lr, examples/s), checkpoints every
+``output.checkpoint_every`` steps plus ``checkpoints/last.pt``, and EMA sample grids. For latent
+diffusion it first trains (or loads) the autoencoder, encodes the data once, trains the UNet on
+the latents, and every checkpoint carries the autoencoder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from configs import ExperimentConfig, config_to_dict
+from meddiff.build import (build_diffusion, build_image_dataset, build_lr_schedule, build_optimizer, build_unet, check_labels,
+                           sample_spacing)
+from meddiff.checkpoint import save_checkpoint
+from meddiff.device import autocast_dtype, autocast_factory, resolve_device
+from meddiff.ema import EMA
+from meddiff.first_stage import train_first_stage
+from meddiff.latent import LatentCodec, encode_dataset
+from meddiff.outputs import write_samples
+from meddiff.runs import MetricsCSV, create_run_dir
+from meddiff.train import cycle, sample_images, seed_everything, train_loop
+
+
+def _training_data(cfg: ExperimentConfig, run_dir: Path, device: torch.device,
+                   progress: bool) -> tuple[Dataset, Optional[LatentCodec]]:
+    """The images, or for latent diffusion their latents and the first stage that made them."""
+    dataset = build_image_dataset(cfg)
+    check_labels(dataset, cfg.model)
+    codec = None
+    if cfg.autoencoder.enabled:
+        codec = train_first_stage(cfg, dataset, run_dir=run_dir, device=device, progress=progress)
+        dataset = encode_dataset(codec, dataset, device=device, progress=progress)
+        codec.to(device)
+    if len(dataset) < cfg.train.batch_size:
+        raise ValueError(f"the dataset has {len(dataset)} examples, fewer than train.batch_size={cfg.train.batch_size}")
+    return dataset, codec
+
+
+class CentralizedRun:
+    """The model, its EMA and optimizer, and what is written at each step of one run."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, device: torch.device, codec: Optional[LatentCodec],
+                 progress: bool):
+        self.cfg, self.run_dir, self.device, self.codec, self.progress = cfg, run_dir, device, codec, progress
+        self.model = build_unet(cfg).to(device)
+        self.optimizer = build_optimizer(cfg.train, self.model.parameters())
+        self.lr_schedule = build_lr_schedule(cfg.train, self.optimizer, cfg.train.steps)
+        self.ema = EMA(self.model, decay=cfg.train.ema_decay)
+        self.metrics = MetricsCSV(run_dir / "metrics.csv", ["step", "loss", "lr", "examples_per_s", "elapsed_s"])
+        self._cfg_dict = config_to_dict(cfg)
+        self._codec_extra = {"autoencoder": codec.to_payload()} if codec is not None else {}
+        self._window: list[float] = []
+        self._started = time.perf_counter()
+
+    def save(self, step: int) -> None:
+        for name in (f"step_{step:06d}.pt", "last.pt"):
+            save_checkpoint(self.run_dir / "checkpoints" / name, model_state=self.model.state_dict(),
+                            ema_state=self.ema.state_dict(), config=self._cfg_dict, step=step,
+                            extra={"ema_updates": self.ema.num_updates, **self._codec_extra})
+
+    def draw(self, step: int) -> None:
+        ema_model = build_unet(self.cfg).to(self.device)
+        self.ema.copy_to(ema_model)
+        samples = sample_images(ema_model, self.cfg, num=self.cfg.output.num_samples, device=self.device,
+                                seed=self.cfg.train.seed, progress=self.progress, codec=self.codec)
+        write_samples(samples, self.run_dir / "samples", f"step_{step:06d}", spacing=sample_spacing(self.cfg))
+
+    def on_step(self, index: int, loss: float) -> None:
+        """Log every ``train.log_every`` steps; checkpoint and draw at their intervals (the last
+        step's are written once training ends)."""
+        tc, oc, step = self.cfg.train, self.cfg.output, index + 1
+        self._window.append(loss)
+        if step % tc.log_every == 0 or step == tc.steps:
+            elapsed = time.perf_counter() - self._started
+            self.metrics.write({"step": step, "loss": sum(self._window) / len(self._window),
+                                "lr": self.optimizer.param_groups[0]["lr"],
+                                "examples_per_s": step * tc.batch_size / elapsed, "elapsed_s": elapsed})
+            self._window.clear()
+        if step % oc.checkpoint_every == 0 and step != tc.steps:
+            self.save(step)
+        if oc.sample_every and step % oc.sample_every == 0 and step != tc.steps:
+            self.draw(step)
+
+
+def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
+    """Run ``cfg`` centrally (see the module docstring); returns the run directory."""
+    if cfg.privacy.enabled:
+        raise ValueError("privacy.enabled=true applies to federated sites; `meddiff train` is the non-private baseline")
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    seed_everything(tc.seed)
+    device = resolve_device(tc.device)
+    run_dir = create_run_dir(cfg.output, cfg, kind="train")
+    dataset, codec = _training_data(cfg, run_dir, device, progress)
+    loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.num_workers,
+                        generator=torch.Generator().manual_seed(tc.seed), pin_memory=device.type == "cuda")
+    run = CentralizedRun(cfg, run_dir, device, codec, progress)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    print(f"[meddiff] run dir {run_dir}\n[meddiff] {n_params / 1e6:.2f}M parameters, {len(dataset)} examples, device {device}")
+    with run.metrics:
+        result = train_loop(
+            model=run.model, objective=build_diffusion(cfg.diffusion), optimizer=run.optimizer, batches=cycle(loader),
+            steps=tc.steps, device=device, noise_multiplicity=cfg.diffusion.noise_multiplicity,
+            label_dropout=tc.label_dropout, grad_clip=tc.grad_clip,
+            autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)), ema=run.ema,
+            lr_schedule=run.lr_schedule, generator=torch.Generator(device=device).manual_seed(tc.seed + 1),
+            progress=progress, desc="train", on_step=run.on_step,
+        )
+    run.save(tc.steps)
+    run.draw(tc.steps)
+    print(f"[meddiff] {result.steps} steps in {result.seconds:.1f}s; final loss {result.losses[-1]:.4f}; "
+          f"samples in {run_dir / 'samples'}")
+    return run_dir
