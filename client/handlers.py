@@ -37,8 +37,8 @@ from privacy.accounting import PrivacyLedger, poisson_sample_rate
 from meddiff.build import build_autoencoder
 from meddiff.device import resolve_device
 from meddiff.latent import latent_stats
-from privacy.site import (Calibration, SiteRefusal, check_budget, enrol, open_site_ledger, phase_is_private, require_dp,
-                          study_plan)
+from meddiff.recipes.phases import DIFFUSION, TrainingPhase, phase_named, private_plan
+from privacy.site import Calibration, SiteRefusal, check_budget, enrol, open_site_ledger, require_dp
 
 MIRROR_KEY = "privacy-ledger"
 
@@ -86,7 +86,7 @@ def site_budget(cfg: ExperimentConfig, node_config: Mapping, site: SiteData) -> 
 
 
 def prepare_privacy(cfg: ExperimentConfig, site: SiteData, node_config: Mapping, record: ConfigRecord,
-                    state: Optional[RecordDict], phase: str = "diffusion") -> tuple[PrivacyLedger, Calibration]:
+                    state: Optional[RecordDict], phase: TrainingPhase = DIFFUSION) -> tuple[PrivacyLedger, Calibration]:
     """Reload the ledger, enrol in the study (once, for all of its DP phases) and check the budget
     for this round of ``phase``; raises :class:`BudgetExhausted`."""
     mirror = str(state[MIRROR_KEY]["json"]) if state is not None and MIRROR_KEY in state else None
@@ -96,11 +96,10 @@ def prepare_privacy(cfg: ExperimentConfig, site: SiteData, node_config: Mapping,
                               privacy_cfg=cfg.privacy, budget=site_budget(cfg, node_config, site), mirror=mirror,
                               server_copy=json.dumps(known) if known else None)
     _mirror(ledger, state)
-    cal = enrol(ledger, study=str(record.get("study-id", "study")), num_examples=n, plan=study_plan(cfg),
+    cal = enrol(ledger, study=str(record.get("study-id", "study")), num_examples=n, plan=private_plan(cfg),
                 privacy_cfg=cfg.privacy)
     _mirror(ledger, state)
-    steps = cfg.autoencoder.local_steps if phase == "autoencoder" else cfg.federation.local_steps
-    check_budget(ledger, cal, steps, sample_rate=poisson_sample_rate(n, cal.phase(phase)["batch_size"]))
+    check_budget(ledger, cal, phase.local_steps(cfg), sample_rate=poisson_sample_rate(n, cal.phase(phase.name)["batch_size"]))
     return ledger, cal
 
 
@@ -123,8 +122,8 @@ def refusal_reply(site: SiteData, exc: SiteRefusal, ledger: Optional[PrivacyLedg
     return reply
 
 
-def _phase(record: ConfigRecord) -> str:
-    return str(record.get("phase", "diffusion"))
+def _phase(record: ConfigRecord) -> TrainingPhase:
+    return phase_named(str(record.get("phase", "")))
 
 
 def _codec_of(cfg: ExperimentConfig, record: ConfigRecord, state: Optional[RecordDict], node_config: Mapping, site: SiteData):
@@ -140,7 +139,7 @@ def round_data(cfg: ExperimentConfig, record: ConfigRecord, state: Optional[Reco
     """What this round trains or evaluates on: the site's images of ``split``, or in phase 2 of
     latent diffusion their latents (None when the site lacks the autoencoder the server names)."""
     data = site.train if split == "train" else site.test
-    if _phase(record) != "diffusion" or not cfg.autoencoder.enabled:
+    if not _phase(record).trains_on_latents(cfg):
         return data
     key = tuple(sorted((k, str(v)) for k, v in node_config.items())) + (str(record.get("manifest-path", "")), split)
     return site_latents(cfg, data, key=key, digest=str(record.get("autoencoder-digest", "")),
@@ -163,7 +162,7 @@ def handle_train(content: RecordDict, node_config: Mapping, state: Optional[Reco
     cfg, record = _config(content)
     phase = _phase(record)
     site = site_data(cfg, node_config, str(record.get("manifest-path", "")))
-    private = phase_is_private(cfg, phase)
+    private = phase.is_private(cfg)
     ledger = cal = None
     try:
         require_dp("epsilon-budget" in node_config, private, site.name)
@@ -177,9 +176,8 @@ def handle_train(content: RecordDict, node_config: Mapping, state: Optional[Reco
         log.warning("site %s does not hold autoencoder %s; asking the server for it", site.name, record.get("autoencoder-digest"))
         return missing_autoencoder_reply(site, record)
     server_round = int(record["server-round"])
-    steps = cfg.autoencoder.local_steps if phase == "autoencoder" else cfg.federation.local_steps
     epsilon_probe: list = []
-    progress = SiteProgress(site.name, phase, server_round, int(record.get("num-rounds", 0)), steps,
+    progress = SiteProgress(site.name, phase.name, server_round, int(record.get("num-rounds", 0)), phase.local_steps(cfg),
                             path=progress_path(node_config, record, site.name),
                             epsilon=(lambda: epsilon_probe[0]()) if private else None)
     weights, metrics = local_train(
@@ -187,7 +185,7 @@ def handle_train(content: RecordDict, node_config: Mapping, state: Optional[Reco
         proximal_mu=float(record.get("proximal-mu", 0.0)), ledger=ledger, calibration=cal, phase=phase,
         on_step=progress, epsilon_probe=epsilon_probe,
     )
-    log.info("site %s %s round %s: loss %.4f over %d steps, epsilon %.3f", site.name, phase, record["server-round"],
+    log.info("site %s %s round %s: loss %.4f over %d steps, epsilon %.3f", site.name, phase.name, record["server-round"],
              metrics["train_loss"], metrics["steps"], metrics["epsilon"])
     reply = RecordDict({"arrays": state_to_arrays(weights, cfg.federation.transport_dtype),
                         "metrics": metric_record(metrics, TRAIN_METRIC_KEYS)})

@@ -6,7 +6,6 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -14,13 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from configs import ExperimentConfig
-from meddiff.build import (build_autoencoder, build_autoencoder_objective, build_diffusion, build_lr_schedule, build_optimizer,
-                           build_unet)
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.train import cycle, train_loop
 from privacy.accounting import PrivacyLedger
 from privacy.engine import make_private
-from privacy.site import Calibration, phase_is_private
+from meddiff.recipes.phases import DIFFUSION, TrainingPhase
+from privacy.site import Calibration
 
 
 def round_seed(*parts: int) -> int:
@@ -63,46 +61,11 @@ def non_private_metrics() -> dict[str, float]:
             "budget_exhausted": 0}
 
 
-PHASES = ("autoencoder", "diffusion")
-
-
-@dataclass
-class Stage:
-    """What one phase trains at a site: the model, its optimizer, objective and step budget."""
-
-    phase: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    objective: object
-    steps: int
-    batch_size: int
-    noise_multiplicity: int
-    label_dropout: float
-    grad_sample_mode: str
-
-
-def build_stage(cfg: ExperimentConfig, phase: str, global_state: Mapping[str, torch.Tensor]) -> Stage:
-    """Phase ``autoencoder`` (latent diffusion's first stage) or ``diffusion`` (the UNet, on images
-    or latents), loaded with the server's weights."""
-    from meddiff.first_stage import build_autoencoder_optimizer
-
-    tc = cfg.train
-    if phase == "autoencoder":
-        if not cfg.autoencoder.enabled:
-            raise ValueError("the server asked for an autoencoder round but this config has autoencoder.enabled=false")
-        model = build_autoencoder(cfg)
-        model.load_state_dict(global_state)
-        # vmap's per-image gradients are written for the diffusion loss; the first stage uses bk (or hooks)
-        mode = "hooks" if cfg.privacy.grad_sample_mode == "hooks" else "bk"
-        return Stage(phase, model, build_autoencoder_optimizer(cfg, model.parameters()), build_autoencoder_objective(cfg),
-                     cfg.autoencoder.local_steps, cfg.autoencoder.batch_size, 1, 0.0, mode)
-    if phase != "diffusion":
-        raise ValueError(f"unknown training phase {phase!r}; expected one of {PHASES}")
-    model = build_unet(cfg)
+def _phase_model(cfg: ExperimentConfig, phase: TrainingPhase, global_state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The phase's model, loaded with the server's weights."""
+    model = phase.build_model(cfg)
     model.load_state_dict(global_state)
-    return Stage(phase, model, build_optimizer(tc, model.parameters()), build_diffusion(cfg.diffusion),
-                 cfg.federation.local_steps, tc.batch_size, cfg.diffusion.noise_multiplicity, tc.label_dropout,
-                 cfg.privacy.grad_sample_mode)
+    return model
 
 
 def local_train(
@@ -116,15 +79,14 @@ def local_train(
     progress: bool = False,
     ledger: Optional[PrivacyLedger] = None,
     calibration: Optional[Calibration] = None,
-    phase: str = "diffusion",
+    phase: TrainingPhase = DIFFUSION,
     on_step: Optional[Callable[[int, float], None]] = None,
     epsilon_probe: Optional[list] = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the global model of ``phase`` for its local steps on the site's data.
 
-    ``phase`` is ``diffusion`` (the UNet; ``dataset`` holds images, or pre-encoded latents for
-    latent diffusion) or ``autoencoder`` (latent diffusion's first stage, ``autoencoder.local_steps``
-    steps). Without DP, randomness (batch order, t, noise, label dropout) is seeded by (train.seed,
+    ``dataset`` holds what the phase trains on: images, or pre-encoded latents for a phase that
+    :meth:`~meddiff.recipes.phases.TrainingPhase.trains_on_latents`. Without DP, randomness (batch order, t, noise, label dropout) is seeded by (train.seed,
     round, site, phase), so a round replays identically after a crash. With ``privacy.enabled`` the
     site runs DP-SGD (Opacus, Poisson sampling, logical batches of the phase's calibrated batch
     size split into physical ones of ``privacy.max_physical_batch_size``) at the calibrated sigma,
@@ -135,7 +97,7 @@ def local_train(
     the metrics.
     """
     tc = cfg.train
-    private = phase_is_private(cfg, phase)
+    private = phase.is_private(cfg)
     if private and (ledger is None or calibration is None):
         raise ValueError("privacy.enabled=true needs the site's ledger and calibration; refusing to train without DP")
     if tc.threads:
@@ -143,53 +105,52 @@ def local_train(
     if len(dataset) == 0:
         raise ValueError(f"site {site_index} has no training data")
     device = resolve_device(tc.device)
-    seed = round_seed(tc.seed, server_round, site_index) if phase == "diffusion" else round_seed(tc.seed, server_round, site_index, 1)
+    seed = round_seed(tc.seed, server_round, site_index, *phase.seed_salt)
     torch.manual_seed(seed)
-    stage = build_stage(cfg, phase, global_state)
-    model, optimizer = stage.model.to(device), stage.optimizer
+    model = _phase_model(cfg, phase, global_state).to(device)
+    optimizer = phase.build_optimizer(cfg, model.parameters())
     add_proximal_term(optimizer, [p.detach().clone() for p in model.parameters()], proximal_mu)
-    loop = _loop_settings(cfg, stage, phase, server_round, site_index, seed, device, progress, on_step)
+    loop = _loop_settings(cfg, phase, optimizer, server_round, site_index, seed, device, progress, on_step)
     start = time.perf_counter()
     if private:
-        result, privacy_metrics, state = _private_round(cfg, stage, dataset, loop, ledger, calibration, server_round,
-                                                        epsilon_probe)
+        result, privacy_metrics, state = _private_round(cfg, phase, model, optimizer, dataset, loop, ledger, calibration,
+                                                        server_round, epsilon_probe)
     else:
-        loader = DataLoader(dataset, batch_size=min(stage.batch_size, len(dataset)), shuffle=True, drop_last=True,
+        loader = DataLoader(dataset, batch_size=min(phase.batch_size(cfg), len(dataset)), shuffle=True, drop_last=True,
                             num_workers=tc.num_workers, generator=torch.Generator().manual_seed(seed))
         result = train_loop(model=model, optimizer=optimizer, batches=cycle(loader), grad_clip=tc.grad_clip, **loop)
         privacy_metrics = non_private_metrics()
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not math.isfinite(result.mean_loss):
-        raise FloatingPointError(f"site {site_index}: the {phase} training loss became {result.mean_loss} in round "
+        raise FloatingPointError(f"site {site_index}: the {phase.name} training loss became {result.mean_loss} in round "
                                  f"{server_round}; check train.lr and the data (no update is sent)")
     metrics = {"num-examples": len(dataset), "train_loss": result.mean_loss, "steps": result.steps,
                "site-index": site_index, "seconds": time.perf_counter() - start, **privacy_metrics}
     return state, metrics
 
 
-def _loop_settings(cfg: ExperimentConfig, stage: "Stage", phase: str, server_round: int, site_index: int, seed: int,
-                   device: torch.device, progress: bool, on_step: Optional[Callable[[int, float], None]]) -> dict:
+def _loop_settings(cfg: ExperimentConfig, phase: TrainingPhase, optimizer: torch.optim.Optimizer, server_round: int,
+                   site_index: int, seed: int, device: torch.device, progress: bool,
+                   on_step: Optional[Callable[[int, float], None]]) -> dict:
     """Keyword arguments of :func:`meddiff.train.train_loop` for one site's round."""
-    tc = cfg.train
-    loop = dict(objective=stage.objective, steps=stage.steps, device=device, noise_multiplicity=stage.noise_multiplicity,
-                label_dropout=stage.label_dropout, autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)),
+    return dict(objective=phase.build_objective(cfg), steps=phase.local_steps(cfg), device=device,
+                noise_multiplicity=phase.noise_multiplicity(cfg), label_dropout=phase.label_dropout(cfg),
+                autocast=autocast_factory(device, autocast_dtype(device, cfg.train.mixed_precision)),
                 generator=torch.Generator(device=device).manual_seed(seed), progress=progress,
-                desc=f"site {site_index} {phase} round {server_round}", on_step=on_step)
-    if phase == "diffusion":  # the study's learning-rate schedule runs across rounds
-        loop["lr_schedule"] = build_lr_schedule(tc, stage.optimizer, cfg.federation.num_rounds * stage.steps,
-                                                start_step=(server_round - 1) * stage.steps)
-    return loop
+                desc=f"site {site_index} {phase.name} round {server_round}", on_step=on_step,
+                lr_schedule=phase.lr_schedule(cfg, optimizer, server_round))
 
 
-def _private_round(cfg: ExperimentConfig, stage: "Stage", dataset: Dataset, loop: dict, ledger: PrivacyLedger,
-                   calibration: Calibration, server_round: int, epsilon_probe: Optional[list]):
+def _private_round(cfg: ExperimentConfig, phase: TrainingPhase, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   dataset: Dataset, loop: dict, ledger: PrivacyLedger, calibration: Calibration, server_round: int,
+                   epsilon_probe: Optional[list]):
     """DP-SGD for the round's steps; records the round in the ledger. ``(result, metrics, state)``."""
-    plan = calibration.phase(stage.phase)
+    plan = calibration.phase(phase.name)
     loader = DataLoader(dataset, batch_size=plan["batch_size"], num_workers=cfg.train.num_workers,
                         generator=unpredictable_generator())
-    dp = make_private(stage.model, stage.optimizer, loader, noise_multiplier=calibration.noise_multiplier,
-                      max_grad_norm=calibration.max_grad_norm, noise_multiplicity=stage.noise_multiplicity,
-                      accountant_history=ledger.history, grad_sample_mode=stage.grad_sample_mode,
+    dp = make_private(model, optimizer, loader, noise_multiplier=calibration.noise_multiplier,
+                      max_grad_norm=calibration.max_grad_norm, noise_multiplicity=phase.noise_multiplicity(cfg),
+                      accountant_history=ledger.history, grad_sample_mode=phase.grad_sample_mode(cfg),
                       noise_generator=unpredictable_generator(loop["device"]))
     if epsilon_probe is not None:
         epsilon_probe.append(lambda: float(dp.engine.accountant.get_epsilon(ledger.delta)))
@@ -200,7 +161,7 @@ def _private_round(cfg: ExperimentConfig, stage: "Stage", dataset: Dataset, loop
     finally:
         batches.close()
     sigma, q, _ = dp.history[-1]
-    ledger.record(dp.history, {"study": calibration.study, "phase": stage.phase, "round": server_round, "steps": result.steps,
+    ledger.record(dp.history, {"study": calibration.study, "phase": phase.name, "round": server_round, "steps": result.steps,
                                "noise_multiplier": sigma, "sample_rate": q, "max_grad_norm": calibration.max_grad_norm,
                                "clip_fraction": dp.stats.clip_fraction})
     metrics = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "noise_multiplier": sigma, "sample_rate": q,
@@ -210,29 +171,16 @@ def _private_round(cfg: ExperimentConfig, stage: "Stage", dataset: Dataset, loop
 
 @torch.no_grad()
 def local_evaluate(cfg: ExperimentConfig, state: Mapping[str, torch.Tensor], dataset: Dataset, *, site_index: int,
-                   max_examples: int = 256, phase: str = "diffusion") -> dict[str, float]:
-    """Held-out loss of the global model: the denoising loss averaged over 4 fixed (t, noise)
-    draws (``dataset`` holds latents for latent diffusion), or, in the autoencoder phase, the
-    mean absolute error of the deterministic reconstruction ``decode(mu(x))``."""
+                   max_examples: int = 256, phase: TrainingPhase = DIFFUSION) -> dict[str, float]:
+    """Held-out loss of the global model of ``phase`` on the first ``max_examples`` of ``dataset``
+    (:meth:`~meddiff.recipes.phases.TrainingPhase.held_out_losses`, with fixed randomness)."""
     device = resolve_device(cfg.train.device)
-    if phase == "autoencoder":
-        from meddiff.nets.autoencoder import AutoencoderObjective
-
-        model, objective = build_autoencoder(cfg), AutoencoderObjective()
-    else:
-        model, objective = build_unet(cfg), build_diffusion(cfg.diffusion)
-    model.load_state_dict(state)
-    model.to(device).eval()
+    model, objective = _phase_model(cfg, phase, state).to(device).eval(), phase.held_out_objective(cfg)
     gen = torch.Generator(device=device).manual_seed(round_seed(cfg.train.seed, site_index, 7))
     n = min(len(dataset), max_examples)
     total, count = 0.0, 0
     for x0, y in DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=64):
-        x0 = x0.to(device)
-        if phase == "autoencoder":
-            losses = objective.reconstruction_error(model, x0)
-        else:
-            y = y.to(device) if cfg.model.num_classes else None
-            losses = objective.training_losses(model, x0, y=y, noise_multiplicity=4, generator=gen)
+        losses = phase.held_out_losses(model, objective, x0.to(device), y.to(device), gen, cfg)
         total += float(losses.sum())
         count += len(losses)
     return {"num-examples": count, "eval_loss": total / max(count, 1), "site-index": site_index, "feature-count": 0}

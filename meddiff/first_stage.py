@@ -16,20 +16,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from configs import ExperimentConfig, config_to_dict, load_config_dict
-from meddiff.build import build_autoencoder, build_autoencoder_objective, build_image_dataset
+from meddiff.build import build_autoencoder, build_image_dataset
 from meddiff.checkpoint import load_checkpoint, save_checkpoint
 from meddiff.device import autocast_dtype, autocast_factory
 from meddiff.latent import LatentCodec, latent_stats
 from meddiff.nets.autoencoder import KLAutoencoder
 from meddiff.outputs import save_grid_png
+from meddiff.recipes.phases import AUTOENCODER
 from meddiff.train import cycle, train_loop
 
 #: latents used to estimate the scale factor (enough for a stable standard deviation)
 SCALE_EXAMPLES = 1024
-
-
-def build_autoencoder_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.autoencoder.lr, weight_decay=cfg.train.weight_decay)
 
 
 def train_autoencoder(cfg: ExperimentConfig, dataset: Dataset, *, device: torch.device, steps: Optional[int] = None,
@@ -40,14 +37,14 @@ def train_autoencoder(cfg: ExperimentConfig, dataset: Dataset, *, device: torch.
     if len(dataset) == 0:
         raise ValueError("the autoencoder's training data is empty")
     torch.manual_seed(seed)
-    model = build_autoencoder(cfg).to(device)
-    optimizer = build_autoencoder_optimizer(cfg, model.parameters())
+    model = AUTOENCODER.build_model(cfg).to(device)
+    optimizer = AUTOENCODER.build_optimizer(cfg, model.parameters())
     loader = DataLoader(dataset, batch_size=min(ae.batch_size, len(dataset)), shuffle=True, drop_last=True,
                         num_workers=cfg.train.num_workers, generator=torch.Generator().manual_seed(seed))
     result = train_loop(model=model, optimizer=optimizer, batches=cycle(loader), steps=steps or ae.steps, device=device,
                         grad_clip=cfg.train.grad_clip, generator=torch.Generator(device=device).manual_seed(seed + 1),
                         autocast=autocast_factory(device, autocast_dtype(device, cfg.train.mixed_precision)),
-                        progress=progress, desc=desc, objective=build_autoencoder_objective(cfg))
+                        progress=progress, desc=desc, objective=AUTOENCODER.build_objective(cfg))
     return model.eval(), result.losses
 
 

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import meddiff
 from configs import ExperimentConfig, OutputConfig, config_to_yaml
+from meddiff.recipes.phases import FINAL_PHASE, phase_named
 
 
 def create_run_dir(output_cfg: OutputConfig, config: ExperimentConfig, *, kind: str) -> Path:
@@ -91,17 +92,18 @@ def plot_run(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    autoencoder = [r for r in rows if r.get("phase") == "autoencoder" and r.get("scope") == "global"]
-    rows = [r for r in rows if r.get("phase", "diffusion") in ("diffusion", "")]  # phase 2 of latent diffusion
+    earlier = [r for r in rows if phase_named(r.get("phase")) is not FINAL_PHASE and r.get("scope") == "global"]
+    rows = [r for r in rows if phase_named(r.get("phase")) is FINAL_PHASE]
     glob = [r for r in rows if r.get("scope") == "global"]
     sites = sorted({r["scope"] for r in rows if r.get("scope", "").startswith("site_")})
     panels = [("loss", [("train", _floats(glob, "train_loss")), ("held-out", _floats(glob, "eval_loss"))])]
     eps = [(s, _floats([r for r in rows if r["scope"] == s and r.get("accepted") != ""], "epsilon")) for s in sites]
     if any(points for _, points in eps):
         panels.append(("epsilon", eps))
-    if autoencoder:
-        panels.append(("autoencoder (phase 1)", [("train", _floats(autoencoder, "train_loss")),
-                                                 ("held-out recon. L1", _floats(autoencoder, "eval_loss"))]))
+    for phase in sorted({phase_named(r["phase"]) for r in earlier}, key=lambda p: p.order):
+        mine = [r for r in earlier if phase_named(r["phase"]) is phase]
+        panels.append((f"{phase.name} (phase {phase.order + 1})", [("train", _floats(mine, "train_loss")),
+                                                                   (phase.metric_name, _floats(mine, "eval_loss"))]))
     if any(r.get("fid") not in (None, "") for r in glob):
         panels.append(("FID", [("global", _floats(glob, "fid"))]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), dpi=120, squeeze=False)

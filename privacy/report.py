@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from meddiff.checkpoint import atomic_write_text
+from meddiff.recipes.phases import phase_named
 from privacy.accounting import epsilon_of, prv_epsilon_of, total_steps
 
 LEDGERS_FILE = Path("privacy") / "site_ledgers.json"
@@ -103,7 +104,7 @@ def site_summary(ledger: dict) -> dict:
         "prv_epsilon": prv,
         "prv_relative_difference": differs,
         "prv_flag": (prv is None) or (differs is not None and differs > PRV_TOLERANCE),
-        "rounds": [{"study": r.get("study"), "phase": r.get("phase", "diffusion"), "round": r["round"], "steps": r["steps"],
+        "rounds": [{"study": r.get("study"), "phase": phase_named(r.get("phase")).name, "round": r["round"], "steps": r["steps"],
                     "epsilon": r["epsilon"], "clip_fraction": r.get("clip_fraction")} for r in rounds],
         "steps_by_phase": _steps_by_phase(rounds),
         "calibrations": cals,
@@ -114,7 +115,7 @@ def site_summary(ledger: dict) -> dict:
 def _steps_by_phase(rounds: list[dict]) -> dict[str, int]:
     out: Counter = Counter()
     for r in rounds:
-        out[r.get("phase", "diffusion")] += int(r["steps"])
+        out[phase_named(r.get("phase")).name] += int(r["steps"])
     return dict(out)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from configs import ExperimentConfig, PrivacyConfig
+from meddiff.recipes.phases import FINAL_PHASE
 from privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, default_delta, poisson_sample_rate
 
 log = logging.getLogger("meddiff.privacy")
@@ -61,7 +62,7 @@ def require_dp(node_config_budget: bool, privacy_enabled: bool, site: str) -> No
 class Calibration:
     """What a site fixed at enrolment in a study.
 
-    ``sample_rate``, ``planned_steps`` and ``batch_size`` describe the diffusion phase; ``phases``
+    ``sample_rate``, ``planned_steps`` and ``batch_size`` describe the study's final phase; ``phases``
     holds every DP phase of the study (``{"autoencoder": {...}, "diffusion": {...}}`` for latent
     diffusion with a private first stage), all at the one ``noise_multiplier``.
     """
@@ -83,7 +84,7 @@ class Calibration:
         """``{"batch_size", "sample_rate", "planned_steps"}`` of phase ``name``."""
         if name in self.phases:
             return self.phases[name]
-        if name == "diffusion" or not self.phases:
+        if not self.phases:  # a ledger written before studies had several phases
             return {"batch_size": self.batch_size, "sample_rate": self.sample_rate, "planned_steps": self.planned_steps}
         raise BudgetExhausted(f"study {self.study!r}: the site enrolled for phases {sorted(self.phases)}, not {name!r}; "
                               "refusing to train outside its calibration", epsilon=math.nan)
@@ -131,20 +132,20 @@ def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: 
     """The study's calibration: stored at the first round, reused after (sigma is never re-fitted per round).
 
     ``plan`` maps each DP phase of the study to ``(batch_size, planned_steps)``; without it the
-    study has one phase, ``diffusion``, of ``batch_size`` and ``planned_steps``. One sigma covers
+    study has one phase, the final one, of ``batch_size`` and ``planned_steps``. One sigma covers
     the composition of all phases within the budget.
     """
     stored = ledger.calibration(study)
     if stored is not None:
         return Calibration.from_dict(stored)
-    plan = dict(plan or {"diffusion": (batch_size, planned_steps)})
+    plan = dict(plan or {FINAL_PHASE.name: (batch_size, planned_steps)})
     try:
         sigma, phases = calibrate_study(budget=ledger.budget, delta=ledger.delta, num_examples=num_examples, plan=plan,
                                         prior_history=ledger.history)
     except ValueError as exc:
         raise BudgetExhausted(f"site {ledger.site}: cannot enrol in study {study!r}: {exc}", epsilon=ledger.epsilon(),
                               ledger=ledger) from None
-    main = phases["diffusion"]
+    main = phases[FINAL_PHASE.name]
     cal = Calibration(study=study, noise_multiplier=sigma, sample_rate=main["sample_rate"], planned_steps=main["planned_steps"],
                       max_grad_norm=privacy_cfg.max_grad_norm, batch_size=main["batch_size"], num_examples=int(num_examples),
                       phases=phases)
@@ -161,12 +162,12 @@ def calibrate_study(*, budget: float, delta: float, num_examples: int, plan: dic
     """One sigma for every DP phase of ``plan`` (``{phase: (batch_size, planned_steps)}``) within
     ``budget`` on top of ``prior_history``; ``(sigma, {phase: {batch_size, sample_rate,
     planned_steps}})``. Raises ``ValueError`` when no sigma fits."""
-    if "diffusion" not in plan:
-        raise ValueError(f"a study's plan must include the diffusion phase, got {sorted(plan)}")
+    if FINAL_PHASE.name not in plan:
+        raise ValueError(f"a study's plan must include the {FINAL_PHASE.name} phase, got {sorted(plan)}")
     phases = {name: {"batch_size": int(b), "sample_rate": poisson_sample_rate(num_examples, b), "planned_steps": int(n)}
               for name, (b, n) in plan.items()}
-    main = phases["diffusion"]
-    extra = [(p["sample_rate"], p["planned_steps"]) for name, p in phases.items() if name != "diffusion"]
+    main = phases[FINAL_PHASE.name]
+    extra = [(p["sample_rate"], p["planned_steps"]) for name, p in phases.items() if p is not main]
     sigma = calibrate_noise_multiplier(target_epsilon=budget, target_delta=delta, sample_rate=main["sample_rate"],
                                        steps=main["planned_steps"], prior_history=prior_history, extra_segments=extra)
     return sigma, phases
@@ -182,20 +183,3 @@ def check_budget(ledger: PrivacyLedger, cal: Calibration, steps: int, *, sample_
         raise BudgetExhausted(
             f"site {ledger.site}: {steps} more steps would raise epsilon from {epsilon:.3f} to {projected:.3f}, "
             f"above its budget {ledger.budget:g} (delta {ledger.delta:.2e}); refusing to train", epsilon=epsilon, ledger=ledger)
-
-
-def study_plan(cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:
-    """Every DP phase of the study as ``{phase: (batch_size, planned_steps)}``: the diffusion
-    phase, and latent diffusion's first stage when it is trained with DP (``autoencoder.mode: dp``)."""
-    fed, ae = cfg.federation, cfg.autoencoder
-    plan = {"diffusion": (cfg.train.batch_size, fed.num_rounds * fed.local_steps)}
-    if ae.enabled and ae.mode == "dp":
-        plan["autoencoder"] = (ae.batch_size, ae.num_rounds * ae.local_steps)
-    return plan
-
-
-def phase_is_private(cfg: ExperimentConfig, phase: str) -> bool:
-    """Whether ``phase`` trains with DP-SGD under this config."""
-    if not cfg.privacy.enabled:
-        return False
-    return phase != "autoencoder" or cfg.autoencoder.mode == "dp"

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -33,21 +33,22 @@ from torch import nn
 
 from configs import ExperimentConfig, config_to_dict, config_to_yaml, load_config_dict
 from configs.compare import resume_conflicts
-from meddiff.build import build_autoencoder, build_unet, codec_from_checkpoint
+from meddiff.build import codec_from_checkpoint
+from meddiff.first_stage import public_codec
 from meddiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from meddiff.ema import EMA
 from meddiff.latent import LatentCodec
+from meddiff.recipes.phases import FINAL_PHASE, TrainingPhase, phase_named, study_phases
 from meddiff.train import seed_everything
 from privacy.report import save_central, save_site_ledgers
 from server.evaluation import Evaluation, weighted_mean
 from server.latent_setup import LatentSetup
-from server.phase import Phase, PhaseRun, arrays_to_state
+from server.phase import PhaseRun, arrays_to_state
 from server.replies import (error_report, wait_for_nodes, failure_report, learn_node_sites, missing_autoencoder_report, refusal_report,
                             sort_replies)
 from server.run_state import RunState, record_config
 from server.strategy import base_strategy, create_strategy, load_strategy_state, sampled_sites, strategy_state
-from server.summary import (RunRecord, build_summary, phase_banner, round_line, say, supersede_rows_after,
-                            write_summary)
+from server.summary import RunRecord, build_summary, round_line, say, supersede_rows_after, write_summary
 
 log = logging.getLogger("meddiff.server")
 
@@ -72,36 +73,37 @@ class _Federation:
         self.stop_reason, self.failed = "", False
         self.codec: Optional[LatentCodec] = None
         self.evaluation = Evaluation(grid, cfg, run_dir, say)
-        self.latent = LatentSetup(grid, cfg, lambda: self._payload("diffusion"), say)
+        self.latent = LatentSetup(grid, cfg, lambda: self._payload(FINAL_PHASE), say)
         self.record: Optional[RunRecord] = None
 
     def run(self, resume_from: str) -> dict:
         ckpt = self._restore(resume_from) if resume_from else None
         record_config(self.run_dir, self.cfg_yaml, ckpt)
-        resumed_phase = ckpt.extra.get("phase", "diffusion") if ckpt else None
+        resumed = phase_named(ckpt.extra.get("phase")) if ckpt else None
         with RunRecord(self.run_dir, self.cfg) as self.record:
-            if self.cfg.autoencoder.enabled:
-                self._first_stage(ckpt, resumed_phase, resume_from)
-            if not self.stop_reason:
-                self._rounds(self._diffusion_phase(), ckpt if resumed_phase == "diffusion" else None)
+            for phase in study_phases(self.cfg):
+                if resumed is not None and phase.order < resumed.order:
+                    continue  # finished before the checkpoint was written
+                here = ckpt if phase is resumed else None
+                if phase.trains_on_latents(self.cfg):
+                    self._install_codec(here, resume_from)
+                state = self._rounds(phase, here)
+                if self.stop_reason:
+                    break
+                if phase.produces_codec:
+                    self.codec = self.latent.fit_scale(state, self._live_nodes())
         return self._finish()
 
-    def _first_stage(self, ckpt: Optional[Checkpoint], resumed_phase: Optional[str], resume_from: str) -> None:
-        """Phase 1 of latent diffusion (trained, public or resumed past), then the install."""
-        if resumed_phase == "diffusion":
+    def _install_codec(self, ckpt: Optional[Checkpoint], resume_from: str) -> None:
+        """Before a phase that trains on latents: the frozen encoder (trained in an earlier phase,
+        carried by the checkpoint resumed from, or public), installed at every live site."""
+        if ckpt is not None:
             self.codec = codec_from_checkpoint(ckpt, self.cfg, source=resume_from)
-        elif self.cfg.autoencoder.mode == "public":
-            from meddiff.first_stage import public_codec
-
+        elif self.codec is None:
             self.codec = public_codec(self.cfg, device=torch.device("cpu"), run_dir=self.run_dir, progress=False)
             say(f"autoencoder (public, never trained on site data): scale factor {self.codec.scale_factor:.4f}")
-        else:
-            state = self._rounds(self._autoencoder_phase(), ckpt if resumed_phase == "autoencoder" else None)
-            if not self.stop_reason:
-                self.codec = self.latent.fit_scale(state, self._live_nodes())
-        if self.codec is not None and not self.stop_reason:
-            self.evaluation.codec = self.codec
-            self.latent.install(self.codec, self._live_nodes())
+        self.evaluation.codec = self.codec
+        self.latent.install(self.codec, self._live_nodes())
 
     def _restore(self, resume_from: str) -> Checkpoint:
         ckpt = load_checkpoint(resume_from)
@@ -112,42 +114,33 @@ class _Federation:
         if "torch_rng" in ckpt.extra:
             torch.set_rng_state(ckpt.extra["torch_rng"])
         self.state = RunState.from_checkpoint(ckpt.extra, self.state.central)
-        moved = supersede_rows_after(self.run_dir / "metrics.csv", ckpt.extra.get("phase", "diffusion"), ckpt.step)
-        say(f"resuming from {resume_from} after {ckpt.extra.get('phase', 'diffusion')} round {ckpt.step} (study "
+        phase = phase_named(ckpt.extra.get("phase"))
+        moved = supersede_rows_after(self.run_dir / "metrics.csv", phase, ckpt.step)
+        say(f"resuming from {resume_from} after {phase.name} round {ckpt.step} (study "
             f"{self.state.study_id})" + (f"; {moved} later metric row(s) moved to metrics_superseded.csv" if moved else ""))
         return ckpt
 
-    def _seeded(self, builder: Callable[[ExperimentConfig], nn.Module]) -> Callable[[], nn.Module]:
+    def _build(self, phase: TrainingPhase) -> nn.Module:
         """The phase's model, initialised from ``train.seed`` whichever path (fresh, resumed) got here."""
-        def build() -> nn.Module:
-            torch.manual_seed(self.cfg.train.seed)
-            return builder(self.cfg)
+        torch.manual_seed(self.cfg.train.seed)
+        return phase.build_model(self.cfg)
 
-        return build
-
-    def _autoencoder_phase(self) -> Phase:
-        return Phase("autoencoder", self.cfg.autoencoder.num_rounds, self._seeded(build_autoencoder), "ae_round", None, False)
-
-    def _diffusion_phase(self) -> Phase:
-        return Phase("diffusion", self.cfg.federation.num_rounds, self._seeded(build_unet), "round",
-                     self.cfg.federation.server_ema_decay, True)
-
-    def _payload(self, phase: str, num_rounds: int = 0) -> dict:
+    def _payload(self, phase: TrainingPhase, num_rounds: int = 0) -> dict:
         payload = {"experiment-config": self.cfg_yaml, "manifest-path": self.manifest_path,
-                   "central-dp": self.cfg.privacy.central_dp, "phase": phase, "num-rounds": num_rounds,
+                   "central-dp": self.cfg.privacy.central_dp, "phase": phase.name, "num-rounds": num_rounds,
                    "study-id": self.state.study_id, "site-state-root": str(self.run_dir / "site_state"),
                    "progress-dir": str(self.run_dir / "progress"), "known-ledgers": json.dumps(self.state.ledgers)}
-        if phase == "diffusion" and self.codec is not None:
+        if phase.trains_on_latents(self.cfg) and self.codec is not None:
             payload.update({"autoencoder-digest": self.codec.digest, "latent-scale": self.codec.scale_factor})
         return payload
 
     def _live_nodes(self) -> list[int]:
         return sorted(set(self.grid.get_node_ids()) - self.state.refused_nodes)
 
-    def _start_phase(self, phase: Phase, ckpt: Optional[Checkpoint]) -> tuple[PhaseRun, int]:
-        fed = self.cfg.federation
-        model = phase.build()
-        ema = EMA(model, decay=phase.ema_decay) if phase.ema_decay is not None else None
+    def _start_phase(self, phase: TrainingPhase, ckpt: Optional[Checkpoint]) -> tuple[PhaseRun, int]:
+        fed, decay = self.cfg.federation, phase.server_ema_decay(self.cfg)
+        model = self._build(phase)
+        ema = EMA(model, decay=decay) if decay is not None else None
         strategy = create_strategy(fed, self.cfg.privacy)
         base_strategy(strategy).norm_factor = fed.max_update_norm_ratio
         global_state, first_round = {k: v.detach().clone() for k, v in model.state_dict().items()}, 1
@@ -157,22 +150,22 @@ class _Federation:
                 ema.load_state_dict(ckpt.ema, num_updates=int(ckpt.extra.get("ema_updates", 0)))
             load_strategy_state(base_strategy(strategy), ckpt.extra.get("strategy_state", {}))
         model.load_state_dict(global_state)
-        run = PhaseRun(phase, model, ema, strategy, global_state, phase.build() if phase.samples else None)
-        if first_round <= phase.num_rounds:
-            say(phase_banner(self.cfg, phase.name, phase.num_rounds))
+        run = PhaseRun(phase, model, ema, strategy, global_state, self._build(phase) if phase.draws_samples else None)
+        if first_round <= phase.num_rounds(self.cfg):
+            say(phase.banner(self.cfg))
         return run, first_round
 
-    def _rounds(self, phase: Phase, ckpt: Optional[Checkpoint]) -> dict[str, torch.Tensor]:
+    def _rounds(self, phase: TrainingPhase, ckpt: Optional[Checkpoint]) -> dict[str, torch.Tensor]:
         """Run ``phase``'s rounds (from the round after ``ckpt``'s); returns the final global weights."""
         run, first_round = self._start_phase(phase, ckpt)
-        last, out = first_round - 1, self.cfg.output
-        for rnd in range(first_round, phase.num_rounds + 1):
+        last, out, num_rounds = first_round - 1, self.cfg.output, phase.num_rounds(self.cfg)
+        for rnd in range(first_round, num_rounds + 1):
             if not self._round(run, rnd):
                 break
-            if phase.samples and out.sample_every and rnd % out.sample_every == 0 and rnd != phase.num_rounds:
+            if phase.draws_samples and out.sample_every and rnd % out.sample_every == 0 and rnd != num_rounds:
                 self._draw(run, rnd)
             last = rnd
-        if phase.samples:
+        if phase.draws_samples:
             self._draw(run, last)
         return run.global_state
 
@@ -185,7 +178,7 @@ class _Federation:
         fed, phase, t0 = self.cfg.federation, run.phase, time.perf_counter()
         live = self._live_nodes()
         if self.state.refused_nodes and len(live) < fed.min_train_nodes:
-            self.stop_reason = (f"stopped before {phase.name + ' round' if self.cfg.autoencoder.enabled else 'round'} {rnd}: "
+            self.stop_reason = (f"stopped before {phase.round_name(self.cfg)} {rnd}: "
                                 f"only {len(live)} site(s) have privacy budget left (or accept this run's privacy settings), "
                                 f"fewer than min_train_nodes={fed.min_train_nodes} (refused: "
                                 f"{', '.join(sorted(self.state.refused_sites))})")
@@ -193,22 +186,22 @@ class _Federation:
             return False
         if not self._enough_nodes(rnd):
             return False
-        payload = self._payload(phase.name, phase.num_rounds)
+        payload = self._payload(phase, phase.num_rounds(self.cfg))
         report, counts = self._train(run, rnd, payload)
         kept = counts.pop("kept")
-        self.record.sites(rnd, phase.name, report)
+        self.record.sites(rnd, phase, report)
         eval_loss, fid = self._evaluate(run, rnd, payload)
         accepted = [r for r in report if r["accepted"]]
         row = {"round": rnd, "accepted": len(accepted), "reason": "kept previous global model" if kept else "",
                "num_examples": sum(r.get("num-examples", 0) for r in accepted), "train_loss": weighted_mean(accepted, "train_loss"),
                "eval_loss": eval_loss, "fid": fid.get("fid_global", ""), "seconds": time.perf_counter() - t0}
-        self.record.round(phase.name, row)
+        self.record.round(phase, row)
         row["max_epsilon"] = max((float(r["epsilon"]) for r in accepted if "epsilon" in r), default=float("nan"))
         self.state.history.append({"phase": phase.name, "round": rnd, "accepted": len(accepted),
                                    "rejected": len(report) - len(accepted), "refused": counts["refused"],
                                    "train_loss": row["train_loss"], "eval_loss": eval_loss, "max_epsilon": row["max_epsilon"],
                                    "fid": fid.get("fid_global"), "seconds": row["seconds"]})
-        say(round_line(self.cfg, phase.name, rnd, phase.num_rounds, counts, row, kept))
+        say(round_line(self.cfg, phase, rnd, counts, row, kept))
         if self.cfg.privacy.enabled:
             save_site_ledgers(self.run_dir, self.state.ledgers, exhausted=sorted(self.state.refused_sites))
         self._checkpoint(run, rnd, report)
@@ -261,13 +254,13 @@ class _Federation:
 
     def _evaluate(self, run: PhaseRun, rnd: int, payload: dict) -> tuple[float, dict]:
         ev = self.cfg.evaluation
-        with_fid = run.phase.samples and bool(ev.every) and rnd % ev.every == 0
+        with_fid = run.phase.draws_samples and bool(ev.every) and rnd % ev.every == 0
         rows, site_stats = self.evaluation.held_out(run.strategy, rnd, run.global_state, payload, with_fid=with_fid)
         fid = self.evaluation.federated_fid(run.ema, run.sample_model, site_stats) if site_stats else {}
-        self.record.evaluation(rnd, run.phase.name, rows, fid.get("fid_per_site", {}))
+        self.record.evaluation(rnd, run.phase, rows, fid.get("fid_per_site", {}))
         return weighted_mean(rows, "eval_loss"), fid
 
-    def _too_many_failures(self, kept: bool, rnd: int, phase: Phase) -> bool:
+    def _too_many_failures(self, kept: bool, rnd: int, phase: TrainingPhase) -> bool:
         fed = self.cfg.federation
         self.state.failed_streak = self.state.failed_streak + 1 if kept else 0
         if self.state.failed_streak < fed.max_failed_rounds:
@@ -285,7 +278,7 @@ class _Federation:
                  **self.state.to_checkpoint()}
         if run.ema is not None:
             extra["ema_updates"] = run.ema.num_updates
-        if run.phase.name == "diffusion" and self.codec is not None:
+        if run.phase.trains_on_latents(self.cfg) and self.codec is not None:
             extra["autoencoder"] = self.codec.to_payload()
         for name in (f"{run.phase.checkpoint_prefix}_{rnd:04d}.pt", "last.pt"):
             save_checkpoint(self.ckpt_dir / name, model_state=run.global_state, ema_state=run.ema.state_dict() if run.ema else None,

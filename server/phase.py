@@ -1,16 +1,16 @@
-"""One federated training phase (what is trained, for how many rounds, how it is saved) and the
-objects its rounds share."""
+"""The objects one federated training phase's rounds share on the server."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
 from meddiff.ema import EMA
+from meddiff.recipes.phases import TrainingPhase
 
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -19,22 +19,10 @@ def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 @dataclass
-class Phase:
-    """One federated training phase: what is trained, for how many rounds, how it is saved."""
-
-    name: str                              # "autoencoder" | "diffusion"
-    num_rounds: int
-    build: Callable[[], nn.Module]
-    checkpoint_prefix: str                 # "ae_round" | "round"
-    ema_decay: Optional[float]             # server EMA of the global weights (None: none)
-    samples: bool                          # draw sample grids (the diffusion phase)
-
-
-@dataclass
 class PhaseRun:
     """The objects one phase's rounds share."""
 
-    phase: Phase
+    phase: TrainingPhase
     model: nn.Module
     ema: Optional[EMA]
     strategy: object

@@ -18,6 +18,7 @@ from typing import Iterable
 
 from flwr.app import Message
 
+from meddiff.recipes.phases import phase_named
 from privacy.report import update_site_ledgers
 
 log = logging.getLogger("meddiff.server")
@@ -92,4 +93,4 @@ def record_config(run_dir: Path, cfg_yaml: str, ckpt) -> None:
         if ckpt is None:
             raise ValueError(f"{run_dir} already holds a run with another config; resume it with resume-from, "
                              "or choose another run directory")
-        (run_dir / f"config_resumed_{ckpt.extra.get('phase', 'diffusion')}_{ckpt.step:04d}.yaml").write_text(cfg_yaml)
+        (run_dir / f"config_resumed_{phase_named(ckpt.extra.get('phase')).name}_{ckpt.step:04d}.yaml").write_text(cfg_yaml)

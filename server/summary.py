@@ -12,6 +12,7 @@ from typing import Optional
 
 from configs import ExperimentConfig
 from meddiff.board import RunBoard
+from meddiff.recipes.phases import FINAL_PHASE, TrainingPhase, phase_named
 from meddiff.runs import MetricsCSV
 from privacy.report import save_site_ledgers, write_privacy_report
 
@@ -20,7 +21,6 @@ log = logging.getLogger("meddiff.server")
 PRIVACY_FIELDS = ["epsilon", "delta", "noise_multiplier", "sample_rate", "clip_fraction", "budget_exhausted"]
 METRIC_FIELDS = ["round", "phase", "scope", "node", "accepted", "reason", "num_examples", "train_loss", "eval_loss", "fid",
                  "steps", "seconds", *PRIVACY_FIELDS]
-PHASE_ORDER = {"autoencoder": 0, "diffusion": 1}
 
 
 def say(msg: str) -> None:
@@ -35,27 +35,27 @@ class RunRecord:
         self.metrics = MetricsCSV(run_dir / "metrics.csv", METRIC_FIELDS)
         self.board = RunBoard(run_dir, enabled=cfg.output.tensorboard)
 
-    def sites(self, rnd: int, phase: str, report: list[dict]) -> None:
+    def sites(self, rnd: int, phase: TrainingPhase, report: list[dict]) -> None:
         """One row per site reply of a training round (accepted, or the reason it was not)."""
         for r in report:
             scope = f"site_{r['site']}" if int(r["site"]) >= 0 else f"node_{r['node']}"
-            self.metrics.write({"round": rnd, "phase": phase, "scope": scope, "node": r["node"], "accepted": int(r["accepted"]),
+            self.metrics.write({"round": rnd, "phase": phase.name, "scope": scope, "node": r["node"], "accepted": int(r["accepted"]),
                                 "reason": r["reason"], "num_examples": r.get("num-examples", ""),
                                 "train_loss": r.get("train_loss", ""), "steps": r.get("steps", ""),
                                 "seconds": r.get("seconds", ""), **{k: r.get(k, "") for k in PRIVACY_FIELDS}})
             if r["accepted"]:
-                self.board.scalars(_tag(phase, scope), {k: r.get(k) for k in ("train_loss", "epsilon", "clip_fraction")}, rnd)
+                self.board.scalars(phase.scope(scope), {k: r.get(k) for k in ("train_loss", "epsilon", "clip_fraction")}, rnd)
 
-    def evaluation(self, rnd: int, phase: str, rows: list[dict], fid_per_site: dict) -> None:
+    def evaluation(self, rnd: int, phase: TrainingPhase, rows: list[dict], fid_per_site: dict) -> None:
         for m in rows:
             scope = f"site_{int(m['site-index'])}"
-            self.metrics.write({"round": rnd, "phase": phase, "scope": scope, "accepted": "", "num_examples": m["num-examples"],
+            self.metrics.write({"round": rnd, "phase": phase.name, "scope": scope, "accepted": "", "num_examples": m["num-examples"],
                                 "eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope, "")})
-            self.board.scalars(_tag(phase, scope), {"eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope)}, rnd)
+            self.board.scalars(phase.scope(scope), {"eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope)}, rnd)
 
-    def round(self, phase: str, row: dict) -> None:
-        self.metrics.write({"phase": phase, "scope": "global", **row})
-        self.board.scalars(_tag(phase, "global"), {k: row.get(k) for k in ("train_loss", "eval_loss", "fid", "accepted")},
+    def round(self, phase: TrainingPhase, row: dict) -> None:
+        self.metrics.write({"phase": phase.name, "scope": "global", **row})
+        self.board.scalars(phase.scope("global"), {k: row.get(k) for k in ("train_loss", "eval_loss", "fid", "accepted")},
                            row["round"])
         self.board.flush()
 
@@ -70,11 +70,7 @@ class RunRecord:
         self.close()
 
 
-def _tag(phase: str, scope: str) -> str:
-    return scope if phase == "diffusion" else f"{phase}/{scope}"
-
-
-def supersede_rows_after(path: Path, phase: str, rnd: int) -> int:
+def supersede_rows_after(path: Path, phase: str | TrainingPhase, rnd: int) -> int:
     """Move the rows of ``metrics.csv`` that come after ``(phase, round)`` into
     ``metrics_superseded.csv`` (a run resumed from an earlier checkpoint redoes those rounds);
     returns how many moved. Nothing is deleted."""
@@ -83,8 +79,8 @@ def supersede_rows_after(path: Path, phase: str, rnd: int) -> int:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         fields, rows = reader.fieldnames or METRIC_FIELDS, list(reader)
-    limit = (PHASE_ORDER[phase], rnd)
-    later = [r for r in rows if (PHASE_ORDER.get(r.get("phase") or "diffusion", 1), int(r["round"] or 0)) > limit]
+    order = (phase if isinstance(phase, TrainingPhase) else phase_named(phase)).order
+    later = [r for r in rows if (phase_named(r.get("phase")).order, int(r["round"] or 0)) > (order, rnd)]
     if not later:
         return 0
     old = path.with_name("metrics_superseded.csv")
@@ -101,10 +97,9 @@ def supersede_rows_after(path: Path, phase: str, rnd: int) -> int:
     return len(later)
 
 
-def round_line(cfg: ExperimentConfig, phase: str, rnd: int, num_rounds: int, counts: dict, row: dict, kept: bool) -> str:
+def round_line(cfg: ExperimentConfig, phase: TrainingPhase, rnd: int, counts: dict, row: dict, kept: bool) -> str:
     """The console line of one round."""
-    what = "reconstruction L1" if phase == "autoencoder" else "held-out loss"
-    name = f"{phase} round" if cfg.autoencoder.enabled else "round"
+    what, name, num_rounds = phase.metric_name, phase.round_name(cfg), phase.num_rounds(cfg)
     fate = (f"{counts['accepted']} valid update(s), fewer than min_train_nodes={cfg.federation.min_train_nodes}: "
             "kept the previous global model") if kept else f"{counts['accepted']} update(s) aggregated"
     extra = "".join(f", {n} {k}" for k, n in (("rejected", counts["rejected"]), ("refused", counts["refused"]),
@@ -141,7 +136,7 @@ def _summary_md(run_dir: Path, cfg: ExperimentConfig, summary: dict) -> str:
     lines += ["", "| phase | round | accepted | rejected | refused (budget) | train loss | held-out loss | max site epsilon | seconds |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["rounds"]:
-        lines.append(f"| {r.get('phase', 'diffusion')} | {r['round']} | {r['accepted']} | {r['rejected']} | {r.get('refused', 0)} | "
+        lines.append(f"| {phase_named(r.get('phase')).name} | {r['round']} | {r['accepted']} | {r['rejected']} | {r.get('refused', 0)} | "
                      f"{r['train_loss']:.4f} | {r['eval_loss']:.4f} | {r.get('max_epsilon', float('nan')):.3f} | {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -153,25 +148,14 @@ def _privacy(cfg: ExperimentConfig, summary: dict) -> str:
     return f"DP-SGD at every site; report `{summary.get('privacy_report', 'none (no DP site replied)')}`; final epsilon per site: {eps}"
 
 
-def phase_banner(cfg: ExperimentConfig, phase: str, num_rounds: int) -> str:
-    """The line that opens a phase of latent diffusion ("" for a pixel-space run)."""
-    if phase == "autoencoder":
-        return (f"phase 1: autoencoder, {num_rounds} rounds x {cfg.autoencoder.local_steps} local steps "
-                f"({'site DP-SGD' if cfg.autoencoder.mode == 'dp' else 'NOT private'})")
-    if cfg.autoencoder.enabled:
-        return (f"phase 2: latent diffusion UNet on {cfg.model.in_channels} x {cfg.model_size}^{cfg.model.spatial_dims} "
-                f"latents, {num_rounds} rounds")
-    return f"{num_rounds} rounds x {cfg.federation.local_steps} local steps at {cfg.federation.num_sites} site(s)"
-
-
 def build_summary(run_dir: Path, cfg: ExperimentConfig, state, *, stop_reason: str, failed: bool, codec,
                   weight_transfers: int) -> dict:
     """``summary.json``'s content; writes the server's site ledgers and the privacy report too."""
     rounds = state.history
-    diffusion = [r for r in rounds if r.get("phase", "diffusion") == "diffusion"]
-    last_round = diffusion[-1]["round"] if diffusion else 0
+    final = [r for r in rounds if phase_named(r.get("phase")) is FINAL_PHASE]
+    last_round = final[-1]["round"] if final else 0
     summary = {"run_dir": str(run_dir), "rounds": rounds, "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
-               "samples": str(run_dir / "samples" / f"round_{last_round:04d}.png") if diffusion else None,
+               "samples": str(run_dir / "samples" / f"round_{last_round:04d}.png") if final else None,
                "status": final_status(stop_reason, failed, sum(r["accepted"] > 0 for r in rounds)),
                "stop_reason": stop_reason, "private": cfg.privacy.enabled, "latent_diffusion": cfg.autoencoder.enabled}
     if codec is not None:

@@ -103,7 +103,7 @@ def final_table(console: Console, run_dir: Path, summary: Optional[dict]) -> Non
         table.add_column(col, justify="right")
     for r in summary.get("rounds", []):
         eps = r.get("max_epsilon")
-        table.add_row(str(r.get("phase", "diffusion")), str(r["round"]), str(r["accepted"]), f"{r['train_loss']:.4f}",
+        table.add_row(str(r.get("phase", "")), str(r["round"]), str(r["accepted"]), f"{r['train_loss']:.4f}",
                       f"{r['eval_loss']:.4f}", "-" if eps is None or not math.isfinite(eps) else f"{eps:.3f}", f"{r['seconds']:.1f}")
     console.print(table)
     for label, key in (("samples", "samples"), ("checkpoint", "checkpoint"), ("privacy report", "privacy_report")):

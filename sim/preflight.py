@@ -10,7 +10,8 @@ from configs import ConfigError, ExperimentConfig, load_config_dict
 from configs.compare import resume_conflicts
 from meddiff.checkpoint import Checkpoint, load_checkpoint
 from meddiff.data.sites import phantom_site_plan, site_dataset
-from privacy.site import calibrate_study, site_delta, study_plan
+from meddiff.recipes.phases import private_plan
+from privacy.site import calibrate_study, site_delta
 
 
 def check_federation(cfg: ExperimentConfig) -> None:
@@ -38,7 +39,7 @@ def check_privacy_plan(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
     """Every site can calibrate a sigma for the study's planned steps within the budget."""
     if not cfg.privacy.enabled:
         return
-    plan = study_plan(cfg)
+    plan = private_plan(cfg)
     steps = ", ".join(f"{phase}: {b} per batch x {n} steps" for phase, (b, n) in plan.items())
     for site, n in sizes.items():
         try:

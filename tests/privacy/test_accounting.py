@@ -63,7 +63,8 @@ def test_corrupt_ledger_names_the_file_and_is_left_alone(tmp_path):
 def test_one_sigma_calibrated_across_two_phases_composes_to_the_budget(tmp_path):
     """Latent diffusion with a private first stage: both phases' planned steps share one sigma."""
     from configs import load_config
-    from privacy.site import check_budget, enrol, study_plan
+    from meddiff.recipes.phases import private_plan as study_plan
+    from privacy.site import check_budget, enrol
 
     cfg = load_config(None, ["privacy.enabled=true", "autoencoder.enabled=true", "autoencoder.mode=dp", "model.in_channels=3",
                              "model.out_channels=3", "model.attention_resolutions=[4]", "autoencoder.num_rounds=2",

@@ -1,0 +1,271 @@
+"""Kinds of training as objects: one registry entry per kind, asked by every layer.
+
+A :class:`TrainingPhase` knows, for a given :class:`~configs.ExperimentConfig`, what it trains
+(model, objective, optimizer), how much (rounds, local steps, batch size), whether it is private,
+how its held-out loss is measured, and how its rounds are named and saved. The federated server,
+the sites, the privacy accounting and the reports ask the phase object; none of them compares
+phase names. A study trains the phases of :func:`study_phases` in registry order; a new kind of
+training is one new entry in :data:`PHASES`.
+
+Latent diffusion (Rombach et al. 2022) is two phases: ``autoencoder`` (the KL first stage) and
+``diffusion`` (the UNet, on the frozen autoencoder's latents). A pixel-space study is ``diffusion``
+alone.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from configs import ExperimentConfig
+from meddiff.build import (build_autoencoder, build_autoencoder_objective, build_diffusion, build_lr_schedule,
+                           build_optimizer, build_unet)
+from meddiff.nets.autoencoder import AutoencoderObjective
+
+
+class TrainingPhase:
+    """One kind of federated (or centralized) training; subclasses fill in the kind's answers.
+
+    Attributes:
+        name: the phase's name in configs, checkpoints, metrics and messages.
+        order: position in a study (earlier phases train first).
+        checkpoint_prefix: per-round checkpoints are ``<prefix>_<round>.pt``.
+        draws_samples: the server draws sample grids and federated FID from it.
+        produces_codec: its trained model is the frozen encoder later phases train on.
+        metric_name: what its held-out loss is, in words.
+        seed_salt: appended to (seed, round, site) so phases draw independent randomness.
+    """
+
+    name = ""
+    order = 0
+    checkpoint_prefix = ""
+    draws_samples = False
+    produces_codec = False
+    metric_name = "held-out loss"
+    seed_salt: tuple[int, ...] = ()
+
+    # ---------------------------------------------------------------- what and how much
+    def federated(self, cfg: ExperimentConfig) -> bool:
+        """Whether the study trains this phase in federated rounds."""
+        raise NotImplementedError
+
+    def num_rounds(self, cfg: ExperimentConfig) -> int:
+        raise NotImplementedError
+
+    def local_steps(self, cfg: ExperimentConfig) -> int:
+        raise NotImplementedError
+
+    def batch_size(self, cfg: ExperimentConfig) -> int:
+        raise NotImplementedError
+
+    def planned_steps(self, cfg: ExperimentConfig) -> int:
+        """Every local step a site takes in this phase of the study."""
+        return self.num_rounds(cfg) * self.local_steps(cfg)
+
+    def is_private(self, cfg: ExperimentConfig) -> bool:
+        """Whether its site training runs DP-SGD under ``cfg``."""
+        raise NotImplementedError
+
+    def trains_on_latents(self, cfg: ExperimentConfig) -> bool:
+        """Whether its data are the latents of an earlier phase's encoder."""
+        return False
+
+    def server_ema_decay(self, cfg: ExperimentConfig) -> Optional[float]:
+        """Decay of the server's EMA of the global weights (None: no EMA)."""
+        return None
+
+    # ---------------------------------------------------------------- the training objects
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def build_objective(self, cfg: ExperimentConfig):
+        raise NotImplementedError
+
+    def build_optimizer(self, cfg: ExperimentConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def noise_multiplicity(self, cfg: ExperimentConfig) -> int:
+        return 1
+
+    def label_dropout(self, cfg: ExperimentConfig) -> float:
+        return 0.0
+
+    def grad_sample_mode(self, cfg: ExperimentConfig) -> str:
+        """Per-example gradient mode under DP."""
+        return cfg.privacy.grad_sample_mode
+
+    def lr_schedule(self, cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, server_round: int):
+        """The learning-rate schedule of a site's round (None: constant)."""
+        return None
+
+    def held_out_objective(self, cfg: ExperimentConfig):
+        """What :meth:`held_out_losses` measures with (default: the training objective)."""
+        return self.build_objective(cfg)
+
+    def held_out_losses(self, model: nn.Module, objective, x0: torch.Tensor, y: Optional[torch.Tensor],
+                        generator: torch.Generator, cfg: ExperimentConfig) -> torch.Tensor:
+        """Per-example held-out loss ``[N]`` of ``model`` on ``x0 [N, C, *S]``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- names in records
+    def scope(self, scope: str) -> str:
+        """A metric scope (``global``, ``site_0``) as TensorBoard tags it."""
+        return f"{self.name}/{scope}"
+
+    def round_name(self, cfg: ExperimentConfig) -> str:
+        """How the console names its rounds ("autoencoder round", or plain "round")."""
+        return f"{self.name} round" if cfg.autoencoder.enabled else "round"
+
+    def banner(self, cfg: ExperimentConfig) -> str:
+        """The line that opens the phase on the console."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<phase {self.name}>"
+
+
+class AutoencoderPhase(TrainingPhase):
+    """Latent diffusion's first stage: the KL autoencoder (MONAI ``AutoencoderKL``), trained
+    federated with DP (``autoencoder.mode: dp``), without (``not_private``), or not at all
+    (``public``: pre-trained on public data)."""
+
+    name, order, checkpoint_prefix = "autoencoder", 0, "ae_round"
+    produces_codec = True
+    metric_name = "reconstruction L1"
+    seed_salt = (1,)
+
+    def federated(self, cfg: ExperimentConfig) -> bool:
+        return cfg.autoencoder.enabled and cfg.autoencoder.mode != "public"
+
+    def num_rounds(self, cfg: ExperimentConfig) -> int:
+        return cfg.autoencoder.num_rounds
+
+    def local_steps(self, cfg: ExperimentConfig) -> int:
+        return cfg.autoencoder.local_steps
+
+    def batch_size(self, cfg: ExperimentConfig) -> int:
+        return cfg.autoencoder.batch_size
+
+    def is_private(self, cfg: ExperimentConfig) -> bool:
+        return cfg.privacy.enabled and cfg.autoencoder.mode == "dp"
+
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+        if not cfg.autoencoder.enabled:
+            raise ValueError("an autoencoder phase was asked for, but this config has autoencoder.enabled=false")
+        return build_autoencoder(cfg)
+
+    def build_objective(self, cfg: ExperimentConfig):
+        return build_autoencoder_objective(cfg)
+
+    def build_optimizer(self, cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=cfg.autoencoder.lr, weight_decay=cfg.train.weight_decay)
+
+    def grad_sample_mode(self, cfg: ExperimentConfig) -> str:
+        # vmap's per-image gradients are written for the diffusion loss; this phase uses bk (or hooks)
+        return "hooks" if cfg.privacy.grad_sample_mode == "hooks" else "bk"
+
+    def held_out_objective(self, cfg: ExperimentConfig):
+        return AutoencoderObjective()
+
+    def held_out_losses(self, model, objective, x0, y, generator, cfg) -> torch.Tensor:
+        """Mean absolute error of the deterministic reconstruction ``decode(mu(x))``."""
+        return objective.reconstruction_error(model, x0)
+
+    def banner(self, cfg: ExperimentConfig) -> str:
+        ae = cfg.autoencoder
+        return (f"phase 1: autoencoder, {ae.num_rounds} rounds x {ae.local_steps} local steps "
+                f"({'site DP-SGD' if ae.mode == 'dp' else 'NOT private'})")
+
+
+class DiffusionPhase(TrainingPhase):
+    """The ADM UNet's denoising objective (Ho et al. 2020, eq. 14; Dhariwal & Nichol 2021), on
+    images, or on the first stage's latents for latent diffusion."""
+
+    name, order, checkpoint_prefix = "diffusion", 1, "round"
+    draws_samples = True
+
+    def federated(self, cfg: ExperimentConfig) -> bool:
+        return True
+
+    def num_rounds(self, cfg: ExperimentConfig) -> int:
+        return cfg.federation.num_rounds
+
+    def local_steps(self, cfg: ExperimentConfig) -> int:
+        return cfg.federation.local_steps
+
+    def batch_size(self, cfg: ExperimentConfig) -> int:
+        return cfg.train.batch_size
+
+    def is_private(self, cfg: ExperimentConfig) -> bool:
+        return cfg.privacy.enabled
+
+    def trains_on_latents(self, cfg: ExperimentConfig) -> bool:
+        return cfg.autoencoder.enabled
+
+    def server_ema_decay(self, cfg: ExperimentConfig) -> Optional[float]:
+        return cfg.federation.server_ema_decay
+
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+        return build_unet(cfg)
+
+    def build_objective(self, cfg: ExperimentConfig):
+        return build_diffusion(cfg.diffusion)
+
+    def build_optimizer(self, cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
+        return build_optimizer(cfg.train, params)
+
+    def noise_multiplicity(self, cfg: ExperimentConfig) -> int:
+        return cfg.diffusion.noise_multiplicity
+
+    def label_dropout(self, cfg: ExperimentConfig) -> float:
+        return cfg.train.label_dropout
+
+    def lr_schedule(self, cfg: ExperimentConfig, optimizer, server_round: int):
+        """The study's schedule runs across rounds: round ``r`` starts at step ``(r - 1) * local_steps``."""
+        steps = self.local_steps(cfg)
+        return build_lr_schedule(cfg.train, optimizer, self.num_rounds(cfg) * steps, start_step=(server_round - 1) * steps)
+
+    def held_out_losses(self, model, objective, x0, y, generator, cfg) -> torch.Tensor:
+        """The denoising loss averaged over 4 (t, noise) draws per example."""
+        return objective.training_losses(model, x0, y=y if cfg.model.num_classes else None, noise_multiplicity=4,
+                                         generator=generator)
+
+    def scope(self, scope: str) -> str:
+        return scope
+
+    def banner(self, cfg: ExperimentConfig) -> str:
+        if cfg.autoencoder.enabled:
+            return (f"phase 2: latent diffusion UNet on {cfg.model.in_channels} x {cfg.model_size}^{cfg.model.spatial_dims} "
+                    f"latents, {self.num_rounds(cfg)} rounds")
+        return f"{self.num_rounds(cfg)} rounds x {self.local_steps(cfg)} local steps at {cfg.federation.num_sites} site(s)"
+
+
+AUTOENCODER, DIFFUSION = AutoencoderPhase(), DiffusionPhase()
+
+#: Every kind of training, in study order.
+PHASES: dict[str, TrainingPhase] = {p.name: p for p in sorted((AUTOENCODER, DIFFUSION), key=lambda p: p.order)}
+
+#: The phase that produces the study's final model (a record without a phase belongs to it).
+FINAL_PHASE = DIFFUSION
+
+
+def phase_named(name: Optional[str]) -> TrainingPhase:
+    """The registry entry ``name`` (empty or None: the final phase); a clear error otherwise."""
+    if not name:
+        return FINAL_PHASE
+    try:
+        return PHASES[str(name)]
+    except KeyError:
+        raise ValueError(f"unknown training phase {name!r}; expected one of {sorted(PHASES)}") from None
+
+
+def study_phases(cfg: ExperimentConfig) -> list[TrainingPhase]:
+    """The phases ``cfg`` trains in federated rounds, in order."""
+    return [p for p in PHASES.values() if p.federated(cfg)]
+
+
+def private_plan(cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:
+    """Every DP phase of the study as ``{name: (batch_size, planned_steps)}``, for calibration."""
+    return {p.name: (p.batch_size(cfg), p.planned_steps(cfg)) for p in study_phases(cfg) if p.is_private(cfg)}
