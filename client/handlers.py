@@ -38,7 +38,9 @@ from meddiff.build import build_autoencoder
 from meddiff.device import resolve_device
 from meddiff.latent import latent_stats
 from meddiff.recipes.phases import DIFFUSION, TrainingPhase, phase_named, private_plan
-from privacy.site import Calibration, SiteRefusal, check_budget, enrol, open_site_ledger, require_dp
+from privacy.calibration import Calibration, check_budget, enrol
+from privacy.refusals import SiteRefusal, require_dp
+from privacy.site import open_site_ledger
 
 MIRROR_KEY = "privacy-ledger"
 

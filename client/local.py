@@ -18,7 +18,7 @@ from meddiff.train import cycle, train_loop
 from privacy.accounting import PrivacyLedger
 from privacy.engine import make_private
 from meddiff.recipes.phases import DIFFUSION, TrainingPhase
-from privacy.site import Calibration
+from privacy.calibration import Calibration
 
 
 def round_seed(*parts: int) -> int:

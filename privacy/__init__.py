@@ -5,6 +5,9 @@
   ``BatchMemoryManager`` logical batches).
 - :mod:`privacy.accounting`: sigma calibration, delta default, the per-site ledger on disk, PRV
   second opinion.
-- :mod:`privacy.site`: a site's enrolment in a study, budget check and refusal.
+- :mod:`privacy.site`: :class:`~privacy.site.SitePrivacy`, a site's privacy around each round
+  (ledger, enrolment, budget check, DP-SGD wrapping, record); where its ledger lives and its budget.
+- :mod:`privacy.calibration`: one sigma per site and study, and the budget check.
+- :mod:`privacy.refusals`: why a site refuses a round.
 - :mod:`privacy.report`: the server's per-site ledgers and the privacy-budget report.
 """

@@ -1,4 +1,5 @@
-"""A site's privacy bookkeeping around each round: its ledger, enrolment and budget check.
+"""A site's privacy around each round, as one object (:class:`SitePrivacy`): its ledger,
+enrolment, budget check, the DP-SGD wrapping of the round and its record.
 
 The guarantee is record-level (epsilon, delta)-DP for each site's own dataset:
 
@@ -9,7 +10,9 @@ The guarantee is record-level (epsilon, delta)-DP for each site's own dataset:
    (default ``1/(10 N)``), its Poisson sample rate and the planned rounds x local steps, on top
    of what earlier studies already spent. Later rounds of the study reuse it.
 3. **Budget check.** Before training, the site projects epsilon after this round's steps; above
-   the budget it refuses, so no site ever trains past it.
+   the budget it refuses (:mod:`privacy.refusals`), so no site ever trains past it.
+4. **The round.** DP-SGD at the calibrated sigma on the ledger's accountant history, with noise
+   and Poisson sampling the server cannot predict; the round's steps go into the ledger.
 
 The budget comes from the site's configuration (``--node-config epsilon-budget=...`` in a
 deployment), and a stored ledger's budget can only be tightened, never raised by a server.
@@ -18,86 +21,23 @@ deployment), and a stored ledger's budget can only be tightened, never raised by
 from __future__ import annotations
 
 import logging
-import math
-import time
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from configs import ExperimentConfig, PrivacyConfig
-from meddiff.recipes.phases import FINAL_PHASE
-from privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, default_delta, poisson_sample_rate
+from meddiff.recipes.phases import TrainingPhase, private_plan
+from privacy.accounting import PrivacyLedger, poisson_sample_rate
+from privacy.calibration import Calibration, check_budget, enrol, site_delta
+from privacy.engine import PrivateTraining, make_private
 
 log = logging.getLogger("meddiff.privacy")
 
 LEDGER_FILE = "privacy_ledger.json"
-
-
-class SiteRefusal(RuntimeError):
-    """The site refuses to train this round; ``reason`` goes back to the server."""
-
-    exhausted = False
-
-    def __init__(self, reason: str, *, epsilon: float, ledger: Optional[PrivacyLedger] = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.epsilon = epsilon
-        self.ledger = ledger
-
-
-class BudgetExhausted(SiteRefusal):
-    """The site refuses to train: its privacy budget does not cover the round."""
-
-    exhausted = True
-
-
-def require_dp(node_config_budget: bool, privacy_enabled: bool, site: str) -> None:
-    """A site that set its own budget never trains without DP, whatever the server's config says."""
-    if node_config_budget and not privacy_enabled:
-        raise SiteRefusal(f"site {site}: its node config sets epsilon-budget, so it trains only with DP, but the "
-                          "server's config has privacy.enabled=false; refusing to train", epsilon=math.inf)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """What a site fixed at enrolment in a study.
-
-    ``sample_rate``, ``planned_steps`` and ``batch_size`` describe the study's final phase; ``phases``
-    holds every DP phase of the study (``{"autoencoder": {...}, "diffusion": {...}}`` for latent
-    diffusion with a private first stage), all at the one ``noise_multiplier``.
-    """
-
-    study: str
-    noise_multiplier: float
-    sample_rate: float
-    planned_steps: int
-    max_grad_norm: float
-    batch_size: int
-    num_examples: int
-    phases: dict = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Calibration":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-    def phase(self, name: str) -> dict:
-        """``{"batch_size", "sample_rate", "planned_steps"}`` of phase ``name``."""
-        if name in self.phases:
-            return self.phases[name]
-        if not self.phases:  # a ledger written before studies had several phases
-            return {"batch_size": self.batch_size, "sample_rate": self.sample_rate, "planned_steps": self.planned_steps}
-        raise BudgetExhausted(f"study {self.study!r}: the site enrolled for phases {sorted(self.phases)}, not {name!r}; "
-                              "refusing to train outside its calibration", epsilon=math.nan)
-
-
-def site_delta(privacy_cfg: PrivacyConfig, num_examples: int, site: str) -> float:
-    """The configured delta, or ``1/(10 N)``; a delta of ``1/N`` or more means little and is refused."""
-    if privacy_cfg.target_delta is None:
-        return default_delta(num_examples)
-    if privacy_cfg.target_delta >= 1.0 / num_examples:
-        raise ValueError(f"site {site}: privacy.target_delta={privacy_cfg.target_delta:g} is not below 1/N = "
-                         f"{1.0 / num_examples:g} for its {num_examples} records; use null for 1/(10N)")
-    return float(privacy_cfg.target_delta)
 
 
 def open_site_ledger(state_dir: str | Path, *, site: str, num_examples: int, privacy_cfg: PrivacyConfig,
@@ -127,59 +67,105 @@ def open_site_ledger(state_dir: str | Path, *, site: str, num_examples: int, pri
     return ledger
 
 
-def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: PrivacyConfig, batch_size: int = 0,
-          planned_steps: int = 0, plan: Optional[dict[str, tuple[int, int]]] = None) -> Calibration:
-    """The study's calibration: stored at the first round, reused after (sigma is never re-fitted per round).
+def state_dir_of(node_config: Mapping, site_state_root: str, site: str) -> Optional[Path]:
+    """Where the site keeps its ledger: ``--node-config state-dir=...``; in simulation, the
+    server-provided root plus the site name; None for a deployed site without one. A deployed
+    site never takes the server's word for it."""
+    if "state-dir" in node_config:
+        return Path(str(node_config["state-dir"]))
+    if "partition-id" in node_config and site_state_root:
+        return Path(site_state_root) / site
+    return None
 
-    ``plan`` maps each DP phase of the study to ``(batch_size, planned_steps)``; without it the
-    study has one phase, the final one, of ``batch_size`` and ``planned_steps``. One sigma covers
-    the composition of all phases within the budget.
+
+def required_state_dir(node_config: Mapping, site_state_root: str, site: str) -> Path:
+    """:func:`state_dir_of`, or a clear error for a DP site that has none."""
+    found = state_dir_of(node_config, site_state_root, site)
+    if found is None:
+        raise ValueError(f"site {site}: privacy.enabled=true needs a state directory for the privacy ledger; "
+                         "start the SuperNode with --node-config 'state-dir=\"/var/lib/meddiff\" ...'")
+    return found
+
+
+def site_budget(cfg: ExperimentConfig, node_config: Mapping, site: str) -> float:
+    """The site's epsilon budget: ``--node-config epsilon-budget=...``; the experiment's
+    ``privacy.target_epsilon`` only for simulated sites (in a deployment the server cannot set it)."""
+    if "epsilon-budget" in node_config:
+        budget = float(node_config["epsilon-budget"])
+        if not budget > 0:
+            raise ValueError(f"site {site}: node config epsilon-budget must be > 0, got {budget}")
+        return budget
+    if "partition-id" in node_config:
+        return cfg.privacy.target_epsilon
+    raise ValueError(f"site {site}: privacy.enabled=true needs the site's own budget: "
+                     "--node-config 'epsilon-budget=8.0 ...'")
+
+
+def unpredictable_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the OS entropy pool, for DP noise and Poisson sampling.
+
+    They must not derive from the experiment seed, which the server knows: a server that can
+    replay the noise can subtract it, and one that knows which records were sampled voids
+    the subsampling amplification the accountant assumes.
     """
-    stored = ledger.calibration(study)
-    if stored is not None:
-        return Calibration.from_dict(stored)
-    plan = dict(plan or {FINAL_PHASE.name: (batch_size, planned_steps)})
-    try:
-        sigma, phases = calibrate_study(budget=ledger.budget, delta=ledger.delta, num_examples=num_examples, plan=plan,
-                                        prior_history=ledger.history)
-    except ValueError as exc:
-        raise BudgetExhausted(f"site {ledger.site}: cannot enrol in study {study!r}: {exc}", epsilon=ledger.epsilon(),
-                              ledger=ledger) from None
-    main = phases[FINAL_PHASE.name]
-    cal = Calibration(study=study, noise_multiplier=sigma, sample_rate=main["sample_rate"], planned_steps=main["planned_steps"],
-                      max_grad_norm=privacy_cfg.max_grad_norm, batch_size=main["batch_size"], num_examples=int(num_examples),
-                      phases=phases)
-    ledger.calibrations.append({**cal.__dict__, "budget": ledger.budget, "delta": ledger.delta,
-                                "prior_epsilon": ledger.epsilon(), "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    ledger.save()
-    log.info("site %s enrolled in %s: sigma %.4f for phases %s, budget %g", ledger.site, study, sigma,
-             {k: (round(v["sample_rate"], 5), v["planned_steps"]) for k, v in phases.items()}, ledger.budget)
-    return cal
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
-def calibrate_study(*, budget: float, delta: float, num_examples: int, plan: dict[str, tuple[int, int]],
-                    prior_history=()) -> tuple[float, dict]:
-    """One sigma for every DP phase of ``plan`` (``{phase: (batch_size, planned_steps)}``) within
-    ``budget`` on top of ``prior_history``; ``(sigma, {phase: {batch_size, sample_rate,
-    planned_steps}})``. Raises ``ValueError`` when no sigma fits."""
-    if FINAL_PHASE.name not in plan:
-        raise ValueError(f"a study's plan must include the {FINAL_PHASE.name} phase, got {sorted(plan)}")
-    phases = {name: {"batch_size": int(b), "sample_rate": poisson_sample_rate(num_examples, b), "planned_steps": int(n)}
-              for name, (b, n) in plan.items()}
-    main = phases[FINAL_PHASE.name]
-    extra = [(p["sample_rate"], p["planned_steps"]) for name, p in phases.items() if p is not main]
-    sigma = calibrate_noise_multiplier(target_epsilon=budget, target_delta=delta, sample_rate=main["sample_rate"],
-                                       steps=main["planned_steps"], prior_history=prior_history, extra_segments=extra)
-    return sigma, phases
+class SitePrivacy:
+    """One site's privacy in one study: its ledger (reconciled with every copy), its calibration,
+    the budget check before a round, the DP-SGD wrapping of the round, and its record after.
 
+    ``keep_mirror(text)`` receives the ledger's JSON whenever it changes (the ClientApp keeps it
+    in ``context.state``, so a ledger file deleted mid-run is written back).
+    """
 
-def check_budget(ledger: PrivacyLedger, cal: Calibration, steps: int, *, sample_rate: Optional[float] = None) -> None:
-    """Raise :class:`BudgetExhausted` if ``steps`` more steps would take epsilon past the budget.
+    def __init__(self, cfg: ExperimentConfig, ledger: PrivacyLedger, calibration: Calibration,
+                 keep_mirror: Callable[[str], None]):
+        self.cfg, self.ledger, self.calibration, self._keep_mirror = cfg, ledger, calibration, keep_mirror
 
-    ``sample_rate`` is the rate of the site's data today (default: the enrolment's)."""
-    epsilon = ledger.epsilon()
-    projected = ledger.projected_epsilon(cal.noise_multiplier, sample_rate or cal.sample_rate, steps)
-    if projected > ledger.budget * (1 + 1e-9):
-        raise BudgetExhausted(
-            f"site {ledger.site}: {steps} more steps would raise epsilon from {epsilon:.3f} to {projected:.3f}, "
-            f"above its budget {ledger.budget:g} (delta {ledger.delta:.2e}); refusing to train", epsilon=epsilon, ledger=ledger)
+    @classmethod
+    def open(cls, cfg: ExperimentConfig, *, site: str, num_examples: int, state_dir: str | Path, budget: float,
+             study: str, mirror: Optional[str] = None, server_copy: Optional[str] = None,
+             keep_mirror: Callable[[str], None] = lambda text: None) -> "SitePrivacy":
+        """Reload the ledger and enrol in ``study`` (once, for all of its DP phases: one sigma).
+        Raises :class:`BudgetExhausted` when no sigma fits the budget."""
+        ledger = open_site_ledger(state_dir, site=site, num_examples=num_examples, privacy_cfg=cfg.privacy,
+                                  budget=budget, mirror=mirror, server_copy=server_copy)
+        keep_mirror(ledger.to_json())
+        cal = enrol(ledger, study=study, num_examples=num_examples, plan=private_plan(cfg), privacy_cfg=cfg.privacy)
+        keep_mirror(ledger.to_json())
+        return cls(cfg, ledger, cal, keep_mirror)
+
+    def check(self, phase: TrainingPhase, num_examples: int) -> None:
+        """Raise :class:`BudgetExhausted` if a round of ``phase`` on ``num_examples`` records (the
+        site's data today) would take epsilon past the budget."""
+        batch_size = self.calibration.phase(phase.name)["batch_size"]
+        check_budget(self.ledger, self.calibration, phase.local_steps(self.cfg),
+                     sample_rate=poisson_sample_rate(num_examples, batch_size))
+
+    def wrap(self, phase: TrainingPhase, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
+             device: torch.device) -> PrivateTraining:
+        """DP-SGD for a round of ``phase``: Poisson batches of the phase's calibrated size, the
+        study's sigma, on the ledger's accountant history; unpredictable noise and sampling."""
+        cal, plan = self.calibration, self.calibration.phase(phase.name)
+        loader = DataLoader(dataset, batch_size=plan["batch_size"], num_workers=self.cfg.train.num_workers,
+                            generator=unpredictable_generator())
+        return make_private(model, optimizer, loader, noise_multiplier=cal.noise_multiplier,
+                            max_grad_norm=cal.max_grad_norm, noise_multiplicity=phase.noise_multiplicity(self.cfg),
+                            accountant_history=self.ledger.history, grad_sample_mode=phase.grad_sample_mode(self.cfg),
+                            noise_generator=unpredictable_generator(device))
+
+    def record(self, dp: PrivateTraining, phase: TrainingPhase, server_round: int, steps: int) -> dict[str, float]:
+        """Write the round into the ledger (and its mirror); the reply's privacy metrics."""
+        sigma, q, _ = dp.history[-1]
+        self.ledger.record(dp.history, {"study": self.calibration.study, "phase": phase.name, "round": server_round,
+                                        "steps": steps, "noise_multiplier": sigma, "sample_rate": q,
+                                        "max_grad_norm": self.calibration.max_grad_norm,
+                                        "clip_fraction": dp.stats.clip_fraction})
+        self._keep_mirror(self.ledger.to_json())
+        return {"epsilon": self.ledger.epsilon(), "delta": self.ledger.delta, "noise_multiplier": sigma,
+                "sample_rate": q, "clip_fraction": dp.stats.clip_fraction, "budget_exhausted": 0}
+
+    def epsilon_during(self, dp: PrivateTraining) -> Callable[[], float]:
+        """Epsilon spent so far while ``dp`` trains (for progress lines)."""
+        return lambda: float(dp.engine.accountant.get_epsilon(self.ledger.delta))

@@ -11,7 +11,7 @@ from configs.compare import resume_conflicts
 from meddiff.checkpoint import Checkpoint, load_checkpoint
 from meddiff.data.sites import phantom_site_plan, site_dataset
 from meddiff.recipes.phases import private_plan
-from privacy.site import calibrate_study, site_delta
+from privacy.calibration import calibrate_study, site_delta
 
 
 def check_federation(cfg: ExperimentConfig) -> None:

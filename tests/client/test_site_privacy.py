@@ -17,7 +17,8 @@ from client.records import TRAIN_METRIC_KEYS
 from meddiff.build import build_model
 from meddiff.data.sites import phantom_site
 from privacy.accounting import PrivacyLedger
-from privacy.site import LEDGER_FILE, enrol
+from privacy.calibration import enrol
+from privacy.site import LEDGER_FILE
 from tests.conftest import TINY_OVERRIDES, tiny_config
 from tests.flower_helpers import as_node, server_message
 

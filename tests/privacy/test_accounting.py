@@ -64,7 +64,7 @@ def test_one_sigma_calibrated_across_two_phases_composes_to_the_budget(tmp_path)
     """Latent diffusion with a private first stage: both phases' planned steps share one sigma."""
     from configs import load_config
     from meddiff.recipes.phases import private_plan as study_plan
-    from privacy.site import check_budget, enrol
+    from privacy.calibration import check_budget, enrol
 
     cfg = load_config(None, ["privacy.enabled=true", "autoencoder.enabled=true", "autoencoder.mode=dp", "model.in_channels=3",
                              "model.out_channels=3", "model.attention_resolutions=[4]", "autoencoder.num_rounds=2",
@@ -86,7 +86,7 @@ def test_one_sigma_calibrated_across_two_phases_composes_to_the_budget(tmp_path)
     for q, steps in [(ae["sample_rate"], 30)] * 2 + [(dm["sample_rate"], 40)] * 3:
         check_budget(ledger, cal, steps, sample_rate=q)
         ledger.record(ledger.history + [(cal.noise_multiplier, q, steps)])
-    from privacy.site import BudgetExhausted
+    from privacy.refusals import BudgetExhausted
 
     with pytest.raises(BudgetExhausted, match="above its budget"):
         check_budget(ledger, cal, 40, sample_rate=dm["sample_rate"])

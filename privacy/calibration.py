@@ -1,0 +1,119 @@
+"""A site's calibration for a study: one noise multiplier, fixed at enrolment, for every DP phase
+of the study, within the site's budget on top of what earlier studies spent; and the budget check
+that refuses a round that would pass it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from configs import PrivacyConfig
+from meddiff.recipes.phases import FINAL_PHASE
+from privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, default_delta, poisson_sample_rate
+from privacy.refusals import BudgetExhausted
+
+log = logging.getLogger("meddiff.privacy")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a site fixed at enrolment in a study.
+
+    ``sample_rate``, ``planned_steps`` and ``batch_size`` describe the study's final phase; ``phases``
+    holds every DP phase of the study (``{"autoencoder": {...}, "diffusion": {...}}`` for latent
+    diffusion with a private first stage), all at the one ``noise_multiplier``.
+    """
+
+    study: str
+    noise_multiplier: float
+    sample_rate: float
+    planned_steps: int
+    max_grad_norm: float
+    batch_size: int
+    num_examples: int
+    phases: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def phase(self, name: str) -> dict:
+        """``{"batch_size", "sample_rate", "planned_steps"}`` of phase ``name``."""
+        if name in self.phases:
+            return self.phases[name]
+        if not self.phases:  # a ledger written before studies had several phases
+            return {"batch_size": self.batch_size, "sample_rate": self.sample_rate, "planned_steps": self.planned_steps}
+        raise BudgetExhausted(f"study {self.study!r}: the site enrolled for phases {sorted(self.phases)}, not {name!r}; "
+                              "refusing to train outside its calibration", epsilon=math.nan)
+
+
+def site_delta(privacy_cfg: PrivacyConfig, num_examples: int, site: str) -> float:
+    """The configured delta, or ``1/(10 N)``; a delta of ``1/N`` or more means little and is refused."""
+    if privacy_cfg.target_delta is None:
+        return default_delta(num_examples)
+    if privacy_cfg.target_delta >= 1.0 / num_examples:
+        raise ValueError(f"site {site}: privacy.target_delta={privacy_cfg.target_delta:g} is not below 1/N = "
+                         f"{1.0 / num_examples:g} for its {num_examples} records; use null for 1/(10N)")
+    return float(privacy_cfg.target_delta)
+
+
+def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: PrivacyConfig, batch_size: int = 0,
+          planned_steps: int = 0, plan: Optional[dict[str, tuple[int, int]]] = None) -> Calibration:
+    """The study's calibration: stored at the first round, reused after (sigma is never re-fitted per round).
+
+    ``plan`` maps each DP phase of the study to ``(batch_size, planned_steps)``; without it the
+    study has one phase, the final one, of ``batch_size`` and ``planned_steps``. One sigma covers
+    the composition of all phases within the budget.
+    """
+    stored = ledger.calibration(study)
+    if stored is not None:
+        return Calibration.from_dict(stored)
+    plan = dict(plan or {FINAL_PHASE.name: (batch_size, planned_steps)})
+    try:
+        sigma, phases = calibrate_study(budget=ledger.budget, delta=ledger.delta, num_examples=num_examples, plan=plan,
+                                        prior_history=ledger.history)
+    except ValueError as exc:
+        raise BudgetExhausted(f"site {ledger.site}: cannot enrol in study {study!r}: {exc}", epsilon=ledger.epsilon(),
+                              ledger=ledger) from None
+    main = phases[FINAL_PHASE.name]
+    cal = Calibration(study=study, noise_multiplier=sigma, sample_rate=main["sample_rate"], planned_steps=main["planned_steps"],
+                      max_grad_norm=privacy_cfg.max_grad_norm, batch_size=main["batch_size"], num_examples=int(num_examples),
+                      phases=phases)
+    ledger.calibrations.append({**cal.__dict__, "budget": ledger.budget, "delta": ledger.delta,
+                                "prior_epsilon": ledger.epsilon(), "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    ledger.save()
+    log.info("site %s enrolled in %s: sigma %.4f for phases %s, budget %g", ledger.site, study, sigma,
+             {k: (round(v["sample_rate"], 5), v["planned_steps"]) for k, v in phases.items()}, ledger.budget)
+    return cal
+
+
+def calibrate_study(*, budget: float, delta: float, num_examples: int, plan: dict[str, tuple[int, int]],
+                    prior_history=()) -> tuple[float, dict]:
+    """One sigma for every DP phase of ``plan`` (``{phase: (batch_size, planned_steps)}``) within
+    ``budget`` on top of ``prior_history``; ``(sigma, {phase: {batch_size, sample_rate,
+    planned_steps}})``. Raises ``ValueError`` when no sigma fits."""
+    if FINAL_PHASE.name not in plan:
+        raise ValueError(f"a study's plan must include the {FINAL_PHASE.name} phase, got {sorted(plan)}")
+    phases = {name: {"batch_size": int(b), "sample_rate": poisson_sample_rate(num_examples, b), "planned_steps": int(n)}
+              for name, (b, n) in plan.items()}
+    main = phases[FINAL_PHASE.name]
+    extra = [(p["sample_rate"], p["planned_steps"]) for name, p in phases.items() if p is not main]
+    sigma = calibrate_noise_multiplier(target_epsilon=budget, target_delta=delta, sample_rate=main["sample_rate"],
+                                       steps=main["planned_steps"], prior_history=prior_history, extra_segments=extra)
+    return sigma, phases
+
+
+def check_budget(ledger: PrivacyLedger, cal: Calibration, steps: int, *, sample_rate: Optional[float] = None) -> None:
+    """Raise :class:`BudgetExhausted` if ``steps`` more steps would take epsilon past the budget.
+
+    ``sample_rate`` is the rate of the site's data today (default: the enrolment's)."""
+    epsilon = ledger.epsilon()
+    projected = ledger.projected_epsilon(cal.noise_multiplier, sample_rate or cal.sample_rate, steps)
+    if projected > ledger.budget * (1 + 1e-9):
+        raise BudgetExhausted(
+            f"site {ledger.site}: {steps} more steps would raise epsilon from {epsilon:.3f} to {projected:.3f}, "
+            f"above its budget {ledger.budget:g} (delta {ledger.delta:.2e}); refusing to train", epsilon=epsilon, ledger=ledger)
