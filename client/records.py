@@ -7,7 +7,6 @@ from typing import Mapping
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from meddiff.checkpoint import unwrap_state_dict
 
 TRANSPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -21,14 +20,14 @@ QUERY_METRIC_KEYS = ("site-index", "installed", "count", "total", "total-sq")
 def state_to_arrays(state: Mapping[str, torch.Tensor], transport_dtype: str = "fp32") -> ArrayRecord:
     """An ``ArrayRecord`` of the unwrapped state dict; floating tensors cast to the transport dtype.
 
-    Only the unwrapped model's keys cross the process boundary (no Opacus ``_module.``).
+    Only a plain model's weights cross the process boundary, never a DP wrapper's.
     bfloat16 is not accepted by ``ArrayRecord``; use fp16 for half-size transport.
     """
     if transport_dtype not in TRANSPORT_DTYPES:
         raise ValueError(f"transport dtype must be one of {sorted(TRANSPORT_DTYPES)}, got {transport_dtype!r}")
     dtype = TRANSPORT_DTYPES[transport_dtype]
     out = {}
-    for k, v in unwrap_state_dict(state).items():
+    for k, v in state.items():
         v = v.detach().cpu()
         out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
     return ArrayRecord(out)

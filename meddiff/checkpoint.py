@@ -19,20 +19,6 @@ import torch
 import meddiff
 
 CHECKPOINT_FORMAT = "meddiff-checkpoint/1"
-_PREFIX = "_module."
-
-
-def strip_opacus_prefix(key: str) -> str:
-    """``_module.a.b`` (Opacus ``GradSampleModule``, possibly nested) -> ``a.b``."""
-    while key.startswith(_PREFIX):
-        key = key[len(_PREFIX):]
-    return key
-
-
-def unwrap_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Strip Opacus's ``_module.`` prefixes so keys match a freshly built model."""
-    return {strip_opacus_prefix(k): v for k, v in state.items()}
-
 
 @dataclass
 class Checkpoint:
@@ -62,8 +48,8 @@ def save_checkpoint(
         "version": meddiff.__version__,
         "config": dict(config),
         "step": int(step),
-        "model": {k: v.detach().cpu() for k, v in unwrap_state_dict(model_state).items()},
-        "ema": None if ema_state is None else {k: v.detach().cpu() for k, v in unwrap_state_dict(ema_state).items()},
+        "model": {k: v.detach().cpu() for k, v in model_state.items()},
+        "ema": None if ema_state is None else {k: v.detach().cpu() for k, v in ema_state.items()},
         "extra": dict(extra or {}),
     }
     return _atomic_torch_save(path, payload)
@@ -83,8 +69,8 @@ def _atomic_torch_save(path: Path, payload: Any) -> Path:
 
 
 def save_state_file(path: str | Path, state: Mapping[str, torch.Tensor]) -> Path:
-    """Atomically write a bare (unwrapped) state dict."""
-    return _atomic_torch_save(Path(path), {k: v.detach().cpu() for k, v in unwrap_state_dict(state).items()})
+    """Atomically write a bare state dict (a plain model's, never a DP wrapper's)."""
+    return _atomic_torch_save(Path(path), {k: v.detach().cpu() for k, v in state.items()})
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -7,15 +7,13 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from meddiff.checkpoint import strip_opacus_prefix, unwrap_state_dict
-
 
 class EMA:
     """Keeps float32 shadow copies of a model's parameters and buffers.
 
     ``shadow <- shadow + (1 - d) * (param - shadow)`` after every *real* optimizer step, with the
     warm-up ``d = min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the random
-    initialisation. Keys are those of a freshly built model (no Opacus ``_module.`` prefix).
+    initialisation. Keys are those of the plain model it averages (never a DP wrapper's).
     """
 
     def __init__(self, model: nn.Module, *, decay: float = 0.999, warmup: bool = True):
@@ -26,9 +24,9 @@ class EMA:
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {
             k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
-            for k, v in unwrap_state_dict(model.state_dict()).items()
+            for k, v in model.state_dict().items()
         }
-        self._params = [(k, p) for k, p in _unwrapped_named_parameters(model)]
+        self._params = list(model.named_parameters())
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -44,7 +42,7 @@ class EMA:
         shadow = [self.shadow[k] for k in names]
         params = [p.detach().float() for _, p in self._params]
         torch._foreach_lerp_(shadow, params, 1.0 - d)
-        for k, buf in _unwrapped_named_buffers(model):
+        for k, buf in model.named_buffers():
             self.shadow[k].copy_(buf)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -52,7 +50,6 @@ class EMA:
         return {k: v.clone() for k, v in self.shadow.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor], num_updates: int = 0) -> None:
-        state = unwrap_state_dict(state)
         missing = set(self.shadow) ^ set(state)
         if missing:
             raise ValueError(f"EMA state does not match the model; differing keys: {sorted(missing)[:5]}")
@@ -62,16 +59,4 @@ class EMA:
 
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged weights into ``model`` (in its own dtype)."""
-        target = model._module if hasattr(model, "_module") else model
-        target.load_state_dict({k: v.to(target.state_dict()[k].dtype) for k, v in self.shadow.items()})
-
-
-def _unwrapped_named_parameters(model: nn.Module):
-    for k, p in model.named_parameters():
-        yield strip_opacus_prefix(k), p
-
-
-def _unwrapped_named_buffers(model: nn.Module):
-    for k, b in model.named_buffers():
-        yield strip_opacus_prefix(k), b
-
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})

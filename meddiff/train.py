@@ -129,7 +129,7 @@ def train_loop(
     and EMA and the learning-rate schedule advance only on them. The loss reported for a step
     is the mean over all examples of its logical batch.
     """
-    num_classes = getattr(model, "num_classes", 0) or getattr(getattr(model, "_module", None), "num_classes", 0)
+    num_classes = getattr(model, "num_classes", 0)
     model.train()
     result = LoopResult(steps=0, examples=0, seconds=0.0)
     start = time.perf_counter()

@@ -43,10 +43,10 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from meddiff.checkpoint import unwrap_state_dict
 from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, row_mse
 from meddiff.train import train_step
 from privacy.per_sample import check_supported, per_example_gradients
+from privacy.wrapping import expose_attributes, unwrap, unwrap_state
 
 if TYPE_CHECKING:
     from opacus import PrivacyEngine
@@ -106,7 +106,7 @@ class PrivateTraining:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The unwrapped model's weights (no ``_module.`` prefix): what may cross a boundary."""
-        return {k: v.detach().cpu() for k, v in unwrap_state_dict(self.model.state_dict()).items()}
+        return {k: v.detach().cpu() for k, v in unwrap_state(self.model.state_dict()).items()}
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -211,6 +211,7 @@ def make_private(
         max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=noise_generator,
         grad_sample_mode="hooks" if grad_sample_mode == "hooks" else "no_op",  # no_op: we supply per-image gradients
     )
+    expose_attributes(private_model, model)
     if loader.num_workers:  # BatchMemoryManager's skip signal assumes batches are fetched when sampled
         private_loader = DataLoader(private_loader.dataset, batch_sampler=private_loader.batch_sampler,
                                     collate_fn=private_loader.collate_fn, generator=private_loader.generator)
@@ -270,7 +271,7 @@ def supplied_gradient_step(per_image: PerImageGradients) -> Callable[..., float]
              generator: Optional[torch.Generator] = None) -> float:
         if grad_clip:
             raise ValueError("grad_clip is replaced by per-image clipping (privacy.max_grad_norm) under DP")
-        module = model._module if hasattr(model, "_module") else model
+        module = unwrap(model)
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             grads, losses = per_image(module, objective, x0, y, noise_multiplicity, generator)

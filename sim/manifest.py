@@ -23,9 +23,9 @@ from meddiff.data.adapters import index_dataset
 from meddiff.data.records import IndexResult, Record
 from meddiff.data.cache import ArrayCache, content_digest
 from meddiff.data.readers import DataError
-from meddiff.data.sites import MANIFEST_VERSION, check_disjoint, load_manifest  # noqa: F401  (re-exported)
-from meddiff.data.phantoms import make_phantoms
-from sim.partition import assign_sites, holdout, scanner_acquisition
+from meddiff.data.sites import MANIFEST_VERSION, check_disjoint
+from meddiff.data.phantoms import make_phantoms, site_acquisition
+from sim.partition import assign_sites, holdout
 
 
 
@@ -98,7 +98,7 @@ def build_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
     for i, (name, members) in enumerate(zip(names, sites)):
         train, test = holdout(members, p.site_test_fraction, p.seed, salt=i + 1)
         entry = {"name": name, "train": _entries(records, set(train)), "test": _entries(records, set(test))}
-        entry["acquisition"] = asdict(scanner_acquisition(i, p.seed)) if p.scanner_shift else None
+        entry["acquisition"] = asdict(site_acquisition(i, p.seed)) if p.scanner_shift else None
         site_entries.append(entry)
     return {
         "manifest_version": MANIFEST_VERSION,

@@ -15,8 +15,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from meddiff.data.phantoms import site_acquisition as scanner_acquisition  # noqa: F401  (re-exported)
-
 SCHEMES = ("iid", "dirichlet", "quantity", "natural")
 
 

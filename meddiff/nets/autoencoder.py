@@ -116,8 +116,7 @@ class AutoencoderObjective:
                         noise_multiplicity: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """``x0 [N, C, *S]`` in [-1, 1] -> per-example loss ``[N]`` (float32). ``y`` and
         ``noise_multiplicity`` are accepted for interface compatibility and ignored."""
-        module = model._module if hasattr(model, "_module") else model
-        shape = module.latent_shape(x0.shape)
+        shape = model.latent_shape(x0.shape)
         dev = generator.device if generator is not None else x0.device
         noise = torch.randn(shape, generator=generator, device=dev, dtype=x0.dtype).to(x0.device)
         recon, mu, sigma = model(x0, noise)
@@ -139,6 +138,5 @@ class AutoencoderObjective:
     @torch.no_grad()
     def reconstruction_error(self, model: nn.Module, x0: torch.Tensor) -> torch.Tensor:
         """Mean absolute error of the deterministic reconstruction ``decode(mu)``: ``[N]``."""
-        module = model._module if hasattr(model, "_module") else model
-        mu, _ = module.encode(x0)
-        return (module.decode(mu).float() - x0.float()).abs().flatten(1).mean(1)
+        mu, _ = model.encode(x0)
+        return (model.decode(mu).float() - x0.float()).abs().flatten(1).mean(1)

@@ -8,6 +8,7 @@ from client.local import local_train
 from client.records import TRAIN_METRIC_KEYS, arrays_to_state, state_to_arrays
 from meddiff.build import build_model
 from meddiff.data.sites import phantom_site
+from privacy.wrapping import unwrap_state
 from tests.conftest import tiny_config
 from tests.flower_helpers import as_node, server_message
 
@@ -63,10 +64,10 @@ def test_evaluate_reports_held_out_loss_and_feature_statistics_on_request():
     assert content["metrics"]["feature-count"] == 2 and stats["mean"].shape == (128,) and stats["cov"].shape == (128, 128)
 
 
-def test_state_codec_strips_opacus_prefix():
+def test_state_codec_sends_a_dp_models_weights_with_plain_keys():
     model = build_model(tiny_config().model, 16)
     wrapped = GradSampleModule(model)
-    record = state_to_arrays(wrapped.state_dict(), "fp16")
+    record = state_to_arrays(unwrap_state(wrapped.state_dict()), "fp16")
     state = arrays_to_state(record)
     assert set(state) == set(model.state_dict()) and all(v.dtype == torch.float32 for v in state.values())
     with pytest.raises(ValueError, match="transport dtype"):

@@ -2,11 +2,10 @@ import pickle
 
 import pytest
 import torch
-from opacus import GradSampleModule
 
 from configs import config_to_dict
 from meddiff.build import build_model, model_from_checkpoint
-from meddiff.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
+from meddiff.checkpoint import load_checkpoint, save_checkpoint
 from meddiff.ema import EMA
 from tests.conftest import tiny_config
 
@@ -43,17 +42,6 @@ def test_checkpoint_is_plain_data_loadable_with_weights_only(tmp_path):
     payload = torch.load(path, weights_only=True)
     assert payload["config"]["model"]["model_channels"] == 8
     assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_opacus_prefix_is_stripped(tmp_path):
-    cfg = tiny_config()
-    model = _trained_model(cfg)
-    wrapped = GradSampleModule(model)
-    assert any(k.startswith("_module.") for k in wrapped.state_dict())
-    path = save_checkpoint(tmp_path / "c.pt", model_state=wrapped.state_dict(), config=config_to_dict(cfg), step=1)
-    assert not any(k.startswith("_module.") for k in load_checkpoint(path).model)
-    assert set(unwrap_state_dict(wrapped.state_dict())) == set(model.state_dict())
-    wrapped._close()
 
 
 def test_code_is_never_unpickled(tmp_path):

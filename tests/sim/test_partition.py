@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from sim.partition import assign_sites, dirichlet, holdout, iid, natural, quantity, scanner_acquisition
+from meddiff.data.phantoms import site_acquisition as scanner_acquisition
+from sim.partition import assign_sites, dirichlet, holdout, iid, natural, quantity
 
 PATIENTS = [f"p{i:03d}" for i in range(60)]
 LABELS = {p: i % 3 for i, p in enumerate(PATIENTS)}

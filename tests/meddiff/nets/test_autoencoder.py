@@ -104,30 +104,6 @@ def test_latent_statistics_merge_exactly_and_give_unit_variance_latents():
         LatentStats().scale_factor()
 
 
-def test_opacus_per_sample_gradients_of_the_autoencoder_equal_one_image_at_a_time_autograd():
-    """Phase 1 under DP: Opacus hooks mode on MONAI's AutoencoderKL gives exact per-image gradients."""
-    from opacus import GradSampleModule
-    from opacus.validators import ModuleValidator
-
-    torch.manual_seed(0)
-    ae = tiny_ae()
-    assert ModuleValidator.validate(ae, strict=True) == []
-    reference = tiny_ae()
-    reference.load_state_dict(ae.state_dict())
-    wrapped = GradSampleModule(ae, loss_reduction="sum")
-    objective = AutoencoderObjective(kl_weight=1e-2)
-    x = torch.randn(4, 1, 16, 16)
-    objective.training_losses(wrapped, x, generator=torch.Generator().manual_seed(3)).sum().backward()
-    noise = torch.randn(ae.latent_shape(x.shape), generator=torch.Generator().manual_seed(3))
-    for i in range(len(x)):
-        recon, mu, sigma = reference(x[i:i + 1], noise[i:i + 1])
-        loss = (recon - x[i:i + 1]).abs().mean() + 1e-2 * kl_per_example(mu, sigma).sum()
-        grads = torch.autograd.grad(loss, list(reference.parameters()))
-        for (name, p), g in zip(ae.named_parameters(), grads):
-            rel = float((p.grad_sample[i] - g).norm() / g.norm().clamp_min(1e-12))
-            assert rel < 1e-4, (name, rel)
-
-
 def test_optional_perceptual_term_from_a_local_domain_encoder(tmp_path):
     from meddiff.build import build_autoencoder_objective
     from meddiff.evaluate.encoders import DomainCNN, save_encoder
@@ -165,24 +141,6 @@ def test_public_pretraining_on_real_chest_xrays_writes_a_reusable_first_stage(tm
     assert (tmp_path / "samples" / "autoencoder_reconstructions.png").is_file()
     again = load_codec(tmp_path / "autoencoder.pt", cfg)
     assert again.digest == codec.digest and again.scale_factor == codec.scale_factor
-
-
-def test_book_keeping_per_example_gradients_of_the_autoencoder_are_exact():
-    """Phase 1 under DP in the default (bk) mode: per-image gradients of the autoencoder's loss."""
-    from privacy.per_sample import per_example_gradients
-
-    torch.manual_seed(0)
-    ae = tiny_ae()
-    objective = AutoencoderObjective(kl_weight=1e-2)
-    x = torch.randn(4, 1, 16, 16)
-    grads, losses = per_example_gradients(ae, lambda: objective.training_losses(ae, x, generator=torch.Generator().manual_seed(3)), 4)
-    noise = torch.randn(ae.latent_shape(x.shape), generator=torch.Generator().manual_seed(3))
-    for i in range(len(x)):
-        recon, mu, sigma = ae(x[i:i + 1], noise[i:i + 1])
-        loss = (recon - x[i:i + 1]).abs().mean() + 1e-2 * kl_per_example(mu, sigma).sum()
-        assert float(loss) == pytest.approx(float(losses[i]), rel=1e-5)
-        for (name, _), g in zip(ae.named_parameters(), torch.autograd.grad(loss, list(ae.parameters()))):
-            assert float((grads[name][i] - g).norm() / g.norm().clamp_min(1e-12)) < 1e-4, name
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
