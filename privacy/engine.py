@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
@@ -64,11 +64,10 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 @dataclass
 class ClipStats:
-    """Per-step clipping statistics: the fraction of per-image gradients whose norm exceeded C."""
+    """Clipping statistics: how many per-image gradients had a norm above C, of how many."""
 
     clipped: int = 0
     total: int = 0
-    steps: list[float] = field(default_factory=list)
     rows: Optional[int] = None  # rows the model saw in its last forward (N*K), for the shape check
 
     @property
@@ -151,10 +150,8 @@ def _install_collapse(optimizer: DPOptimizer, noise_multiplicity: int, stats: Cl
         if images:
             norms = torch.stack([g.reshape(images, -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
             factor = (optimizer.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            clipped = int((norms > optimizer.max_grad_norm).sum())
-            stats.clipped += clipped
+            stats.clipped += int((norms > optimizer.max_grad_norm).sum())
             stats.total += images
-            stats.steps.append(clipped / images)
         for p, g in zip(optimizer.params, grads):
             summed = torch.einsum("i,i...", factor.to(g.dtype), g) if images else torch.zeros_like(p)
             p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
