@@ -281,6 +281,6 @@ class ExperimentConfig:
         return self.autoencoder.image_channels if self.autoencoder.enabled else self.model.in_channels
 
     @property
-    def model_size(self) -> int:
+    def unet_input_size(self) -> int:
         """Side length of what the UNet sees: the image, or the latent for latent diffusion."""
         return self.data.image_size // self.latent_downsampling

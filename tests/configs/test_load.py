@@ -122,7 +122,7 @@ def test_latent_diffusion_rules_name_the_fields():
     ldm = {"autoencoder": {"enabled": True, "mode": "not_private"}, "model": {"in_channels": 3, "out_channels": 3,
                                                                            "attention_resolutions": [4]}}
     cfg = load_config_dict(ldm)
-    assert (cfg.model_size, cfg.latent_downsampling, cfg.image_channels) == (8, 4, 1)
+    assert (cfg.unet_input_size, cfg.latent_downsampling, cfg.image_channels) == (8, 4, 1)
     bad = [
         ({"model": {"in_channels": 1, "out_channels": 1}}, r"'model.in_channels' \(1\) must equal 'autoencoder.latent_channels' \(3\)"),
         ({"autoencoder": {"mode": "dp"}}, r"'autoencoder.mode' is 'dp' but 'privacy.enabled' is false"),
