@@ -3,7 +3,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, make_noise_schedule, row_mse
-from meddiff.train import cycle, train_loop, train_step
+from meddiff.train import train_loop
 from privacy.engine import make_private, per_image_gradients
 from privacy.per_sample import per_example_gradients
 from tests.conftest import tiny_unet
