@@ -5,8 +5,8 @@ config: 32 x 32, batch 32, the default UNet), AdamW, v-prediction loss with K (t
 
 - ``nondp_k{K}``: the plain training step (the reference for K);
 - ``hooks_k{K}``: Opacus hooks mode, per-row gradients collapsed to per-image before clipping;
-- ``no_op_k{K}``: Opacus no_op mode, per-image gradients from ``torch.func.vmap`` over the whole
-  model (``privacy.grad_sample_mode: no_op``);
+- ``vmap_k{K}``: Opacus no_op mode, per-image gradients from ``torch.func.vmap`` over the whole
+  model (``privacy.grad_sample_mode: vmap``);
 - ``bk_k{K}``: Opacus no_op mode, per-image gradients by book-keeping (``privacy.grad_sample_mode:
   bk``, the default): a batched backward for activations, per-layer per-image weight gradients.
 
@@ -42,7 +42,7 @@ from meddiff.train import train_step  # noqa: E402
 from privacy.engine import make_private  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-VARIANTS = ("nondp_k1", "bk_k1", "hooks_k1", "no_op_k1", "nondp_k4", "bk_k4", "hooks_k4", "no_op_k4")
+VARIANTS = ("nondp_k1", "bk_k1", "hooks_k1", "vmap_k1", "nondp_k4", "bk_k4", "hooks_k4", "vmap_k4")
 
 
 def make_step(variant: str, device: torch.device):

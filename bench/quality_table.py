@@ -66,7 +66,7 @@ def run_arm(arm: str, data: Path, out: Path, steps: int) -> Path:
     overrides += {"federated_iid": ["partition.scheme=iid"],
                   "federated_dirichlet": ["partition.scheme=dirichlet", "partition.dirichlet_alpha=0.3"],
                   "federated_dp": ["partition.scheme=iid", "privacy.enabled=true", "privacy.target_epsilon=10",
-                                   "privacy.grad_sample_mode=no_op"]}[arm]
+                                   "privacy.grad_sample_mode=vmap"]}[arm]
     run_dir = simulate(load_config(None, overrides), run_dir=out / arm,
                        flwr_home=out / "flwr_home", timeout=7200, log_path=out / f"{arm}.flower.log")
     return run_dir / "checkpoints" / "last.pt"

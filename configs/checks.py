@@ -19,8 +19,9 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
             "the network predicts noise, velocity or x0 of the same shape as the image"
         )
     check_autoencoder(cfg)
-    size, what = (cfg.model_size, f"the latent side data.image_size / {cfg.latent_downsampling} = {cfg.model_size}") \
-        if cfg.autoencoder.enabled else (d.image_size, f"data.image_size={d.image_size}")
+    size = cfg.unet_input_size  # data.image_size without latents
+    what = (f"the latent side data.image_size / {cfg.latent_downsampling} = {size}" if cfg.autoencoder.enabled
+            else f"data.image_size={d.image_size}")
     factor = 2 ** (len(m.channel_mult) - 1)
     if size % factor:
         raise ConfigError(

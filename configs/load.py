@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -31,6 +32,8 @@ __all__ = [
     "apply_overrides",
     "parse_overrides",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
@@ -173,7 +176,7 @@ def _build(cls, raw: Any, path: str):
         if dataclasses.is_dataclass(ftype):
             kwargs[name] = _build(ftype, raw[name], dotted)
         else:
-            value = _coerce(raw[name], ftype, dotted)
+            value = _current_name(_coerce(raw[name], ftype, dotted), f.metadata, dotted)
             _check_rules(value, f.metadata, dotted)
             kwargs[name] = value
     return cls(**kwargs)
@@ -230,6 +233,15 @@ def _coerce(value: Any, tp, dotted: str):
             raise bad
         return value
     raise bad
+
+
+def _current_name(value: Any, rules: Mapping[str, Any], dotted: str) -> Any:
+    """A deprecated value (``aliases`` rule) replaced by its current name, with a one-line warning."""
+    aliases = rules.get("aliases", {})
+    if not isinstance(value, str) or value not in aliases:
+        return value
+    log.warning("config '%s': %r is a deprecated name; read as %r", dotted, value, aliases[value])
+    return aliases[value]
 
 
 def _check_rules(value: Any, rules: Mapping[str, Any], dotted: str) -> None:

@@ -4,6 +4,7 @@ Each field's ``metadata`` may carry validation rules read by :mod:`configs.load`
 
 - ``choices``: the allowed values;
 - ``min`` / ``max``: an inclusive numeric range (``min_exclusive`` for strict lower bounds);
+- ``aliases``: deprecated values and their current names, translated at load time with a warning;
 - ``help``: one line shown in error messages and docs.
 
 This module imports nothing heavier than the standard library, so that reading a config never
@@ -146,8 +147,9 @@ class PrivacyConfig:
     target_delta: Optional[float] = _f(None, help="delta; null = 1/(10*N_site)", min_exclusive=0.0, max=1.0)
     max_grad_norm: float = _f(1.0, help="per-example clipping norm C", min_exclusive=0.0)
     grad_sample_mode: str = _f("bk", help="per-sample gradients: bk (book-keeping: batched backward, per-layer "
-                                          "per-example weight gradients), hooks (Opacus) or no_op (torch.func.vmap)",
-                               choices=("bk", "hooks", "no_op"))
+                                          "per-example weight gradients), hooks (Opacus) or vmap (torch.func.vmap "
+                                          "over the whole model)",
+                               choices=("bk", "hooks", "vmap"), aliases={"no_op": "vmap"})
     max_physical_batch_size: int = _f(64, help="largest batch held in memory at once", min=1)
     central_dp: str = _f("off", help="central user-level DP: Flower's client-side fixed or adaptive clipping plus server noise",
                          choices=("off", "fixed", "adaptive"))
@@ -279,6 +281,6 @@ class ExperimentConfig:
         return self.autoencoder.image_channels if self.autoencoder.enabled else self.model.in_channels
 
     @property
-    def model_size(self) -> int:
+    def unet_input_size(self) -> int:
         """Side length of what the UNet sees: the image, or the latent for latent diffusion."""
         return self.data.image_size // self.latent_downsampling

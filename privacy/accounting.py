@@ -183,8 +183,3 @@ class PrivacyLedger:
 def total_steps(history) -> int:
     """Steps in an accountant history (Opacus merges equal consecutive entries, so count, never len)."""
     return sum(int(h[2]) for h in history)
-
-
-def remaining(ledger: PrivacyLedger) -> float:
-    """Budget left: ``max(0, budget - epsilon)``."""
-    return max(0.0, ledger.budget - ledger.epsilon())

@@ -19,11 +19,12 @@ Three per-sample-gradient modes, all validated against one-image-at-a-time autog
   gradient. The fastest mode and the lightest after ``hooks``; works for any objective (the
   diffusion loss, the autoencoder's).
 - ``hooks``: Opacus's backward hooks on every layer (``train_step`` unchanged);
-- ``no_op``: like ``bk``, but :func:`vmap_train_step` computes per-image gradients with
+- ``vmap``: like ``bk``, but :func:`vmap_train_step` computes per-image gradients with
   ``torch.func.vmap(grad(...))`` over the whole model, one image (its K rows) per vmapped call
   (diffusion loss only).
 
-``bk`` and ``no_op`` yield per-*image* gradients directly, with nothing to collapse.
+``bk`` and ``vmap`` yield per-*image* gradients directly, with nothing to collapse; both run
+Opacus in its ``no_op`` mode, which leaves per-sample gradients to the caller.
 
 Opacus is imported when a model is made private, not with this module: importing it costs about
 2 s per process (it pulls in ``torch.distributed`` and ``scipy.stats``), which every Flower
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from opacus import PrivacyEngine
     from opacus.optimizers import DPOptimizer
 
-GRAD_SAMPLE_MODES = ("hooks", "no_op", "bk")
+GRAD_SAMPLE_MODES = ("hooks", "vmap", "bk")
 
 # Said once in the privacy report instead of every round: the noise comes from torch's PRNG seeded
 # from the OS entropy pool (Opacus's secure_mode needs torchcsprng, which is not installed).
@@ -63,11 +64,10 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 @dataclass
 class ClipStats:
-    """Per-step clipping statistics: the fraction of per-image gradients whose norm exceeded C."""
+    """Clipping statistics: how many per-image gradients had a norm above C, of how many."""
 
     clipped: int = 0
     total: int = 0
-    steps: list[float] = field(default_factory=list)
     rows: Optional[int] = None  # rows the model saw in its last forward (N*K), for the shape check
 
     @property
@@ -87,7 +87,7 @@ class PrivateTraining:
     @property
     def step_fn(self) -> Callable[..., float]:
         """The training step for this mode (``meddiff.train.train_step`` signature)."""
-        return {"no_op": vmap_train_step, "bk": bk_train_step}.get(self.grad_sample_mode, train_step)
+        return {"vmap": vmap_train_step, "bk": bk_train_step}.get(self.grad_sample_mode, train_step)
 
     def optimizer_stepped(self) -> bool:
         """Whether the last ``optimizer.step()`` really stepped (not one physical batch of a logical one)."""
@@ -150,10 +150,8 @@ def _install_collapse(optimizer: DPOptimizer, noise_multiplicity: int, stats: Cl
         if images:
             norms = torch.stack([g.reshape(images, -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
             factor = (optimizer.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            clipped = int((norms > optimizer.max_grad_norm).sum())
-            stats.clipped += clipped
+            stats.clipped += int((norms > optimizer.max_grad_norm).sum())
             stats.total += images
-            stats.steps.append(clipped / images)
         for p, g in zip(optimizer.params, grads):
             summed = torch.einsum("i,i...", factor.to(g.dtype), g) if images else torch.zeros_like(p)
             p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
@@ -189,7 +187,7 @@ def make_private(
         noise_multiplicity: K rows per image in the loss (collapsed before clipping).
         accountant_history: the site's ledger so far; the new steps are appended to it.
         grad_sample_mode: ``bk`` (train with :func:`bk_train_step`), ``hooks`` (with
-            :func:`meddiff.train.train_step`) or ``no_op`` (with :func:`vmap_train_step`);
+            :func:`meddiff.train.train_step`) or ``vmap`` (with :func:`vmap_train_step`);
             ``PrivateTraining.step_fn`` picks the right one.
         noise_generator: source of the DP noise; pass an unpredictable one (the server knows
             the experiment seed).
@@ -209,7 +207,7 @@ def make_private(
     private_model, private_opt, private_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=noise_generator,
-        grad_sample_mode="hooks" if grad_sample_mode == "hooks" else "no_op",  # no_op: we supply per-image gradients
+        grad_sample_mode="hooks" if grad_sample_mode == "hooks" else "no_op",  # Opacus no_op: gradients supplied by us
     )
     expose_attributes(private_model, model)
     if loader.num_workers:  # BatchMemoryManager's skip signal assumes batches are fetched when sampled
@@ -284,7 +282,7 @@ def supplied_gradient_step(per_image: PerImageGradients) -> Callable[..., float]
     return step
 
 
-#: ``no_op`` mode: per-image gradients by ``vmap`` (the diffusion loss only).
+#: ``vmap`` mode: per-image gradients by ``vmap`` (the diffusion loss only).
 vmap_train_step = supplied_gradient_step(
     lambda module, diffusion, x0, y, k, gen: per_image_gradients(module, diffusion, x0, y, noise_multiplicity=k, generator=gen))
 

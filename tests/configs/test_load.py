@@ -1,3 +1,4 @@
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -121,7 +122,7 @@ def test_latent_diffusion_rules_name_the_fields():
     ldm = {"autoencoder": {"enabled": True, "mode": "not_private"}, "model": {"in_channels": 3, "out_channels": 3,
                                                                            "attention_resolutions": [4]}}
     cfg = load_config_dict(ldm)
-    assert (cfg.model_size, cfg.latent_downsampling, cfg.image_channels) == (8, 4, 1)
+    assert (cfg.unet_input_size, cfg.latent_downsampling, cfg.image_channels) == (8, 4, 1)
     bad = [
         ({"model": {"in_channels": 1, "out_channels": 1}}, r"'model.in_channels' \(1\) must equal 'autoencoder.latent_channels' \(3\)"),
         ({"autoencoder": {"mode": "dp"}}, r"'autoencoder.mode' is 'dp' but 'privacy.enabled' is false"),
@@ -184,3 +185,21 @@ def test_resume_conflicts_name_the_fields_a_resume_may_not_change():
     assert set(config_differences(stored, longer)) == {"federation.num_rounds", "output.name", "evaluation.every"}
     wider = load_config(None, ["model.model_channels=16", "privacy.target_epsilon=3"])
     assert resume_conflicts(stored, wider) == ["model.model_channels: 64 -> 16", "privacy.target_epsilon: 10.0 -> 3.0"]
+
+
+def test_old_grad_sample_mode_no_op_is_read_as_vmap_with_a_warning(tmp_path, caplog):
+    from configs.compare import resume_conflicts
+
+    old = tmp_path / "config.yaml"  # as in a run directory written before the rename
+    old.write_text("privacy:\n  grad_sample_mode: no_op\n")
+    with caplog.at_level(logging.WARNING, logger="configs.load"):
+        stored = load_config(old)
+    assert stored.privacy.grad_sample_mode == "vmap"
+    assert [r.getMessage() for r in caplog.records] == [
+        "config 'privacy.grad_sample_mode': 'no_op' is a deprecated name; read as 'vmap'"]
+    new = load_config(None, ["privacy.grad_sample_mode=vmap"])
+    assert load_config(None, ["privacy.grad_sample_mode=no_op"]) == new
+    assert resume_conflicts(stored, new) == []
+    assert config_to_dict(stored)["privacy"]["grad_sample_mode"] == "vmap"
+    with pytest.raises(ConfigError, match=r"allowed values: 'bk', 'hooks', 'vmap'$"):
+        load_config_dict({"privacy": {"grad_sample_mode": "no-op"}})
