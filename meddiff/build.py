@@ -44,7 +44,7 @@ def build_model(model_cfg: ModelConfig, image_size: int) -> ADMUNet:
 
 def build_unet(cfg: ExperimentConfig) -> ADMUNet:
     """The experiment's UNet, sized for what it denoises (images, or latents for latent diffusion)."""
-    return build_model(cfg.model, cfg.model_size)
+    return build_model(cfg.model, cfg.unet_input_size)
 
 
 def build_autoencoder(cfg: ExperimentConfig) -> KLAutoencoder:
@@ -154,7 +154,7 @@ def build_lr_schedule(train_cfg: TrainConfig, optimizer: torch.optim.Optimizer, 
 
 def sample_shape(cfg: ExperimentConfig, num: int) -> tuple[int, ...]:
     """Shape of what the UNet generates: images, or latents for latent diffusion."""
-    return (num, cfg.model.in_channels) + (cfg.model_size,) * cfg.model.spatial_dims
+    return (num, cfg.model.in_channels) + (cfg.unet_input_size,) * cfg.model.spatial_dims
 
 
 def sample_spacing(cfg: ExperimentConfig) -> tuple[float, ...]:

@@ -126,7 +126,7 @@ def _summary_md(run_dir: Path, cfg: ExperimentConfig, summary: dict) -> str:
                  "not_private": f"federated, {ae.num_rounds} rounds x {ae.local_steps} steps, **not private**",
                  "public": "pre-trained on public data / loaded; never trained on site data"}[ae.mode]
         scale = summary.get("autoencoder", {}).get("scale_factor")
-        lines.append(f"- autoencoder (phase 1): {first}; latent {ae.latent_channels} x {cfg.model_size}^{cfg.model.spatial_dims}"
+        lines.append(f"- autoencoder (phase 1): {first}; latent {ae.latent_channels} x {cfg.unet_input_size}^{cfg.model.spatial_dims}"
                      + (f", scale factor {scale:.4f}" if scale else ""))
     lines += [f"- config: `{run_dir / 'config.yaml'}`", f"- metrics: `{run_dir / 'metrics.csv'}` (TensorBoard: "
               f"`tensorboard --logdir {run_dir / 'tensorboard'}`)", f"- final checkpoint: `{summary['checkpoint']}`",

@@ -237,7 +237,7 @@ class DiffusionPhase(TrainingPhase):
 
     def banner(self, cfg: ExperimentConfig) -> str:
         if cfg.autoencoder.enabled:
-            return (f"phase 2: latent diffusion UNet on {cfg.model.in_channels} x {cfg.model_size}^{cfg.model.spatial_dims} "
+            return (f"phase 2: latent diffusion UNet on {cfg.model.in_channels} x {cfg.unet_input_size}^{cfg.model.spatial_dims} "
                     f"latents, {self.num_rounds(cfg)} rounds")
         return f"{self.num_rounds(cfg)} rounds x {self.local_steps(cfg)} local steps at {cfg.federation.num_sites} site(s)"
 
