@@ -21,6 +21,7 @@ from meddiff.train import cycle, train_loop
 from privacy.accounting import PrivacyLedger
 from privacy.engine import make_private
 from privacy.site import Calibration, phase_is_private
+from protocol import evaluate_metrics, non_private_metrics, privacy_metrics, train_metrics
 
 
 def round_seed(*parts: int) -> int:
@@ -55,12 +56,6 @@ def unpredictable_generator(device: torch.device | str = "cpu") -> torch.Generat
     the subsampling amplification the accountant assumes.
     """
     return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-
-
-def non_private_metrics() -> dict[str, float]:
-    """The privacy keys every reply carries, for a site training without DP (epsilon is infinite)."""
-    return {"epsilon": math.inf, "delta": 0.0, "noise_multiplier": 0.0, "sample_rate": 0.0, "clip_fraction": 0.0,
-            "budget_exhausted": 0}
 
 
 PHASES = ("autoencoder", "diffusion")
@@ -151,19 +146,19 @@ def local_train(
     loop = _loop_settings(cfg, stage, phase, server_round, site_index, seed, device, progress, on_step)
     start = time.perf_counter()
     if private:
-        result, privacy_metrics, state = _private_round(cfg, stage, dataset, loop, ledger, calibration, server_round,
-                                                        epsilon_probe)
+        result, privacy, state = _private_round(cfg, stage, dataset, loop, ledger, calibration, server_round,
+                                                epsilon_probe)
     else:
         loader = DataLoader(dataset, batch_size=min(stage.batch_size, len(dataset)), shuffle=True, drop_last=True,
                             num_workers=tc.num_workers, generator=torch.Generator().manual_seed(seed))
         result = train_loop(model=model, optimizer=optimizer, batches=cycle(loader), grad_clip=tc.grad_clip, **loop)
-        privacy_metrics = non_private_metrics()
+        privacy = non_private_metrics()
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not math.isfinite(result.mean_loss):
         raise FloatingPointError(f"site {site_index}: the {phase} training loss became {result.mean_loss} in round "
                                  f"{server_round}; check train.lr and the data (no update is sent)")
-    metrics = {"num-examples": len(dataset), "train_loss": result.mean_loss, "steps": result.steps,
-               "site-index": site_index, "seconds": time.perf_counter() - start, **privacy_metrics}
+    metrics = train_metrics(num_examples=len(dataset), train_loss=result.mean_loss, steps=result.steps,
+                            site_index=site_index, seconds=time.perf_counter() - start, privacy=privacy)
     return state, metrics
 
 
@@ -203,8 +198,8 @@ def _private_round(cfg: ExperimentConfig, stage: "Stage", dataset: Dataset, loop
     ledger.record(dp.history, {"study": calibration.study, "phase": stage.phase, "round": server_round, "steps": result.steps,
                                "noise_multiplier": sigma, "sample_rate": q, "max_grad_norm": calibration.max_grad_norm,
                                "clip_fraction": dp.stats.clip_fraction})
-    metrics = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "noise_multiplier": sigma, "sample_rate": q,
-               "clip_fraction": dp.stats.clip_fraction, "budget_exhausted": 0}
+    metrics = privacy_metrics(epsilon=ledger.epsilon(), delta=ledger.delta, noise_multiplier=sigma, sample_rate=q,
+                              clip_fraction=dp.stats.clip_fraction, budget_exhausted=0)
     return result, metrics, dp.state_dict()
 
 
@@ -235,7 +230,7 @@ def local_evaluate(cfg: ExperimentConfig, state: Mapping[str, torch.Tensor], dat
             losses = objective.training_losses(model, x0, y=y, noise_multiplicity=4, generator=gen)
         total += float(losses.sum())
         count += len(losses)
-    return {"num-examples": count, "eval_loss": total / max(count, 1), "site-index": site_index, "feature-count": 0}
+    return evaluate_metrics(num_examples=count, eval_loss=total / max(count, 1), site_index=site_index)
 
 
 def local_feature_stats(cfg: ExperimentConfig, dataset: Dataset):
