@@ -44,11 +44,15 @@ class RoundConfig:
     proximal_mu: Optional[float] = None
     clipping_norm: Optional[float] = None
 
+    def __post_init__(self):
+        # a snapshot, in the form the wire carries: later changes to the server's ledgers are not sent
+        object.__setattr__(self, "known_ledgers", json.loads(json.dumps(dict(self.known_ledgers))))
+
     def to_record(self) -> ConfigRecord:
         values = {EXPERIMENT_CONFIG: config_to_yaml(self.experiment), MANIFEST_PATH: self.manifest_path,
                   CENTRAL_DP: self.central_dp, PHASE: self.phase, NUM_ROUNDS: self.num_rounds, STUDY_ID: self.study_id,
                   SITE_STATE_ROOT: self.site_state_root, PROGRESS_DIR: self.progress_dir,
-                  KNOWN_LEDGERS: json.dumps(dict(self.known_ledgers))}
+                  KNOWN_LEDGERS: json.dumps(self.known_ledgers)}
         if self.autoencoder_digest:
             values.update({AUTOENCODER_DIGEST: self.autoencoder_digest, LATENT_SCALE: float(self.latent_scale)})
         if self.want_feature_stats:

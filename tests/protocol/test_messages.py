@@ -58,6 +58,10 @@ def test_round_config_round_trips_and_decodes_the_experiment_config():
     assert all(torch.equal(back.weights()[k], v) for k, v in WEIGHTS.items())
     minimal = RoundConfig(tiny_config())  # the defaults are what a record without the optional keys means
     assert RoundConfig.from_record(minimal.to_record()) == minimal and minimal.server_round is None
+    ledgers = {"site_0": {"epsilon": 1.0}}
+    snapshot = RoundConfig(tiny_config(), known_ledgers=ledgers)
+    ledgers["site_1"] = {"epsilon": 2.0}  # the server's ledgers change after the message was configured
+    assert json.loads(snapshot.to_record()["known-ledgers"]) == {"site_0": {"epsilon": 1.0}}
 
 
 def test_round_config_keeps_the_key_strings_of_the_wire():
