@@ -207,6 +207,7 @@ def answer_query(query: Query, node_config: Mapping, state: Optional[RecordDict]
     return answer
 
 
+# What the ClientApp calls: decode the message's content, run the site's function, encode its reply.
 def handle_train(content: RecordDict, node_config: Mapping, state: Optional[RecordDict] = None) -> RecordDict:
     return train_round(RoundIns.from_record(content), node_config, state).to_record()
 

@@ -10,16 +10,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from meddiff.evaluate.metrics import FeatureStats
-from protocol.errors import ProtocolError, array_record, content_of, metric_values, require_keys
-from protocol.keys import (ARRAYS, BUDGET_EXHAUSTED, DELTA, DIGEST, EPSILON, EVAL_LOSS, EVALUATE_METRIC_KEYS, FAILURE, FEATURE_COUNT, FEATURE_COV, FEATURE_MEAN,
-                           FEATURE_STATS, INSTALLED, LEDGER, METRICS, MISSING_AUTOENCODER, PRIVACY, REASON, REFUSAL,
-                           SITE_INDEX, TRACEBACK, TRAIN_METRIC_KEYS)
+from protocol.errors import ProtocolError, array_record, config_record, content_of, metric_values, require_keys
+from protocol.keys import (ARRAYS, BUDGET_EXHAUSTED, DELTA, DIGEST, EPSILON, EVAL_LOSS, EVALUATE_METRIC_KEYS, FAILURE,
+                           FEATURE_COUNT, FEATURE_COV, FEATURE_MEAN, FEATURE_STATS, INSTALLED, LEDGER, METRICS,
+                           MISSING_AUTOENCODER, PRIVACY, REASON, REFUSAL, SITE_INDEX, TRACEBACK, TRAIN_METRIC_KEYS)
 from protocol.metrics import failure_metrics, metric_record, non_private_metrics, train_metrics
 from protocol.queries import QueryRes
 from protocol.weights import arrays_to_state, state_to_arrays
 
 
 class _SiteReply:
+    """A reply whose metrics name the site."""
+
     metrics: Mapping[str, float]
 
     @property
@@ -87,7 +89,7 @@ class Refusal(_SiteReply):
 
     @classmethod
     def from_record(cls, content: RecordDict) -> "Refusal":
-        return cls(reply_metrics(content), str(content[REFUSAL].get(REASON, "")), reply_ledger(content))
+        return cls(reply_metrics(content), str(config_record(content, REFUSAL).get(REASON, "")), reply_ledger(content))
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class MissingAutoencoder(_SiteReply):
 
     @classmethod
     def from_record(cls, content: RecordDict) -> "MissingAutoencoder":
-        return cls(reply_metrics(content), str(content[MISSING_AUTOENCODER].get(DIGEST, "")))
+        return cls(reply_metrics(content), str(config_record(content, MISSING_AUTOENCODER).get(DIGEST, "")))
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class Failure(_SiteReply):
 
     @classmethod
     def from_record(cls, content: RecordDict) -> "Failure":
-        record = content[FAILURE]
+        record = config_record(content, FAILURE)
         return cls(reply_metrics(content), str(record.get(REASON, "")), str(record.get(TRACEBACK, "")))
 
 

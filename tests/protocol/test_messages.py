@@ -185,6 +185,8 @@ def test_malformed_replies_name_what_they_lack():
         decode_reply(two_arrays)
     with pytest.raises(ProtocolError, match="no MetricRecord 'metrics'"):
         EvaluateRes.from_record(RecordDict())
+    with pytest.raises(ProtocolError, match="no ConfigRecord 'refusal'"):
+        Refusal.from_record(RecordDict({"metrics": MetricRecord(METRICS)}))
     with pytest.raises(ProtocolError, match=r"lacks the key\(s\) \['total-sq'\]"):
         QueryRes.from_record(RecordDict({"metrics": MetricRecord({"site-index": 0, "installed": 1, "count": 0, "total": 0.0})}))
     with pytest.raises(KeyError, match="missing from the reply"):
