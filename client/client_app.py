@@ -8,10 +8,9 @@ import torch
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.handlers import failure_reply, handle_evaluate, handle_query, handle_train
-from client.records import EVALUATE_METRIC_KEYS, QUERY_METRIC_KEYS, TRAIN_METRIC_KEYS
+from protocol import Refusal, central_dp_mode, reply_kind
 
 _SITE_LOG = logging.getLogger("meddiff.site")
 _SITE_LOG.setLevel(logging.INFO)
@@ -29,13 +28,13 @@ def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
     so one ClientApp serves both kinds of run. A budget refusal carries no weights and passes
     through unchanged (the stock mods would turn it into an error reply).
     """
-    configs = list(msg.content.config_records.values())
-    if msg.metadata.message_type != MessageType.TRAIN or not configs or KEY_CLIPPING_NORM not in configs[0]:
+    mode = central_dp_mode(msg.content) if msg.metadata.message_type == MessageType.TRAIN else None
+    if mode is None:
         return call_next(msg, context)
     out = call_next(msg, context)
-    if out.has_error() or "refusal" in out.content.config_records:
+    if out.has_error() or reply_kind(out) is Refusal:
         return out
-    mod = adaptiveclipping_mod if str(configs[0].get("central-dp", "fixed")) == "adaptive" else fixedclipping_mod
+    mod = adaptiveclipping_mod if mode == "adaptive" else fixedclipping_mod
     return mod(msg, context, lambda _msg, _ctx: out)
 
 
@@ -48,27 +47,27 @@ def _threads(context: Context) -> None:
         torch.set_num_threads(1)
 
 
-def _handle(handler, keys: tuple[str, ...], msg: Message, context: Context) -> Message:
+def _handle(handler, msg: Message, context: Context) -> Message:
     """Run ``handler``; an error becomes a failure reply that names it (and carries the traceback)."""
     _threads(context)
     node_config = dict(context.node_config)
     try:
         content = handler(msg.content, node_config, context.state)
     except Exception as exc:  # noqa: BLE001 - any site error is reported, never a bare crash
-        content = failure_reply(node_config, exc, keys)
+        content = failure_reply(node_config, exc, msg.metadata.message_type).to_record()
     return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _handle(handle_train, TRAIN_METRIC_KEYS, msg, context)
+    return _handle(handle_train, msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return _handle(handle_evaluate, EVALUATE_METRIC_KEYS, msg, context)
+    return _handle(handle_evaluate, msg, context)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    return _handle(handle_query, QUERY_METRIC_KEYS, msg, context)
+    return _handle(handle_query, msg, context)

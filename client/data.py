@@ -51,6 +51,12 @@ class SiteData:
         return self._part("test")
 
 
+def node_site_index(node_config: Mapping) -> int:
+    """The site's index as its node config gives it: the simulation's ``partition-id``, else the
+    deployment's ``site-index`` (-1 when neither is set)."""
+    return int(node_config.get("partition-id", node_config.get("site-index", -1)))
+
+
 def site_data(cfg: ExperimentConfig, node_config: Mapping, manifest_path: str = "") -> SiteData:
     """Resolve the site's train and held-out data (memoised per process)."""
     key = tuple(sorted((k, str(v)) for k, v in node_config.items()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from typing import Callable, Mapping, Optional
 
@@ -15,10 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 from configs import ExperimentConfig
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.train import cycle, train_loop
-from privacy.accounting import PrivacyLedger
-from privacy.engine import make_private
+from meddiff.evaluate import build_encoder, site_feature_stats
 from meddiff.recipes.phases import DIFFUSION, TrainingPhase
-from privacy.calibration import Calibration
+from privacy.site import SitePrivacy
+from protocol import evaluate_metrics, non_private_metrics, privacy_metrics, train_metrics
 
 
 def round_seed(*parts: int) -> int:
@@ -45,22 +44,6 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, global_params: list[torc
     optimizer.register_step_pre_hook(hook)
 
 
-def unpredictable_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from the OS entropy pool, for DP noise and Poisson sampling.
-
-    They must not derive from the experiment seed, which the server knows: a server that can
-    replay the noise can subtract it, and one that knows which records were sampled voids
-    the subsampling amplification the accountant assumes.
-    """
-    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-
-
-def non_private_metrics() -> dict[str, float]:
-    """The privacy keys every reply carries, for a site training without DP (epsilon is infinite)."""
-    return {"epsilon": math.inf, "delta": 0.0, "noise_multiplier": 0.0, "sample_rate": 0.0, "clip_fraction": 0.0,
-            "budget_exhausted": 0}
-
-
 def _phase_model(cfg: ExperimentConfig, phase: TrainingPhase, global_state: Mapping[str, torch.Tensor]) -> nn.Module:
     """The phase's model, loaded with the server's weights."""
     model = phase.build_model(cfg)
@@ -77,8 +60,7 @@ def local_train(
     site_index: int,
     proximal_mu: float = 0.0,
     progress: bool = False,
-    ledger: Optional[PrivacyLedger] = None,
-    calibration: Optional[Calibration] = None,
+    privacy: Optional[SitePrivacy] = None,
     phase: TrainingPhase = DIFFUSION,
     on_step: Optional[Callable[[int, float], None]] = None,
     epsilon_probe: Optional[list] = None,
@@ -98,8 +80,8 @@ def local_train(
     """
     tc = cfg.train
     private = phase.is_private(cfg)
-    if private and (ledger is None or calibration is None):
-        raise ValueError("privacy.enabled=true needs the site's ledger and calibration; refusing to train without DP")
+    if private and privacy is None:
+        raise ValueError("privacy.enabled=true needs the site's privacy (ledger and calibration); refusing to train without DP")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if len(dataset) == 0:
@@ -113,19 +95,19 @@ def local_train(
     loop = _loop_settings(cfg, phase, optimizer, server_round, site_index, seed, device, progress, on_step)
     start = time.perf_counter()
     if private:
-        result, privacy_metrics, state = _private_round(cfg, phase, model, optimizer, dataset, loop, ledger, calibration,
-                                                        server_round, epsilon_probe)
+        result, spent, state = _private_round(cfg, phase, model, optimizer, dataset, loop, privacy, server_round,
+                                              epsilon_probe)
     else:
         loader = DataLoader(dataset, batch_size=min(phase.batch_size(cfg), len(dataset)), shuffle=True, drop_last=True,
                             num_workers=tc.num_workers, generator=torch.Generator().manual_seed(seed))
         result = train_loop(model=model, optimizer=optimizer, batches=cycle(loader), grad_clip=tc.grad_clip, **loop)
-        privacy_metrics = non_private_metrics()
+        spent = non_private_metrics()
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not math.isfinite(result.mean_loss):
         raise FloatingPointError(f"site {site_index}: the {phase.name} training loss became {result.mean_loss} in round "
                                  f"{server_round}; check train.lr and the data (no update is sent)")
-    metrics = {"num-examples": len(dataset), "train_loss": result.mean_loss, "steps": result.steps,
-               "site-index": site_index, "seconds": time.perf_counter() - start, **privacy_metrics}
+    metrics = train_metrics(num_examples=len(dataset), train_loss=result.mean_loss, steps=result.steps,
+                            site_index=site_index, seconds=time.perf_counter() - start, privacy=spent)
     return state, metrics
 
 
@@ -142,31 +124,18 @@ def _loop_settings(cfg: ExperimentConfig, phase: TrainingPhase, optimizer: torch
 
 
 def _private_round(cfg: ExperimentConfig, phase: TrainingPhase, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   dataset: Dataset, loop: dict, ledger: PrivacyLedger, calibration: Calibration, server_round: int,
-                   epsilon_probe: Optional[list]):
-    """DP-SGD for the round's steps; records the round in the ledger. ``(result, metrics, state)``."""
-    plan = calibration.phase(phase.name)
-    loader = DataLoader(dataset, batch_size=plan["batch_size"], num_workers=cfg.train.num_workers,
-                        generator=unpredictable_generator())
-    dp = make_private(model, optimizer, loader, noise_multiplier=calibration.noise_multiplier,
-                      max_grad_norm=calibration.max_grad_norm, noise_multiplicity=phase.noise_multiplicity(cfg),
-                      accountant_history=ledger.history, grad_sample_mode=phase.grad_sample_mode(cfg),
-                      noise_generator=unpredictable_generator(loop["device"]))
+                   dataset: Dataset, loop: dict, privacy: SitePrivacy, server_round: int, epsilon_probe: Optional[list]):
+    """DP-SGD for the round's steps, recorded in the site's ledger. ``(result, privacy metrics, state)``."""
+    dp = privacy.wrap(phase, model, optimizer, dataset, loop["device"])
     if epsilon_probe is not None:
-        epsilon_probe.append(lambda: float(dp.engine.accountant.get_epsilon(ledger.delta)))
+        epsilon_probe.append(privacy.epsilon_during(dp))
     batches = dp.batches(cfg.privacy.max_physical_batch_size)
     try:
         result = train_loop(model=dp.model, optimizer=dp.optimizer, batches=batches, step_fn=dp.step_fn,
                             optimizer_stepped=dp.optimizer_stepped, **loop)
     finally:
         batches.close()
-    sigma, q, _ = dp.history[-1]
-    ledger.record(dp.history, {"study": calibration.study, "phase": phase.name, "round": server_round, "steps": result.steps,
-                               "noise_multiplier": sigma, "sample_rate": q, "max_grad_norm": calibration.max_grad_norm,
-                               "clip_fraction": dp.stats.clip_fraction})
-    metrics = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "noise_multiplier": sigma, "sample_rate": q,
-               "clip_fraction": dp.stats.clip_fraction, "budget_exhausted": 0}
-    return result, metrics, dp.state_dict()
+    return result, privacy_metrics(**privacy.record(dp, phase, server_round, result.steps)), dp.state_dict()
 
 
 @torch.no_grad()
@@ -183,12 +152,10 @@ def local_evaluate(cfg: ExperimentConfig, state: Mapping[str, torch.Tensor], dat
         losses = phase.held_out_losses(model, objective, x0.to(device), y.to(device), gen, cfg)
         total += float(losses.sum())
         count += len(losses)
-    return {"num-examples": count, "eval_loss": total / max(count, 1), "site-index": site_index, "feature-count": 0}
+    return evaluate_metrics(num_examples=count, eval_loss=total / max(count, 1), site_index=site_index)
 
 
 def local_feature_stats(cfg: ExperimentConfig, dataset: Dataset):
     """The site's share of a federated FID: feature statistics of its held-out images (no images)."""
-    from meddiff.evaluate import build_encoder, site_feature_stats
-
     ev = cfg.evaluation
     return site_feature_stats(build_encoder(ev.encoder, ev.encoder_weights or None), dataset, max_examples=ev.max_real)

@@ -64,10 +64,9 @@ def describe(state: dict) -> str:
             f"loss {state['loss']:.4f}{eps} ({state['seconds']:.0f} s)")
 
 
-def progress_path(node_config, record, site_name: str) -> Optional[Path]:
-    """The simulation's progress file of this site (``<run>/progress/<site>.json``); deployed sites
-    keep their progress in their own log."""
-    directory = str(record.get("progress-dir", ""))
+def progress_path(node_config, directory: str, site_name: str) -> Optional[Path]:
+    """The simulation's progress file of this site (``<directory>/<site>.json``, the server's
+    ``<run>/progress``); deployed sites keep their progress in their own log."""
     if "partition-id" not in node_config or not directory:
         return None
     return Path(directory) / f"{site_name}.json"

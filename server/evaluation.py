@@ -4,20 +4,22 @@ from the sites' feature statistics (no image leaves a site), and EMA sample grid
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from configs import ExperimentConfig
 from meddiff.build import sample_spacing
 from meddiff.ema import EMA
-from meddiff.evaluate import FeatureStats, build_encoder, federated_fid
+from meddiff.evaluate import build_encoder, federated_fid
 from meddiff.latent import LatentCodec
 from meddiff.outputs import write_samples
 from meddiff.train import sample_images
+from protocol import NUM_EXAMPLES, EvaluateRes, Failure, ProtocolError, RoundConfig, decode_reply
 
 log = logging.getLogger("meddiff.server")
 
@@ -27,22 +29,20 @@ class Evaluation:
         self.grid, self.cfg, self.run_dir, self.say = grid, cfg, run_dir, say
         self.codec: Optional[LatentCodec] = None
 
-    def held_out(self, strategy, rnd: int, global_state, payload: dict, *, with_fid: bool) -> tuple[list[dict], dict]:
+    def held_out(self, strategy, rnd: int, global_state, round_config: RoundConfig, *,
+                 with_fid: bool) -> tuple[list[dict], dict]:
         """``(rows, site_stats)``: each site's evaluate metrics and, when asked, its feature statistics."""
-        messages = strategy.configure_evaluate(rnd, ArrayRecord(global_state), ConfigRecord({**payload, "fid-stats": int(with_fid)}),
-                                               self.grid)
+        config = replace(round_config, want_feature_stats=with_fid).to_record()
+        messages = strategy.configure_evaluate(rnd, ArrayRecord(global_state), config, self.grid)
         rows, site_stats = [], {}
         for reply in self.grid.send_and_receive(messages=messages, timeout=self.cfg.federation.round_timeout):
-            problem = _problem(reply)
+            result, problem = _decode(reply)
             if problem:
                 log.warning("round %d: node %s could not evaluate: %s", rnd, reply.metadata.src_node_id, problem)
                 continue
-            m = dict(reply.content["metrics"])
-            rows.append(m)
-            if with_fid and "feature-stats" in reply.content.array_records:
-                arrays = reply.content["feature-stats"].to_torch_state_dict()
-                site_stats[f"site_{int(m['site-index'])}"] = FeatureStats(
-                    int(m["feature-count"]), arrays["mean"].double().numpy(), arrays["cov"].double().numpy())
+            rows.append(dict(result.metrics))
+            if with_fid and result.feature_stats is not None:
+                site_stats[f"site_{result.site_index}"] = result.feature_stats
         return rows, site_stats
 
     def federated_fid(self, ema: EMA, model, site_stats: dict) -> dict:
@@ -66,15 +66,21 @@ class Evaluation:
         return samples
 
 
-def _problem(reply) -> str:
-    """Why an evaluate reply holds no metrics ("" when it does)."""
+def _decode(reply) -> tuple[Optional[EvaluateRes], str]:
+    """The evaluate reply, or why there is none: ``(result, "")`` or ``(None, problem)``."""
     if reply.has_error():
-        return (str(reply.error.reason).strip().splitlines() or ["error reply"])[-1]
-    if "failure" in reply.content.config_records:
-        return str(reply.content["failure"].get("reason", "failed"))
-    return "" if "metrics" in reply.content.metric_records else "no metrics in the reply"
+        return None, (str(reply.error.reason).strip().splitlines() or ["error reply"])[-1]
+    try:
+        result = decode_reply(reply)
+    except ProtocolError as exc:
+        return None, str(exc)
+    if isinstance(result, Failure):
+        return None, result.reason or "failed"
+    if not isinstance(result, EvaluateRes):
+        return None, f"a {type(result).__name__} reply does not answer an evaluate message"
+    return result, ""
 
 
 def weighted_mean(rows: list[dict], key: str) -> float:
-    n = sum(r.get("num-examples", 0) for r in rows)
-    return sum(r[key] * r["num-examples"] for r in rows) / n if n else float("nan")
+    n = sum(r.get(NUM_EXAMPLES, 0) for r in rows)
+    return sum(r[key] * r[NUM_EXAMPLES] for r in rows) / n if n else float("nan")

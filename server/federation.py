@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -41,9 +41,10 @@ from meddiff.latent import LatentCodec
 from meddiff.recipes.phases import FINAL_PHASE, TrainingPhase, phase_named, study_phases
 from meddiff.train import seed_everything
 from privacy.report import save_central, save_site_ledgers
+from protocol import NUM_EXAMPLES, RoundConfig, arrays_to_state
 from server.evaluation import Evaluation, weighted_mean
 from server.latent_setup import LatentSetup
-from server.phase import PhaseRun, arrays_to_state
+from server.phase import PhaseRun
 from server.replies import (error_report, wait_for_nodes, failure_report, learn_node_sites, missing_autoencoder_report, refusal_report,
                             sort_replies)
 from server.run_state import RunState, record_config
@@ -73,7 +74,7 @@ class _Federation:
         self.stop_reason, self.failed = "", False
         self.codec: Optional[LatentCodec] = None
         self.evaluation = Evaluation(grid, cfg, run_dir, say)
-        self.latent = LatentSetup(grid, cfg, lambda: self._payload(FINAL_PHASE), say)
+        self.latent = LatentSetup(grid, cfg, lambda: self._round_config(FINAL_PHASE), say)
         self.record: Optional[RunRecord] = None
 
     def run(self, resume_from: str) -> dict:
@@ -125,14 +126,14 @@ class _Federation:
         torch.manual_seed(self.cfg.train.seed)
         return phase.build_model(self.cfg)
 
-    def _payload(self, phase: TrainingPhase, num_rounds: int = 0) -> dict:
-        payload = {"experiment-config": self.cfg_yaml, "manifest-path": self.manifest_path,
-                   "central-dp": self.cfg.privacy.central_dp, "phase": phase.name, "num-rounds": num_rounds,
-                   "study-id": self.state.study_id, "site-state-root": str(self.run_dir / "site_state"),
-                   "progress-dir": str(self.run_dir / "progress"), "known-ledgers": json.dumps(self.state.ledgers)}
-        if phase.trains_on_latents(self.cfg) and self.codec is not None:
-            payload.update({"autoencoder-digest": self.codec.digest, "latent-scale": self.codec.scale_factor})
-        return payload
+    def _round_config(self, phase: TrainingPhase, num_rounds: int = 0) -> RoundConfig:
+        """What every message of ``phase`` tells the sites (Flower adds the round)."""
+        latent = phase.trains_on_latents(self.cfg) and self.codec is not None
+        return RoundConfig(self.cfg, phase=phase, num_rounds=num_rounds, manifest_path=self.manifest_path,
+                           study_id=self.state.study_id, site_state_root=str(self.run_dir / "site_state"),
+                           progress_dir=str(self.run_dir / "progress"), known_ledgers=self.state.ledgers,
+                           central_dp=self.cfg.privacy.central_dp, autoencoder_digest=self.codec.digest if latent else "",
+                           latent_scale=self.codec.scale_factor if latent else 0.0)
 
     def _live_nodes(self) -> list[int]:
         return sorted(set(self.grid.get_node_ids()) - self.state.refused_nodes)
@@ -186,14 +187,14 @@ class _Federation:
             return False
         if not self._enough_nodes(rnd):
             return False
-        payload = self._payload(phase, phase.num_rounds(self.cfg))
-        report, counts = self._train(run, rnd, payload)
+        round_config = self._round_config(phase, phase.num_rounds(self.cfg))
+        report, counts = self._train(run, rnd, round_config)
         kept = counts.pop("kept")
         self.record.sites(rnd, phase, report)
-        eval_loss, fid = self._evaluate(run, rnd, payload)
+        eval_loss, fid = self._evaluate(run, rnd, round_config)
         accepted = [r for r in report if r["accepted"]]
         row = {"round": rnd, "accepted": len(accepted), "reason": "kept previous global model" if kept else "",
-               "num_examples": sum(r.get("num-examples", 0) for r in accepted), "train_loss": weighted_mean(accepted, "train_loss"),
+               "num_examples": sum(r.get(NUM_EXAMPLES, 0) for r in accepted), "train_loss": weighted_mean(accepted, "train_loss"),
                "eval_loss": eval_loss, "fid": fid.get("fid_global", ""), "seconds": time.perf_counter() - t0}
         self.record.round(phase, row)
         row["max_epsilon"] = max((float(r["epsilon"]) for r in accepted if "epsilon" in r), default=float("nan"))
@@ -215,11 +216,11 @@ class _Federation:
             say(problem)
         return not problem
 
-    def _train(self, run: PhaseRun, rnd: int, payload: dict) -> tuple[list[dict], dict]:
+    def _train(self, run: PhaseRun, rnd: int, round_config: RoundConfig) -> tuple[list[dict], dict]:
         """Send, sort, aggregate; ``(report, counts)`` with one report entry per reply."""
         strategy, screened = run.strategy, base_strategy(run.strategy)
         screened.reference = {k: v.detach().cpu().numpy() for k, v in run.global_state.items()}
-        messages = strategy.configure_train(rnd, ArrayRecord(run.global_state), ConfigRecord(payload), self.grid)
+        messages = strategy.configure_train(rnd, ArrayRecord(run.global_state), round_config.to_record(), self.grid)
         messages = [m for m in messages if m.metadata.dst_node_id not in self.state.refused_nodes]
         replies = sort_replies(self.grid.send_and_receive(messages=messages, timeout=self.cfg.federation.round_timeout))
         destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -252,10 +253,10 @@ class _Federation:
         if run.ema is not None:
             run.ema.update(run.model)
 
-    def _evaluate(self, run: PhaseRun, rnd: int, payload: dict) -> tuple[float, dict]:
+    def _evaluate(self, run: PhaseRun, rnd: int, round_config: RoundConfig) -> tuple[float, dict]:
         ev = self.cfg.evaluation
         with_fid = run.phase.draws_samples and bool(ev.every) and rnd % ev.every == 0
-        rows, site_stats = self.evaluation.held_out(run.strategy, rnd, run.global_state, payload, with_fid=with_fid)
+        rows, site_stats = self.evaluation.held_out(run.strategy, rnd, run.global_state, round_config, with_fid=with_fid)
         fid = self.evaluation.federated_fid(run.ema, run.sample_model, site_stats) if site_stats else {}
         self.record.evaluation(rnd, run.phase, rows, fid.get("fid_per_site", {}))
         return weighted_mean(rows, "eval_loss"), fid

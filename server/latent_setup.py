@@ -10,15 +10,17 @@ the weights again.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from dataclasses import replace
+from typing import Callable, Optional
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from configs import ExperimentConfig
 from meddiff.build import build_autoencoder
 from meddiff.latent import LatentCodec, LatentStats
+from protocol import Failure, InstallAutoencoder, ProtocolError, Query, QueryRes, RoundConfig, SetLatentScale, decode_reply
 
 log = logging.getLogger("meddiff.server")
 
@@ -26,23 +28,25 @@ log = logging.getLogger("meddiff.server")
 class LatentSetup:
     """Sends the codec to the sites; counts the messages that carried its weights."""
 
-    def __init__(self, grid: Grid, cfg: ExperimentConfig, payload: Callable[[], dict], say: Callable[[str], None]):
-        self.grid, self.cfg, self.payload, self.say = grid, cfg, payload, say
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, round_config: Callable[[], RoundConfig], say: Callable[[str], None]):
+        self.grid, self.cfg, self.round_config, self.say = grid, cfg, round_config, say
         self.transfers = 0  # messages that carried the frozen autoencoder's weights
         self._installed: set[int] = set()  # nodes holding its weights from the scale-statistics query
 
-    def query(self, nodes: list[int], content: RecordDict) -> list[Message]:
+    def query(self, nodes: list[int], request: Query) -> list[tuple[int, QueryRes]]:
+        """Send ``request`` to ``nodes``; ``(node, answer)`` of those that handled it."""
+        content = request.to_record()
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        if "arrays" in content.array_records:
+        if isinstance(request, InstallAutoencoder):
             self.transfers += len(messages)
         replies = list(self.grid.send_and_receive(messages=messages, timeout=self.cfg.federation.round_timeout))
         ok = []
         for r in replies:
-            if r.has_error() or "failure" in r.content.config_records:
-                reason = r.error.reason if r.has_error() else r.content["failure"].get("reason")
-                log.warning("node %s could not handle %s: %s", r.metadata.src_node_id, content["config"].get("query"), reason)
+            answer, problem = _answer(r)
+            if problem:
+                log.warning("node %s could not handle %s: %s", r.metadata.src_node_id, request.KIND, problem)
             else:
-                ok.append(r)
+                ok.append((r.metadata.src_node_id, answer))
         return ok
 
     def fit_scale(self, ae_state: dict[str, torch.Tensor], nodes: list[int]) -> LatentCodec:
@@ -52,38 +56,48 @@ class LatentSetup:
         autoencoder.load_state_dict(ae_state)
         fixed = self.cfg.autoencoder.scale_factor
         codec = LatentCodec(autoencoder, fixed or 1.0)
-        replies = self.query(nodes, self.content(codec, want_stats=not fixed))
-        self._installed = {r.metadata.src_node_id for r in replies if int(r.content["metrics"]["installed"])}
+        replies = self.query(nodes, self.request(codec, want_stats=not fixed))
+        self._installed = {node for node, answer in replies if answer.installed}
         if fixed:
             return codec
         stats = LatentStats()
-        for r in replies:
-            m = r.content["metrics"]
-            stats = stats.merge(LatentStats(int(m["count"]), float(m["total"]), float(m["total-sq"])))
+        for _, answer in replies:
+            stats = stats.merge(LatentStats(answer.count, answer.total, answer.total_sq))
         codec.scale_factor = stats.scale_factor()
         self.say(f"latent scale factor {codec.scale_factor:.4f} from {len(replies)} site(s)' latent statistics "
                  f"({stats.count} latent elements; no image left a site)")
         return codec
 
-    def content(self, codec: LatentCodec, *, want_stats: bool = False, weights: bool = True) -> RecordDict:
-        config = ConfigRecord({**self.payload(), "query": "install-autoencoder" if weights else "latent-scale",
-                               "autoencoder-digest": codec.digest, "latent-scale": codec.scale_factor,
-                               "want-stats": int(want_stats)})
-        content = RecordDict({"config": config})
-        if weights:
-            content["arrays"] = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in codec.autoencoder.state_dict().items()})
-        return content
+    def request(self, codec: LatentCodec, *, want_stats: bool = False, weights: bool = True) -> Query:
+        """Install the codec (its weights, and the statistics for its scale when ``want_stats``),
+        or with ``weights=False`` set its scale at sites that hold it."""
+        setup = replace(self.round_config(), autoencoder_digest=codec.digest, latent_scale=codec.scale_factor)
+        if not weights:
+            return SetLatentScale(setup)
+        return InstallAutoencoder(setup, codec.autoencoder.state_dict(), want_stats=want_stats)
 
     def install(self, codec: LatentCodec, nodes: list[int]) -> None:
         """Make sure ``nodes`` hold the codec: sites that already received the weights (while the
         scale was estimated) get the scale alone; the others get the weights."""
         have = self._installed
         scale_only = [n for n in nodes if n in have]
-        replies = self.query(scale_only, self.content(codec, weights=False)) if scale_only else []
-        lacking = [n for n in nodes if n not in have] + [r.metadata.src_node_id for r in replies
-                                                           if not int(r.content["metrics"]["installed"])]
+        replies = self.query(scale_only, self.request(codec, weights=False)) if scale_only else []
+        lacking = [n for n in nodes if n not in have] + [node for node, answer in replies if not answer.installed]
         if lacking:
-            self.query(lacking, self.content(codec))
+            self.query(lacking, self.request(codec))
         self._installed = set()  # from now on a site that lacks it says so, and gets the weights again
         self.say(f"autoencoder {codec.digest} (scale {codec.scale_factor:.4f}) installed at {len(nodes)} site(s); "
                  f"weights sent to {len(lacking) + len(have & set(nodes))}")
+
+
+def _answer(reply: Message) -> tuple[Optional[QueryRes], str]:
+    """A site's answer to a query, or why there is none: ``(answer, "")`` or ``(None, problem)``."""
+    if reply.has_error():
+        return None, str(reply.error.reason)
+    try:
+        answer = decode_reply(reply)
+    except ProtocolError as exc:
+        return None, str(exc)
+    if isinstance(answer, QueryRes):
+        return answer, ""
+    return None, answer.reason if isinstance(answer, Failure) else f"a {type(answer).__name__} reply"

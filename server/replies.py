@@ -17,6 +17,8 @@ from typing import Callable, Iterable
 
 from flwr.app import Message
 
+from protocol import SITE_INDEX, Failure, MissingAutoencoder, Refusal, decode_reply, reply_kind, reply_metrics
+
 log = logging.getLogger("meddiff.server")
 
 #: Flower's error code for a message whose destination node went offline (missed heartbeats).
@@ -35,40 +37,32 @@ class SortedReplies:
 
 
 def sort_replies(replies: Iterable[Message]) -> SortedReplies:
+    """By kind (:func:`protocol.reply_kind`); an update is decoded later, by the strategy's screening."""
     out = SortedReplies()
     for r in replies:
         if r.has_error():
             out.errors.append(r)
-        elif "failure" in r.content.config_records:
-            out.failures.append(r)
-        elif "refusal" in r.content.config_records:
-            out.refusals.append(r)
-        elif "missing-autoencoder" in r.content.config_records:
-            out.missing_autoencoder.append(r)
-        else:
-            out.updates.append(r)
+            continue
+        kind = reply_kind(r)
+        by_kind = {Failure: out.failures, Refusal: out.refusals, MissingAutoencoder: out.missing_autoencoder}
+        by_kind.get(kind, out.updates).append(r)
     return out
 
 
-def _metrics(msg: Message) -> dict:
-    return dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
-
-
 def refusal_report(server_round: int, msg: Message) -> dict:
-    node, m = msg.metadata.src_node_id, _metrics(msg)
-    reason = str(msg.content["refusal"].get("reason", "no reason given"))
+    node, refusal = msg.metadata.src_node_id, decode_reply(msg)
+    reason = refusal.reason or "no reason given"
     log.warning("round %d: node %s refused: %s", server_round, node, reason)
-    return {**m, "node": node, "site": int(m.get("site-index", -1)), "accepted": False, "refused": True,
+    return {**refusal.metrics, "node": node, "site": refusal.site_index, "accepted": False, "refused": True,
             "reason": f"refused: {reason}"}
 
 
 def failure_report(server_round: int, msg: Message, error_log: Path) -> dict:
     """A site's error: one line for ``metrics.csv``, the traceback appended to ``error_log``."""
-    node, m = msg.metadata.src_node_id, _metrics(msg)
-    record = msg.content["failure"]
-    site = int(m.get("site-index", -1))
-    reason = str(record.get("reason", "unknown error"))
-    append_traceback(error_log, f"round {server_round}, site {site} (node {node})", str(record.get("traceback", "")))
+    node, failure = msg.metadata.src_node_id, decode_reply(msg)
+    site = failure.site_index
+    reason = failure.reason or "unknown error"
+    append_traceback(error_log, f"round {server_round}, site {site} (node {node})", failure.traceback)
     log.warning("round %d: site %s (node %s) failed: %s (traceback in %s)", server_round, site, node, reason, error_log)
     return {"node": node, "site": site, "accepted": False, "reason": f"failed: {reason}"}
 
@@ -91,9 +85,9 @@ def error_report(server_round: int, msg: Message, node_sites: dict[int, int], er
 
 
 def missing_autoencoder_report(msg: Message) -> dict:
-    node, m = msg.metadata.src_node_id, _metrics(msg)
+    node, missing = msg.metadata.src_node_id, decode_reply(msg)
     log.warning("node %s lacks the autoencoder; sending it again", node)
-    return {**m, "node": node, "site": int(m.get("site-index", -1)), "accepted": False,
+    return {**missing.metrics, "node": node, "site": missing.site_index, "accepted": False,
             "reason": "lacked the phase-1 autoencoder; sent again"}
 
 
@@ -108,8 +102,8 @@ def append_traceback(path: Path, where: str, text: str) -> None:
 def learn_node_sites(replies: Iterable[Message], node_sites: dict[int, int]) -> None:
     """Remember which site each node is, from any reply that says so (to name lost nodes later)."""
     for r in replies:
-        if not r.has_error() and "site-index" in _metrics(r):
-            node_sites[r.metadata.src_node_id] = int(_metrics(r)["site-index"])
+        if not r.has_error() and SITE_INDEX in reply_metrics(r):
+            node_sites[r.metadata.src_node_id] = int(reply_metrics(r)[SITE_INDEX])
 
 
 def wait_for_nodes(live_nodes: Callable[[], list[int]], fed, rnd: int, poll: float = 1.0) -> str:

@@ -20,6 +20,7 @@ from flwr.app import Message
 
 from meddiff.recipes.phases import phase_named
 from privacy.report import update_site_ledgers
+from protocol import reply_ledger
 
 log = logging.getLogger("meddiff.server")
 
@@ -73,9 +74,9 @@ class RunState:
 
 def _ledger_of(reply: Message) -> tuple[str, str]:
     """``(site, ledger JSON)`` carried by a DP reply, or ``("", "")``."""
-    if "privacy" not in reply.content.config_records:
+    text = reply_ledger(reply)
+    if text is None:
         return "", ""
-    text = str(reply.content["privacy"].get("ledger", ""))
     try:
         return str(json.loads(text)["site"]), text
     except (json.JSONDecodeError, KeyError, TypeError):

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import (
 )
 
 from configs import FederationConfig, PrivacyConfig
+from protocol import SITE_INDEX, ProtocolError, TrainRes, replace_update_arrays
 from server.validation import screen_updates
 
 log = logging.getLogger("meddiff.server")
@@ -48,53 +49,36 @@ class ScreenedAggregation:
             if msg.has_error():
                 self.round_report.append({"node": node, "site": -1, "accepted": False, "reason": f"error reply: {msg.error.reason}"})
                 continue
-            content = msg.content
-            if len(content.array_records) != 1 or len(content.metric_records) != 1 or "arrays" not in content:
-                self.round_report.append({"node": node, "site": -1, "accepted": False,
-                                          "reason": "reply must hold exactly one ArrayRecord 'arrays' and one MetricRecord"})
-                continue
-            m = dict(content["metrics"])
-            label = f"site {int(m.get('site-index', -1))} (node {node})"
             try:
-                updates[label] = {k: np.asarray(v.numpy()) for k, v in content["arrays"].items()}
+                update = TrainRes.from_record(msg.content)
+            except ProtocolError as exc:
+                self.round_report.append({"node": node, "site": -1, "accepted": False, "reason": str(exc)})
+                continue
+            label = f"site {update.site_index} (node {node})"
+            try:
+                updates[label] = {k: np.asarray(v.numpy()) for k, v in update.arrays.items()}
             except Exception as exc:  # undecodable arrays
-                self.round_report.append({"node": node, "site": int(m.get("site-index", -1)), "accepted": False,
+                self.round_report.append({"node": node, "site": update.site_index, "accepted": False,
                                           "reason": f"undecodable arrays: {exc}"})
                 continue
-            messages[label], metrics[label] = msg, m
+            messages[label], metrics[label] = msg, dict(update.metrics)
         accepted, rejected = screen_updates(updates, self.reference, norm_factor=self.norm_factor)
         for label in list(updates):
             m = metrics[label]
             reason = rejected.get(label, "")
             if reason:
                 log.warning("round %d: rejected update from %s: %s", server_round, label, reason)
-            self.round_report.append({"node": messages[label].metadata.src_node_id, "site": int(m.get("site-index", -1)),
+            self.round_report.append({"node": messages[label].metadata.src_node_id, "site": int(m.get(SITE_INDEX, -1)),
                                       "accepted": not reason, "reason": reason, **m})
-        accepted.sort(key=lambda lab: (metrics[lab].get("site-index", -1), messages[lab].metadata.src_node_id))
+        accepted.sort(key=lambda lab: (metrics[lab].get(SITE_INDEX, -1), messages[lab].metadata.src_node_id))
         if len(accepted) < self.min_valid:
             log.warning("round %d: only %d valid update(s), fewer than min_train_nodes=%d; keeping the previous global model",
                         server_round, len(accepted), self.min_valid)
             return None, None
         for lab in accepted:  # aggregate in float32 whatever the transport dtype
-            msg = messages[lab]
-            msg.content["arrays"] = ArrayRecord({k: torch.from_numpy(v.astype(np.float32)) if v.dtype.kind == "f" else torch.from_numpy(v)
-                                                 for k, v in updates[lab].items()})
+            replace_update_arrays(messages[lab], ArrayRecord({k: torch.from_numpy(v.astype(np.float32)) if v.dtype.kind == "f"
+                                                              else torch.from_numpy(v) for k, v in updates[lab].items()}))
         return super().aggregate_train(server_round, [messages[lab] for lab in accepted])
-
-
-def is_refusal(msg: Message) -> bool:
-    """A site's budget refusal: metrics and a reason, no weights."""
-    return not msg.has_error() and "refusal" in msg.content.config_records
-
-
-def refusal_report(server_round: int, msg: Message) -> dict:
-    """The ``round_report`` entry of a refusal (refusals never reach a strategy's aggregation)."""
-    content, node = msg.content, msg.metadata.src_node_id
-    m = dict(content["metrics"]) if "metrics" in content.metric_records else {}
-    reason = str(content["refusal"].get("reason", "no reason given"))
-    log.warning("round %d: node %s refused: %s", server_round, node, reason)
-    return {**m, "node": node, "site": int(m.get("site-index", -1)), "accepted": False, "refused": True,
-            "reason": f"refused: {reason}"}
 
 
 class ScreenedFedAvg(ScreenedAggregation, FedAvg):

@@ -15,6 +15,7 @@ from meddiff.board import RunBoard
 from meddiff.recipes.phases import FINAL_PHASE, TrainingPhase, phase_named
 from meddiff.runs import MetricsCSV
 from privacy.report import save_site_ledgers, write_privacy_report
+from protocol import NUM_EXAMPLES, SITE_INDEX
 
 log = logging.getLogger("meddiff.server")
 
@@ -40,7 +41,7 @@ class RunRecord:
         for r in report:
             scope = f"site_{r['site']}" if int(r["site"]) >= 0 else f"node_{r['node']}"
             self.metrics.write({"round": rnd, "phase": phase.name, "scope": scope, "node": r["node"], "accepted": int(r["accepted"]),
-                                "reason": r["reason"], "num_examples": r.get("num-examples", ""),
+                                "reason": r["reason"], "num_examples": r.get(NUM_EXAMPLES, ""),
                                 "train_loss": r.get("train_loss", ""), "steps": r.get("steps", ""),
                                 "seconds": r.get("seconds", ""), **{k: r.get(k, "") for k in PRIVACY_FIELDS}})
             if r["accepted"]:
@@ -48,8 +49,8 @@ class RunRecord:
 
     def evaluation(self, rnd: int, phase: TrainingPhase, rows: list[dict], fid_per_site: dict) -> None:
         for m in rows:
-            scope = f"site_{int(m['site-index'])}"
-            self.metrics.write({"round": rnd, "phase": phase.name, "scope": scope, "accepted": "", "num_examples": m["num-examples"],
+            scope = f"site_{int(m[SITE_INDEX])}"
+            self.metrics.write({"round": rnd, "phase": phase.name, "scope": scope, "accepted": "", "num_examples": m[NUM_EXAMPLES],
                                 "eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope, "")})
             self.board.scalars(phase.scope(scope), {"eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope)}, rnd)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 #: the packages ``pyproject.toml`` installs (``[tool.setuptools.packages.find] include``)
-PACKAGES = ("configs", "meddiff", "privacy", "client", "server", "sim")
+PACKAGES = ("configs", "meddiff", "protocol", "privacy", "client", "server", "sim")
 KEPT_SUFFIXES = (".py", ".yaml", ".yml", ".toml", ".md", ".json")
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from configs import config_to_yaml
+from protocol import RoundConfig, RoundIns
 
 
 def as_node(node_id: int) -> None:
@@ -14,10 +14,11 @@ def as_node(node_id: int) -> None:
     TaskIdentity.node_id = node_id
 
 
-def server_message(cfg, state, *, dst: int, round_: int = 1, message_type=MessageType.TRAIN, extra=None) -> Message:
+def server_message(cfg, state, *, dst: int, round_: int = 1, message_type=MessageType.TRAIN, **fields) -> Message:
+    """A train or evaluate message as a Flower strategy builds it; ``fields`` of :class:`RoundConfig`."""
     as_node(0)
-    config = ConfigRecord({"experiment-config": config_to_yaml(cfg), "server-round": round_, "manifest-path": "", **(extra or {})})
-    return Message(content=RecordDict({"arrays": ArrayRecord(state), "config": config}), dst_node_id=dst, message_type=message_type)
+    content = RoundIns(ArrayRecord(state), RoundConfig(cfg, server_round=round_, **fields)).to_record()
+    return Message(content=content, dst_node_id=dst, message_type=message_type)
 
 
 def reply(msg: Message, content: RecordDict) -> Message:

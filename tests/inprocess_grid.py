@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 
 from client.client_app import evaluate, query, train
+from protocol import RoundConfig
 from server.replies import NODE_UNAVAILABLE
 from tests.flower_helpers import as_node
 
@@ -40,9 +41,9 @@ class InProcessGrid:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # as Grid.push_messages does
             self.sent.append((kind, node))
             as_node(node)
-            config = msg.content.config_records.get("config")
-            rnd = int(config.get("server-round", 0)) if config is not None else 0
-            if node in self.offline or (kind == MessageType.TRAIN and self.lose.get(node) == rnd):
+            lost = kind == MessageType.TRAIN and node in self.lose and \
+                RoundConfig.from_record(msg.content).server_round == self.lose[node]
+            if node in self.offline or lost:
                 self.offline.add(node)
                 as_node(0)  # the SuperLink, not the lost node, writes this reply
                 replies.append(Message(error=Error(code=NODE_UNAVAILABLE, reason="node unavailable"), reply_to=msg))

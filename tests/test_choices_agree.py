@@ -21,7 +21,7 @@ REGISTRIES = [
     (SamplerConfig, "name", "meddiff.sampling", "SAMPLERS"),
     (SamplerConfig, "timestep_spacing", "meddiff.sampling.base", "TIMESTEP_SPACINGS"),
     (FederationConfig, "strategy", "server.strategy", "STRATEGIES"),
-    (FederationConfig, "transport_dtype", "client.records", "TRANSPORT_DTYPES"),
+    (FederationConfig, "transport_dtype", "protocol.weights", "TRANSPORT_DTYPES"),
     (PrivacyConfig, "grad_sample_mode", "privacy.engine", "GRAD_SAMPLE_MODES"),
     (DiffusionConfig, "prediction_type", "meddiff.diffusion.gaussian", "PREDICTION_TYPES"),
     (DiffusionConfig, "noise_schedule", "meddiff.diffusion", "NOISE_SCHEDULES"),

@@ -1,4 +1,5 @@
-"""Dependencies point one way: configs <- meddiff <- privacy <- client, server <- sim."""
+"""Dependencies point one way: configs <- meddiff <- protocol, privacy <- client, server <- sim; and
+only protocol/ spells the keys of the messages between server and sites."""
 
 import ast
 import subprocess
@@ -11,9 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # package -> top-level modules it must never import
 FORBIDDEN = {
-    "configs": {"torch", "flwr", "opacus", "meddiff", "privacy", "client", "server", "sim"},
-    "meddiff": {"flwr", "opacus", "privacy", "client", "server", "sim"},
-    "privacy": {"flwr", "client", "server", "sim"},
+    "configs": {"torch", "flwr", "opacus", "meddiff", "protocol", "privacy", "client", "server", "sim"},
+    "meddiff": {"flwr", "opacus", "protocol", "privacy", "client", "server", "sim"},
+    "protocol": {"privacy", "client", "server", "sim"},
+    "privacy": {"flwr", "protocol", "client", "server", "sim"},
     "client": {"server", "sim"},
     "server": {"client", "sim"},
 }
@@ -65,3 +67,26 @@ print('ok')
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+# Message keys and record names that only protocol/ may spell.
+WIRE_KEYS = ("site-index", "num-examples", "experiment-config", "study-id", "known-ledgers", "autoencoder-digest",
+             "latent-scale", "fid-stats", "feature-stats", "missing-autoencoder", "feature-count", "site-state-root",
+             "progress-dir", "central-dp", "server-round", "num-rounds", "want-stats", "total-sq", "install-autoencoder",
+             "proximal-mu")
+# The same strings where they name something else.
+NOT_WIRE = {
+    ("client/data.py", "site-index"),  # the deployment's node config: --node-config 'site-index=0'
+    ("server/run_state.py", "study-id"),  # a checkpoint's study entry; old checkpoints must still load
+}
+
+
+def test_only_protocol_spells_the_message_keys():
+    offenders = []
+    for package in ("client", "server"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            text, name = path.read_text(), str(path.relative_to(REPO))
+            for key in WIRE_KEYS:
+                if (f'"{key}"' in text or f"'{key}'" in text) and (name, key) not in NOT_WIRE:
+                    offenders.append(f"{name} spells {key!r}")
+    assert not offenders, "\n".join(offenders)

@@ -5,10 +5,10 @@ from opacus import GradSampleModule
 
 from client.client_app import evaluate, train
 from client.local import local_train
-from client.records import TRAIN_METRIC_KEYS, arrays_to_state, state_to_arrays
 from meddiff.build import build_model
 from meddiff.data.sites import phantom_site
 from privacy.wrapping import unwrap_state
+from protocol import FEATURE_COUNT, TRAIN_METRIC_KEYS, arrays_to_state, state_to_arrays
 from tests.conftest import tiny_config
 from tests.flower_helpers import as_node, server_message
 
@@ -56,8 +56,8 @@ def test_evaluate_reports_held_out_loss_and_feature_statistics_on_request():
     content = evaluate(msg, _context(0)).content
     metrics = content["metrics"]
     assert metrics["num-examples"] == 2 and metrics["eval_loss"] > 0  # 10% of 20 phantoms held out
-    assert metrics["feature-count"] == 0 and "feature-stats" not in content.array_records
-    msg = server_message(cfg, model.state_dict(), dst=11, message_type=MessageType.EVALUATE, extra={"fid-stats": 1})
+    assert FEATURE_COUNT not in metrics and "feature-stats" not in content.array_records  # the count travels with the statistics
+    msg = server_message(cfg, model.state_dict(), dst=11, message_type=MessageType.EVALUATE, want_feature_stats=True)
     as_node(11)
     content = evaluate(msg, _context(0)).content
     stats = content["feature-stats"].to_torch_state_dict()

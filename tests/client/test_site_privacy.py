@@ -13,12 +13,12 @@ from opacus.accountants import RDPAccountant
 
 from client.client_app import train
 from client.local import local_evaluate, local_train
-from client.records import TRAIN_METRIC_KEYS
 from meddiff.build import build_model
 from meddiff.data.sites import phantom_site
 from privacy.accounting import PrivacyLedger
 from privacy.calibration import enrol
-from privacy.site import LEDGER_FILE
+from privacy.site import LEDGER_FILE, SitePrivacy
+from protocol import TRAIN_METRIC_KEYS
 from tests.conftest import TINY_OVERRIDES, tiny_config
 from tests.flower_helpers import as_node, server_message
 
@@ -32,8 +32,7 @@ def _ctx(node_config, state=None):
 
 
 def _round(cfg, state_dict, rnd, node_config, state=None, study="s1", known=None):
-    extra = {"study-id": study, **({"known-ledgers": json.dumps(known)} if known else {})}
-    msg = server_message(cfg, state_dict, dst=11, round_=rnd, extra=extra)
+    msg = server_message(cfg, state_dict, dst=11, round_=rnd, study_id=study, known_ledgers=known or {})
     as_node(11)
     return train(msg, _ctx(node_config, state)).content
 
@@ -64,7 +63,7 @@ from configs import load_config
 from meddiff.build import build_model
 from tests.flower_helpers import as_node, server_message
 cfg = load_config(None, {TINY_OVERRIDES + DP!r})
-msg = server_message(cfg, build_model(cfg.model, 16).state_dict(), dst=11, round_=3, extra={{"study-id": "s1"}})
+msg = server_message(cfg, build_model(cfg.model, 16).state_dict(), dst=11, round_=3, study_id="s1")
 as_node(11)
 out = train(msg, Context(run_id=1, node_id=11, node_config={node!r}, state=RecordDict(), run_config={{}}))
 print(json.dumps(dict(out.content["metrics"])))
@@ -110,21 +109,8 @@ def test_lost_ledger_file_is_restored_from_the_mirror_and_the_budget_cannot_be_r
 
 
 def test_deployed_site_needs_its_own_budget_and_state_dir(tmp_path):
-    from flwr.app import ConfigRecord
-
-    from client.data import SiteData
-    from client.handlers import site_budget, site_state_dir
-
+    """Where the ledger lives and whose budget counts: tests/privacy/test_site.py; here, through the ClientApp."""
     cfg = tiny_config(extra=DP)
-    site = SiteData("hospital_a", 0, phantom_site(0, 2, cfg), phantom_site(0, 2, cfg, split="test"))
-    from_server = ConfigRecord({"site-state-root": str(tmp_path / "elsewhere")})
-    deployed = {"data-path": "/data/a", "site-name": "hospital_a"}
-    with pytest.raises(ValueError, match="hospital_a: privacy.enabled=true needs the site's own budget"):
-        site_budget(cfg, deployed, site)
-    with pytest.raises(ValueError, match="needs a state directory"):
-        site_state_dir(deployed, from_server, site)  # a deployed site ignores a server-chosen ledger location
-    assert site_budget(cfg, dict(deployed, **{"epsilon-budget": 3.0}), site) == 3.0
-    assert site_state_dir({"partition-id": 0}, from_server, site) == tmp_path / "elsewhere" / "hospital_a"
     weights = build_model(cfg.model, 16).state_dict()
     failed = _round(cfg, weights, 1, {"partition-id": 0, "num-partitions": 2})  # simulation, but no root from the server
     assert "needs a state directory" in failed["failure"]["reason"] and "arrays" not in failed.array_records
@@ -152,30 +138,29 @@ def test_dp_training_still_lowers_the_loss_on_phantoms(tmp_path):
     ledger = PrivacyLedger.open(tmp_path / LEDGER_FILE, site="site_0", delta=1 / (10 * len(data)), budget=10.0)
     cal = enrol(ledger, study="s", num_examples=len(data), batch_size=64, planned_steps=60, privacy_cfg=cfg.privacy)
     before = local_evaluate(cfg, state, held_out, site_index=0)["eval_loss"]
-    trained, metrics = local_train(cfg, state, data, server_round=1, site_index=0, ledger=ledger, calibration=cal)
+    privacy = SitePrivacy(cfg, ledger, cal, keep_mirror=lambda text: None)
+    trained, metrics = local_train(cfg, state, data, server_round=1, site_index=0, privacy=privacy)
     after = local_evaluate(cfg, trained, held_out, site_index=0)["eval_loss"]
     assert metrics["epsilon"] <= 10.0 and math.isfinite(after)
     assert after < 0.8 * before, (before, after, cal.noise_multiplier)
 
 
 def test_central_dp_mod_clips_the_update_only_when_the_server_asks():
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
     from client.client_app import app
 
     cfg = tiny_config(extra=["federation.local_steps=2", "data.num_samples=40", "train.lr=0.05"])
     start = build_model(cfg.model, 16).state_dict()
 
-    def update_norm(extra):
-        msg = server_message(cfg, start, dst=11, extra=extra)
+    def update_norm(**fields):
+        msg = server_message(cfg, start, dst=11, **fields)
         as_node(11)
         out = app(msg, _ctx({"partition-id": 0, "num-partitions": 2}))
         assert not out.has_error(), out.error
         new = out.content["arrays"].to_torch_state_dict()
         return float(torch.sqrt(sum(((new[k].float() - start[k].float()) ** 2).sum() for k in start)))
 
-    free = update_norm({})
-    clipped = update_norm({KEY_CLIPPING_NORM: 0.01, "central-dp": "fixed"})
+    free = update_norm()
+    clipped = update_norm(clipping_norm=0.01, central_dp="fixed")
     assert free > 0.05 and clipped == pytest.approx(0.01, rel=1e-3)
 
 

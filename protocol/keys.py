@@ -1,0 +1,75 @@
+"""Every record name and key that the server and the sites exchange (the specification is in
+:mod:`protocol`)."""
+
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+# Records of a message's RecordDict. Flower's strategies name the weights "arrays" and the
+# configuration "config" when they build train and evaluate messages.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+PRIVACY = "privacy"
+REFUSAL = "refusal"
+FAILURE = "failure"
+MISSING_AUTOENCODER = "missing-autoencoder"
+FEATURE_STATS = "feature-stats"
+
+# Keys of the "config" record the server sends.
+EXPERIMENT_CONFIG = "experiment-config"
+PHASE = "phase"
+NUM_ROUNDS = "num-rounds"
+MANIFEST_PATH = "manifest-path"
+STUDY_ID = "study-id"
+SITE_STATE_ROOT = "site-state-root"
+PROGRESS_DIR = "progress-dir"
+KNOWN_LEDGERS = "known-ledgers"
+CENTRAL_DP = "central-dp"
+AUTOENCODER_DIGEST = "autoencoder-digest"
+LATENT_SCALE = "latent-scale"
+FID_STATS = "fid-stats"
+QUERY = "query"
+WANT_STATS = "want-stats"
+# ... and the keys Flower's strategies add to it.
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"
+CLIPPING_NORM = KEY_CLIPPING_NORM
+
+# Kinds of QUERY message (the value of "query").
+INSTALL_AUTOENCODER = "install-autoencoder"
+SET_LATENT_SCALE = "latent-scale"
+
+# Keys of the small records of replies.
+LEDGER = "ledger"
+REASON = "reason"
+TRACEBACK = "traceback"
+DIGEST = "digest"
+FEATURE_MEAN = "mean"
+FEATURE_COV = "cov"
+
+# Metric keys. The names with underscores are also the columns of the server's metrics.csv.
+NUM_EXAMPLES = "num-examples"
+SITE_INDEX = "site-index"
+TRAIN_LOSS = "train_loss"
+STEPS = "steps"
+SECONDS = "seconds"
+EVAL_LOSS = "eval_loss"
+FEATURE_COUNT = "feature-count"
+EPSILON = "epsilon"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise_multiplier"
+SAMPLE_RATE = "sample_rate"
+CLIP_FRACTION = "clip_fraction"
+BUDGET_EXHAUSTED = "budget_exhausted"
+INSTALLED = "installed"
+COUNT = "count"
+TOTAL = "total"
+TOTAL_SQ = "total-sq"
+
+#: The privacy metrics of every train reply (a site without DP sends epsilon = inf).
+PRIVACY_METRIC_KEYS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, CLIP_FRACTION, BUDGET_EXHAUSTED)
+#: Every train reply carries exactly these metric keys, from every site: Flower ends the run when
+#: the replies it aggregates differ in their keys, and it weights the average by "num-examples".
+TRAIN_METRIC_KEYS = (NUM_EXAMPLES, TRAIN_LOSS, STEPS, SITE_INDEX, SECONDS, *PRIVACY_METRIC_KEYS)
+#: An evaluate reply carries these, plus "feature-count" when it carries feature statistics.
+EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, EVAL_LOSS, SITE_INDEX)
+QUERY_METRIC_KEYS = (SITE_INDEX, INSTALLED, COUNT, TOTAL, TOTAL_SQ)
