@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
 
 from configs import load_config  # noqa: E402
-from meddiff.build import build_diffusion, build_model  # noqa: E402
+from meddiff.recipes.build import build_diffusion, build_model  # noqa: E402
 from meddiff.data.adapters import index_dataset  # noqa: E402
 from meddiff.data.cache import ArrayCache, MedicalDataset  # noqa: E402
 from meddiff.data.records import load_record  # noqa: E402

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from bench.common import bench_parser, bench_setup, peak_memory_in_subprocesses, peak_memory_mib  # noqa: E402
 from configs import load_config  # noqa: E402
-from meddiff.build import build_diffusion, build_model, build_optimizer  # noqa: E402
+from meddiff.recipes.build import build_diffusion, build_model, build_optimizer  # noqa: E402
 from meddiff.train import train_step  # noqa: E402
 from privacy.engine import make_private  # noqa: E402
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protocol import state_to_arrays  # noqa: E402
 from configs import load_config  # noqa: E402
-from meddiff.build import build_model  # noqa: E402
+from meddiff.recipes.build import build_model  # noqa: E402
 from sim.processes import free_port  # noqa: E402
 from sim.run import simulate  # noqa: E402
 

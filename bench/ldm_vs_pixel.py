@@ -35,7 +35,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from bench.common import bench_parser, bench_setup, peak_memory_in_subprocesses, peak_memory_mib  # noqa: E402
-from meddiff.build import build_diffusion  # noqa: E402
+from meddiff.recipes.build import build_diffusion  # noqa: E402
 from configs import load_config  # noqa: E402
 from meddiff.nets import ADMUNet  # noqa: E402
 from meddiff.nets.autoencoder import KLAutoencoder  # noqa: E402

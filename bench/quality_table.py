@@ -7,7 +7,7 @@ Four arms with the same compute budget (total optimizer steps at logical batch 3
 - ``federated_dirichlet``: 3 pseudo-sites, Dirichlet label skew alpha = 0.3;
 - ``federated_dp``: IID split, DP-SGD at every site with a per-site budget epsilon = 10.
 
-Each checkpoint (EMA weights) is evaluated by ``meddiff.evaluate.run.evaluate_checkpoint`` with
+Each checkpoint (EMA weights) is evaluated by ``meddiff.recipes.evaluation.evaluate_checkpoint`` with
 one domain encoder trained once on the real training split: domain-FID, precision/recall, TSTR
 against TRTR, membership-inference AUC and memorization flags. Pseudo-sites get no scanner shift
 and nothing is held out of the training split, so every arm sees the same images and the MIA
@@ -56,7 +56,7 @@ def run_arm(arm: str, data: Path, out: Path, steps: int) -> Path:
     local = max(1, steps // (SITES * ROUNDS))
     overrides = base_overrides(data, out, arm)
     if arm == "centralized":
-        from meddiff.centralized import train_centralized
+        from meddiff.recipes.centralized import train_centralized
 
         overrides += [f"train.steps={steps}", "train.log_every=50", f"output.checkpoint_every={steps}"]
         return train_centralized(load_config(None, overrides), progress=False) / "checkpoints" / "last.pt"
@@ -88,9 +88,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     from configs import load_config
-    from meddiff.build import build_image_dataset
+    from meddiff.recipes.build import build_image_dataset
     from meddiff.evaluate.encoders import save_encoder, train_domain_encoder
-    from meddiff.evaluate.run import evaluate_checkpoint
+    from meddiff.recipes.evaluation import evaluate_checkpoint
 
     t0 = time.perf_counter()
     cfg = load_config(None, base_overrides(args.data, out, "encoder"))

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from configs import load_config  # noqa: E402
-from meddiff.build import build_diffusion, build_model, sample_shape  # noqa: E402
+from meddiff.recipes.build import build_diffusion, build_model, sample_shape  # noqa: E402
 from meddiff.device import resolve_device  # noqa: E402
 from meddiff.sampling import DDIMSampler, DDPMSampler, generate  # noqa: E402
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from configs import ExperimentConfig, config_to_yaml, load_config_dict
 from meddiff.data.adapters import index_dataset
 from meddiff.data.cache import MedicalDataset
-from meddiff.data.sites import load_manifest, phantom_site, site_dataset
+from meddiff.recipes.sites import load_manifest, phantom_site, site_dataset
 
 
 def _held_out(patient_id: str) -> bool:

@@ -22,7 +22,7 @@ from client.data import SiteData, node_site_index, site_data
 from client.progress import SiteProgress, progress_path
 from client.local import local_evaluate, local_feature_stats, local_train
 from client.state import install_autoencoder, set_scale, site_codec, site_latents
-from meddiff.build import build_autoencoder
+from meddiff.recipes.build import build_autoencoder
 from meddiff.device import resolve_device
 from meddiff.latent import latent_stats
 from privacy.refusals import SiteRefusal, require_dp

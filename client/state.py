@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch.utils.data import Dataset
 
 from configs import ExperimentConfig
-from meddiff.build import build_autoencoder
+from meddiff.recipes.build import build_autoencoder
 from meddiff.checkpoint import load_state_file, save_state_file
 from meddiff.device import resolve_device
 from meddiff.latent import LatentCodec, LatentDataset, encode_dataset, state_digest

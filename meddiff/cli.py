@@ -22,7 +22,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from meddiff.centralized import train_centralized
+    # loaded on demand: the CLI parses arguments and answers --help without importing torch
+    from meddiff.recipes.centralized import train_centralized
 
     cfg = load_config(args.config, args.overrides)
     train_centralized(cfg, progress=not args.no_progress)
@@ -32,10 +33,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from meddiff.build import codec_from_checkpoint, model_from_checkpoint, sample_spacing
+    # loaded on demand: the CLI parses arguments and answers --help without importing torch
+    from meddiff.recipes.build import sample_spacing
+    from meddiff.recipes.restore import codec_from_checkpoint, model_from_checkpoint
     from meddiff.device import resolve_device
     from meddiff.outputs import write_samples
-    from meddiff.train import sample_images
+    from meddiff.recipes.sample import sample_images
 
     device = resolve_device(args.device)
     model, cfg, ckpt = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
@@ -62,7 +65,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
-    from meddiff.build import build_image_dataset
+    # loaded on demand: the CLI parses arguments and answers --help without importing torch
+    from meddiff.recipes.build import build_image_dataset
     from meddiff.evaluate.encoders import save_encoder, train_domain_encoder
 
     cfg = load_config(args.config, args.overrides)
@@ -79,7 +83,8 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from meddiff.evaluate.run import evaluate_checkpoint
+    # loaded on demand: the CLI parses arguments and answers --help without importing torch
+    from meddiff.recipes.evaluation import evaluate_checkpoint
 
     out = args.out or Path(args.checkpoint).resolve().parent.parent / "eval"
     report = evaluate_checkpoint(args.checkpoint, out_dir=out, encoder=args.encoder, encoder_weights=args.encoder_weights,
@@ -92,7 +97,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from meddiff.runs import plot_run
+    # loaded on demand: the CLI parses arguments and answers --help without importing torch
+    from meddiff.recipes.runs import plot_run
 
     path = plot_run(args.run_dir)
     print(f"[meddiff] wrote {path}")

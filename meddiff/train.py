@@ -1,7 +1,7 @@
 """The plain-PyTorch training step and loop (no knowledge of privacy or federation).
 
 Differential privacy wraps ``(model, optimizer, loader)`` before the loop; the same loop then runs
-unchanged, at a site (:mod:`client.local`) or centrally (:mod:`meddiff.centralized`).
+unchanged, at a site (:mod:`client.local`) or centrally (:mod:`meddiff.recipes.centralized`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from configs import ExperimentConfig
-from meddiff.build import build_diffusion, build_sampler, sample_shape
-from meddiff.device import autocast_dtype, autocast_factory
 from meddiff.diffusion import GaussianDiffusion
 from meddiff.ema import EMA
-from meddiff.latent import LatentCodec
 from meddiff.nets.autoencoder import AutoencoderObjective
-from meddiff.sampling import generate
 
 
 def drop_labels(y: torch.Tensor, *, p: float, null_label: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -165,28 +160,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: torch.device, seed: int = 0,
-                  y: Optional[torch.Tensor] = None, progress: bool = True, codec: Optional[LatentCodec] = None) -> torch.Tensor:
-    """Draw ``num`` samples with the config's sampler; ``[num, C, *S]`` images in [-1, 1].
-
-    For latent diffusion the UNet generates latents and ``codec`` (the frozen first stage)
-    decodes them into images.
-    """
-    if cfg.autoencoder.enabled and codec is None:
-        raise ValueError("a latent-diffusion model samples latents: pass the autoencoder (codec) to decode them")
-    diffusion = build_diffusion(cfg.diffusion)
-    sampler = build_sampler(cfg.sampler, diffusion)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    autocast = autocast_factory(device, autocast_dtype(device, cfg.train.mixed_precision))
-    if y is None and cfg.model.num_classes:
-        y = torch.arange(num) % cfg.model.num_classes
-    out = generate(
-        model, sampler, shape=sample_shape(cfg, num), num_inference_steps=cfg.sampler.num_inference_steps,
-        y=y, guidance_scale=cfg.sampler.guidance_scale, generator=gen, device=device, autocast=autocast,
-        progress=progress,
-    )
-    if codec is None:
-        return out
-    return codec.to(device).decode(out).clamp(-1.0, 1.0)

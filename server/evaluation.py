@@ -13,12 +13,12 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from configs import ExperimentConfig
-from meddiff.build import sample_spacing
+from meddiff.recipes.build import sample_spacing
 from meddiff.ema import EMA
 from meddiff.evaluate import build_encoder, federated_fid
 from meddiff.latent import LatentCodec
 from meddiff.outputs import write_samples
-from meddiff.train import sample_images
+from meddiff.recipes.sample import sample_images
 from protocol import NUM_EXAMPLES, EvaluateRes, Failure, ProtocolError, RoundConfig, decode_reply
 
 log = logging.getLogger("meddiff.server")

@@ -33,8 +33,8 @@ from torch import nn
 
 from configs import ExperimentConfig, config_to_dict, config_to_yaml, load_config_dict
 from configs.compare import resume_conflicts
-from meddiff.build import codec_from_checkpoint
-from meddiff.first_stage import public_codec
+from meddiff.recipes.restore import codec_from_checkpoint
+from meddiff.recipes.first_stage import public_codec
 from meddiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from meddiff.ema import EMA
 from meddiff.latent import LatentCodec

@@ -18,7 +18,7 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from configs import ExperimentConfig
-from meddiff.build import build_autoencoder
+from meddiff.recipes.build import build_autoencoder
 from meddiff.latent import LatentCodec, LatentStats
 from protocol import Failure, InstallAutoencoder, ProtocolError, Query, QueryRes, RoundConfig, SetLatentScale, decode_reply
 

@@ -13,7 +13,7 @@ from typing import Optional
 from configs import ExperimentConfig
 from meddiff.board import RunBoard
 from meddiff.recipes.phases import FINAL_PHASE, TrainingPhase, phase_named
-from meddiff.runs import MetricsCSV
+from meddiff.recipes.runs import MetricsCSV
 from privacy.report import save_site_ledgers, write_privacy_report
 from protocol import NUM_EXAMPLES, SITE_INDEX
 

@@ -12,6 +12,7 @@ from meddiff import cli as core_cli
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
+    # loaded on demand: the CLI parses arguments and answers --help without importing torch
     from sim.manifest import build_manifest, preview_chart, preview_table, write_manifest
 
     cfg = load_config(args.config, args.overrides)
@@ -27,6 +28,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 
 
 def cmd_data_from_template(args: argparse.Namespace) -> int:
+    # loaded on demand: the CLI parses arguments and answers --help without importing torch
     from meddiff.data.template import write_template_cohort
 
     cases = write_template_cohort(args.template, args.out, num_patients=args.num_patients, spacing=args.spacing,
@@ -37,6 +39,7 @@ def cmd_data_from_template(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    # loaded on demand: the CLI parses arguments and answers --help without importing torch
     from sim.run import RunInterrupted, simulate
 
     flags = {"client_cpus": args.client_cpus, "client_gpus": args.client_gpus, "parallel_sites": args.parallel_sites,
@@ -53,6 +56,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_report(args: argparse.Namespace) -> int:
+    # loaded on demand: the CLI parses arguments and answers --help without importing torch
     from privacy.report import privacy_report, write_privacy_report
 
     paths = write_privacy_report(args.run_dir)

@@ -19,6 +19,8 @@ from typing import Callable, Optional, TextIO
 from rich.console import Console
 from rich.table import Table
 
+from client.progress import describe
+
 #: seconds between two progress lines of one site
 SITE_EVERY = 10.0
 
@@ -75,8 +77,6 @@ class SiteWatcher(threading.Thread):
             self.check()
 
     def check(self) -> None:
-        from client.progress import describe
-
         for path in sorted(self.progress_dir.glob("*.json")) if self.progress_dir.is_dir() else []:
             try:
                 state = json.loads(path.read_text())

@@ -23,7 +23,7 @@ from meddiff.data.adapters import index_dataset
 from meddiff.data.records import IndexResult, Record
 from meddiff.data.cache import ArrayCache, content_digest
 from meddiff.data.readers import DataError
-from meddiff.data.sites import MANIFEST_VERSION, check_disjoint
+from meddiff.recipes.sites import MANIFEST_VERSION, check_disjoint
 from meddiff.data.phantoms import make_phantoms, site_acquisition
 from sim.partition import assign_sites, holdout
 

@@ -8,9 +8,10 @@ from typing import Optional
 
 from configs import ConfigError, ExperimentConfig, load_config_dict
 from configs.compare import resume_conflicts
+from configs.load import read_yaml_mapping
 from meddiff.checkpoint import Checkpoint, load_checkpoint
-from meddiff.data.sites import phantom_site_plan, site_dataset
 from meddiff.recipes.phases import private_plan
+from meddiff.recipes.sites import phantom_site_plan, site_dataset
 from privacy.calibration import calibrate_study, site_delta
 
 
@@ -67,8 +68,6 @@ def check_resume(cfg: ExperimentConfig, run_dir: Path, resume_from: str) -> Chec
                           "<run>/checkpoints/round_*.pt")
     existing = run_dir / "config.yaml"
     if existing.is_file():
-        from configs.load import read_yaml_mapping
-
         conflicts = resume_conflicts(load_config_dict(read_yaml_mapping(existing)), cfg)
         if conflicts:
             raise ConfigError(f"{run_dir} holds a run of another study ({'; '.join(conflicts)}); resume into a new "

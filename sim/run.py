@@ -36,8 +36,10 @@ from typing import Optional
 from rich.console import Console
 
 from configs import ExperimentConfig, config_to_yaml
+from meddiff.recipes.sites import load_manifest, verify_manifest
 from sim.app_bundle import PROJECT, stage_app
 from sim.console import SiteWatcher, StreamPrinter, final_table
+from sim.manifest import build_manifest, dumps, write_manifest
 from sim.preflight import check_federation, check_fresh_run_dir, check_privacy_plan, check_resume, site_sizes
 from sim.processes import Reaper, port_free, port_owner, stop_process_tree
 
@@ -119,9 +121,6 @@ def _q(s: str) -> str:
 
 def _manifest(cfg: ExperimentConfig, run_dir: Path, resume_from: str, say) -> tuple[str, Optional[dict]]:
     """The split manifest of a real dataset: built for a new run; reused (and checked) on resume."""
-    from meddiff.data.sites import load_manifest, verify_manifest
-    from sim.manifest import build_manifest, dumps, write_manifest
-
     if cfg.data.dataset == "phantoms":
         return "", None
     stored = [p for p in (run_dir / "manifest.json", Path(resume_from).resolve().parent.parent / "manifest.json")

@@ -50,7 +50,7 @@ def test_datasets_are_the_folder_adapters_and_the_generated_phantoms():
 
 
 def test_dataset_dispatch_builds_phantoms_and_refuses_an_unknown_layout():
-    from meddiff.build import build_dataset
+    from meddiff.recipes.build import build_dataset
     from meddiff.data.adapters import index_dataset
     from meddiff.data.readers import DataError
 

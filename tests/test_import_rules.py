@@ -57,7 +57,7 @@ import pkgutil, importlib, configs, meddiff
 for pkg in (configs, meddiff):
     for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):
         importlib.import_module(m.name)
-from meddiff.build import build_model
+from meddiff.recipes.build import build_model
 from configs import load_config
 cfg = load_config()
 build_model(cfg.model, cfg.data.image_size)

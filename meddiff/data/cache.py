@@ -127,6 +127,7 @@ class MedicalDataset(Dataset):
         self.labels = torch.from_numpy(np.concatenate(self._labels)) if self._labels else torch.zeros(0, dtype=torch.long)
         self.augment = None
         if train and cfg.augment:
+            # loaded on demand: MONAI's transforms cost a second to import, and only augmented training needs them
             from meddiff.data.transforms import train_augmentation
 
             self.augment = train_augmentation(spatial_dims)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from configs import ExperimentConfig
-from meddiff.build import (build_autoencoder, build_autoencoder_objective, build_diffusion, build_lr_schedule,
+from meddiff.recipes.build import (build_autoencoder, build_autoencoder_objective, build_diffusion, build_lr_schedule,
                            build_optimizer, build_unet)
 from meddiff.nets.autoencoder import AutoencoderObjective
 

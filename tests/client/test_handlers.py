@@ -5,8 +5,8 @@ from opacus import GradSampleModule
 
 from client.client_app import evaluate, train
 from client.local import local_train
-from meddiff.build import build_model
-from meddiff.data.sites import phantom_site
+from meddiff.recipes.build import build_model
+from meddiff.recipes.sites import phantom_site
 from privacy.wrapping import unwrap_state
 from protocol import FEATURE_COUNT, TRAIN_METRIC_KEYS, arrays_to_state, state_to_arrays
 from tests.conftest import tiny_config

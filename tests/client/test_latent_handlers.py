@@ -6,8 +6,8 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from client.client_app import evaluate, query, train
-from meddiff.build import build_autoencoder, build_unet
-from meddiff.data.sites import phantom_site
+from meddiff.recipes.build import build_autoencoder, build_unet
+from meddiff.recipes.sites import phantom_site
 from meddiff.latent import LatentCodec, latent_stats
 from protocol import TRAIN_METRIC_KEYS, InstallAutoencoder, RoundConfig, SetLatentScale
 from tests.conftest import tiny_config

@@ -13,8 +13,8 @@ from opacus.accountants import RDPAccountant
 
 from client.client_app import train
 from client.local import local_evaluate, local_train
-from meddiff.build import build_model
-from meddiff.data.sites import phantom_site
+from meddiff.recipes.build import build_model
+from meddiff.recipes.sites import phantom_site
 from privacy.accounting import PrivacyLedger
 from privacy.calibration import enrol
 from privacy.site import LEDGER_FILE, SitePrivacy
@@ -60,7 +60,7 @@ import json, torch
 from flwr.app import Context, RecordDict
 from client.client_app import train
 from configs import load_config
-from meddiff.build import build_model
+from meddiff.recipes.build import build_model
 from tests.flower_helpers import as_node, server_message
 cfg = load_config(None, {TINY_OVERRIDES + DP!r})
 msg = server_message(cfg, build_model(cfg.model, 16).state_dict(), dst=11, round_=3, study_id="s1")

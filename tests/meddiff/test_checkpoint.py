@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from configs import config_to_dict
-from meddiff.build import build_model, model_from_checkpoint
+from meddiff.recipes.build import build_model
+from meddiff.recipes.restore import model_from_checkpoint
 from meddiff.checkpoint import load_checkpoint, save_checkpoint
 from meddiff.ema import EMA
 from tests.conftest import tiny_config

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from meddiff.build import build_diffusion, build_model
+from meddiff.recipes.build import build_diffusion, build_model
 from meddiff.data import PhantomDataset
 from meddiff.diffusion import GaussianDiffusion, make_noise_schedule
 from meddiff.train import cycle, drop_labels, train_loop, train_step

@@ -7,7 +7,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from meddiff.data.sites import phantom_site
+from meddiff.recipes.sites import phantom_site
 from meddiff.recipes.phases import DIFFUSION
 from meddiff.train import train_loop
 from privacy.accounting import PrivacyLedger

@@ -6,7 +6,7 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
 from configs import load_config
-from meddiff.build import build_model
+from meddiff.recipes.build import build_model
 from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, make_noise_schedule
 from tests.conftest import tiny_unet
 

@@ -4,7 +4,7 @@ import torch
 from flwr.app import ArrayRecord, MessageType
 
 from configs import load_config
-from meddiff.build import build_model
+from meddiff.recipes.build import build_model
 from server.strategy import create_strategy, load_strategy_state, strategy_state
 from server.validation import check_update, screen_updates
 from tests.conftest import tiny_config

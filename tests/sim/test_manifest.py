@@ -6,9 +6,9 @@ import torch
 
 from configs import load_config
 from sim.cli import main
-from meddiff.data.sites import check_disjoint, load_manifest
+from meddiff.recipes.sites import check_disjoint, load_manifest
 from sim.manifest import build_manifest, dumps, write_manifest
-from meddiff.data.sites import site_dataset
+from meddiff.recipes.sites import site_dataset
 from tests.conftest import shared_file
 from tests.fixtures import make_brats, make_ixi
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from configs import ConfigError, config_to_dict, load_config
-from meddiff.build import build_unet
+from meddiff.recipes.build import build_unet
 from meddiff.checkpoint import save_checkpoint
 from sim.preflight import check_federation, check_privacy_plan, site_sizes
 from sim.run import _manifest, simulate

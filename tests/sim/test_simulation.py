@@ -12,7 +12,7 @@ from opacus.accountants import RDPAccountant
 
 from configs import load_config
 from meddiff.board import read_scalars
-from meddiff.build import build_model
+from meddiff.recipes.build import build_model
 from meddiff.checkpoint import load_checkpoint
 from sim.processes import free_port
 from sim.run import simulate

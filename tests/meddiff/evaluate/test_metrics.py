@@ -120,7 +120,7 @@ def test_encoder_registry_never_downloads():
 
 
 def test_membership_sets_are_matched_per_class():
-    from meddiff.evaluate.run import matched_indices
+    from meddiff.recipes.evaluation import matched_indices
 
     members = torch.tensor([1, 1, 1, 1, 0, 1, 0, 1])
     nonmembers = torch.tensor([0, 0, 0, 1, 0, 1])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from meddiff.build import build_diffusion, build_model
+from meddiff.recipes.build import build_diffusion, build_model
 from meddiff.cli import main
 from meddiff.data import PhantomDataset
 from meddiff.evaluate import diffusion_losses, membership_inference
@@ -57,7 +57,7 @@ def test_evaluate_train_encoder_and_plot_commands(tmp_path):
 
 
 def test_plot_draws_loss_and_epsilon_against_round(tmp_path):
-    from meddiff.runs import MetricsCSV
+    from meddiff.recipes.runs import MetricsCSV
 
     fields = ["round", "scope", "accepted", "train_loss", "eval_loss", "epsilon"]
     with MetricsCSV(tmp_path / "metrics.csv", fields) as m:

@@ -46,7 +46,7 @@ def test_kl_is_zero_for_the_prior_and_positive_otherwise():
 
 
 def test_reconstruction_error_falls_with_training_on_phantoms():
-    from meddiff.first_stage import train_autoencoder
+    from meddiff.recipes.first_stage import train_autoencoder
 
     cfg = tiny_config(extra=LDM)
     data = PhantomDataset(96, 16, seed=0)
@@ -62,7 +62,7 @@ def test_reconstruction_error_falls_with_training_on_phantoms():
 
 
 def test_codec_checkpoint_round_trip_keeps_weights_and_scale_factor(tmp_path):
-    from meddiff.first_stage import fit_codec, load_codec, save_codec
+    from meddiff.recipes.first_stage import fit_codec, load_codec, save_codec
 
     cfg = tiny_config(extra=LDM)
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def test_latent_statistics_merge_exactly_and_give_unit_variance_latents():
 
 
 def test_optional_perceptual_term_from_a_local_domain_encoder(tmp_path):
-    from meddiff.build import build_autoencoder_objective
+    from meddiff.recipes.build import build_autoencoder_objective
     from meddiff.evaluate.encoders import DomainCNN, save_encoder
 
     torch.manual_seed(0)
@@ -130,7 +130,7 @@ def test_optional_perceptual_term_from_a_local_domain_encoder(tmp_path):
 def test_public_pretraining_on_real_chest_xrays_writes_a_reusable_first_stage(tmp_path):
     """autoencoder.mode=public: pre-trained on public data (PneumoniaMNIST here), saved with its
     scale factor and reconstructions; site data is never involved."""
-    from meddiff.first_stage import load_codec, public_codec
+    from meddiff.recipes.first_stage import load_codec, public_codec
     from tests.conftest import shared_file
 
     npz = shared_file("pneumoniamnist.npz")
@@ -145,7 +145,7 @@ def test_public_pretraining_on_real_chest_xrays_writes_a_reusable_first_stage(tm
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_latent_unet_denoises_the_autoencoders_latents(spatial_dims):
-    from meddiff.build import build_autoencoder, build_unet, sample_shape
+    from meddiff.recipes.build import build_autoencoder, build_unet, sample_shape
 
     cfg = tiny_config(extra=LDM + [f"model.spatial_dims={spatial_dims}", "model.num_classes=2"])
     ae, unet = build_autoencoder(cfg), build_unet(cfg)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from configs import ExperimentConfig, config_to_dict, load_config_dict
-from meddiff.build import build_autoencoder, build_image_dataset
+from meddiff.recipes.build import build_autoencoder, build_image_dataset
 from meddiff.checkpoint import load_checkpoint, save_checkpoint
 from meddiff.device import autocast_dtype, autocast_factory
 from meddiff.latent import LatentCodec, latent_stats

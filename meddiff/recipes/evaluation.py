@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from configs import ExperimentConfig
-from meddiff.build import build_diffusion, build_image_dataset, codec_from_checkpoint, model_from_checkpoint
+from meddiff.recipes.build import build_diffusion, build_image_dataset
+from meddiff.recipes.restore import codec_from_checkpoint, model_from_checkpoint
 from meddiff.device import resolve_device
 from meddiff.evaluate.audits import diffusion_losses, memorization, membership_inference
 from meddiff.evaluate.encoders import build_encoder
@@ -36,7 +37,8 @@ from meddiff.evaluate.metrics import (
 from meddiff.evaluate.utility import downstream_utility
 from meddiff.latent import encode_dataset
 from meddiff.outputs import save_grid_png
-from meddiff.train import sample_images
+from meddiff.recipes.sample import sample_images
+from meddiff.recipes.sites import load_manifest, phantom_site, site_dataset
 
 
 def real_splits(cfg: ExperimentConfig, data_path: Optional[str] = None) -> tuple[Dataset, Dataset]:
@@ -77,8 +79,6 @@ def site_splits(cfg: ExperimentConfig, run_dir: Path) -> dict[str, tuple[Dataset
     From the run's split ``manifest.json``, or, for the embedded phantoms, from the generated
     sites. A site's held-out records share its acquisition, which makes them the right
     non-members for that site's membership inference."""
-    from meddiff.data.sites import load_manifest, phantom_site, site_dataset
-
     if (run_dir / "manifest.json").is_file():
         manifest = load_manifest(run_dir / "manifest.json")
         return {s["name"]: (site_dataset(manifest, i, cfg, split="train"), site_dataset(manifest, i, cfg, split="test"))

@@ -17,16 +17,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from configs import ExperimentConfig, config_to_dict
-from meddiff.build import (build_diffusion, build_image_dataset, build_lr_schedule, build_optimizer, build_unet, check_labels,
+from meddiff.recipes.build import (build_diffusion, build_image_dataset, build_lr_schedule, build_optimizer, build_unet, check_labels,
                            sample_spacing)
 from meddiff.checkpoint import save_checkpoint
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.ema import EMA
-from meddiff.first_stage import train_first_stage
+from meddiff.recipes.first_stage import train_first_stage
 from meddiff.latent import LatentCodec, encode_dataset
 from meddiff.outputs import write_samples
-from meddiff.runs import MetricsCSV, create_run_dir
-from meddiff.train import cycle, sample_images, seed_everything, train_loop
+from meddiff.recipes.runs import MetricsCSV, create_run_dir
+from meddiff.train import cycle, seed_everything, train_loop
+from meddiff.recipes.sample import sample_images
 
 
 def _training_data(cfg: ExperimentConfig, run_dir: Path, device: torch.device,

@@ -1,7 +1,7 @@
-"""The one module that maps config sections to objects.
+"""Config sections to objects: the networks, diffusion, sampler, optimizer, schedules and datasets.
 
-Library constructors take explicit keyword arguments; only these ``build_*`` functions read config
-objects.
+The library below :mod:`meddiff.recipes` takes explicit keyword arguments; the recipes read the
+config, and this module is where its sections become objects.
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ import math
 import torch
 from torch.utils.data import Dataset
 
-from configs import DataConfig, DiffusionConfig, ExperimentConfig, ModelConfig, SamplerConfig, TrainConfig
+from configs import (DataConfig, DiffusionConfig, ExperimentConfig, ModelConfig, SamplerConfig, TrainConfig)
 from meddiff.data import ArrayDataset, PhantomDataset, read_medmnist_npz
+from meddiff.data.adapters import index_dataset
+from meddiff.data.cache import MedicalDataset
 from meddiff.diffusion import GaussianDiffusion, make_noise_schedule
+from meddiff.evaluate.encoders import load_domain_encoder
 from meddiff.nets import ADMUNet
 from meddiff.nets.autoencoder import AutoencoderObjective, KLAutoencoder
 from meddiff.sampling import SAMPLERS, Sampler
-
 
 def attention_levels(model_cfg: ModelConfig, image_size: int) -> tuple[int, ...]:
     """Map ``attention_resolutions`` (feature-map sizes) to level indices for ``image_size``."""
@@ -60,8 +62,6 @@ def build_autoencoder_objective(cfg: ExperimentConfig) -> AutoencoderObjective:
     ae = cfg.autoencoder
     perceptual = None
     if ae.perceptual_weight > 0:
-        from meddiff.evaluate.encoders import load_domain_encoder
-
         network, _ = load_domain_encoder(ae.perceptual_weights)
         for p in network.parameters():
             p.requires_grad_(False)
@@ -102,9 +102,6 @@ def build_dataset(data_cfg: DataConfig, *, spatial_dims: int = 2, channels: int 
             raise ValueError("data.path is empty: point it at a MedMNIST .npz file")
         images, labels = read_medmnist_npz(data_cfg.path, data_cfg.split, spatial_dims=spatial_dims)
         return ArrayDataset(images, labels, image_size=data_cfg.image_size, channels=channels)
-    from meddiff.data.adapters import index_dataset
-    from meddiff.data.cache import MedicalDataset
-
     if channels != 1:
         raise ValueError(f"data.dataset={data_cfg.dataset!r} gives 1-channel images: use 1 image channel "
                          "(model.in_channels, or autoencoder.image_channels for latent diffusion)")
@@ -160,42 +157,3 @@ def sample_shape(cfg: ExperimentConfig, num: int) -> tuple[int, ...]:
 def sample_spacing(cfg: ExperimentConfig) -> tuple[float, ...]:
     """Voxel spacing (mm) of generated volumes: ``data.target_spacing``, or 1 mm when unset."""
     return tuple(cfg.data.target_spacing) if cfg.data.target_spacing else (1.0,) * 3
-
-
-def model_from_checkpoint(path, *, use_ema: bool = True, device: str | torch.device = "cpu"):
-    """Rebuild the model from a checkpoint's stored config and load its (EMA) weights.
-
-    Returns ``(model, config, checkpoint)``. Never unpickles code (``weights_only=True``).
-    """
-    from configs import ConfigError, load_config_dict
-    from meddiff.checkpoint import check_finite, load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    if "autoencoder" == ckpt.extra.get("phase", ckpt.extra.get("kind")):
-        raise ValueError(f"{path} holds latent diffusion's phase-1 autoencoder, not a denoiser; use a diffusion-phase "
-                         "checkpoint (checkpoints/round_*.pt, or last.pt once phase 2 has run)")
-    try:
-        cfg = load_config_dict(ckpt.config)
-    except ConfigError as exc:
-        raise ValueError(f"{path}: the stored config is not valid for this meddiff version: {exc}") from None
-    model = build_unet(cfg)
-    state = ckpt.ema if (use_ema and ckpt.ema is not None) else ckpt.model
-    check_finite(state, str(path))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not fit the model built from the stored config: {exc}") from None
-    return model.to(device).eval(), cfg, ckpt
-
-
-def codec_from_checkpoint(ckpt, cfg: ExperimentConfig, *, source: str = "checkpoint"):
-    """The frozen autoencoder a latent-diffusion checkpoint carries (``extra["autoencoder"]``), or
-    None for a pixel-space model."""
-    from meddiff.latent import LatentCodec
-
-    if not cfg.autoencoder.enabled:
-        return None
-    payload = ckpt.extra.get("autoencoder")
-    if payload is None:
-        raise ValueError(f"{source}: a latent-diffusion checkpoint without its autoencoder (phase 1 not finished?)")
-    return LatentCodec.from_payload(payload, build_autoencoder(cfg), source=source)

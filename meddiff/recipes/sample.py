@@ -1,0 +1,39 @@
+"""Samples of a trained model with the config's sampler (and, for latent diffusion, its decoder)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from configs import ExperimentConfig
+from meddiff.device import autocast_dtype, autocast_factory
+from meddiff.latent import LatentCodec
+from meddiff.recipes.build import build_diffusion, build_sampler, sample_shape
+from meddiff.sampling import generate
+
+
+def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: torch.device, seed: int = 0,
+                  y: Optional[torch.Tensor] = None, progress: bool = True, codec: Optional[LatentCodec] = None) -> torch.Tensor:
+    """Draw ``num`` samples with the config's sampler; ``[num, C, *S]`` images in [-1, 1].
+
+    For latent diffusion the UNet generates latents and ``codec`` (the frozen first stage)
+    decodes them into images.
+    """
+    if cfg.autoencoder.enabled and codec is None:
+        raise ValueError("a latent-diffusion model samples latents: pass the autoencoder (codec) to decode them")
+    diffusion = build_diffusion(cfg.diffusion)
+    sampler = build_sampler(cfg.sampler, diffusion)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    autocast = autocast_factory(device, autocast_dtype(device, cfg.train.mixed_precision))
+    if y is None and cfg.model.num_classes:
+        y = torch.arange(num) % cfg.model.num_classes
+    out = generate(
+        model, sampler, shape=sample_shape(cfg, num), num_inference_steps=cfg.sampler.num_inference_steps,
+        y=y, guidance_scale=cfg.sampler.guidance_scale, generator=gen, device=device, autocast=autocast,
+        progress=progress,
+    )
+    if codec is None:
+        return out
+    return codec.to(device).decode(out).clamp(-1.0, 1.0)
