@@ -45,9 +45,9 @@ from protocol import NUM_EXAMPLES, RoundConfig, arrays_to_state
 from server.evaluation import Evaluation, weighted_mean
 from server.latent_setup import LatentSetup
 from server.phase import PhaseRun
-from server.replies import (error_report, wait_for_nodes, failure_report, learn_node_sites, missing_autoencoder_report, refusal_report,
-                            sort_replies)
+from server.replies import learn_node_sites, round_counts, round_report, sort_replies, wait_for_nodes
 from server.run_state import RunState, record_config
+from server.screening import aggregate, screen
 from server.strategy import base_strategy, create_strategy, load_strategy_state, sampled_sites, strategy_state
 from server.summary import RunRecord, build_summary, round_line, say, supersede_rows_after, write_summary
 
@@ -143,7 +143,6 @@ class _Federation:
         model = self._build(phase)
         ema = EMA(model, decay=decay) if decay is not None else None
         strategy = create_strategy(fed, self.cfg.privacy)
-        base_strategy(strategy).norm_factor = fed.max_update_norm_ratio
         global_state, first_round = {k: v.detach().clone() for k, v in model.state_dict().items()}, 1
         if ckpt is not None:
             global_state, first_round = ckpt.model, ckpt.step + 1
@@ -217,30 +216,23 @@ class _Federation:
         return not problem
 
     def _train(self, run: PhaseRun, rnd: int, round_config: RoundConfig) -> tuple[list[dict], dict]:
-        """Send, sort, aggregate; ``(report, counts)`` with one report entry per reply."""
-        strategy, screened = run.strategy, base_strategy(run.strategy)
-        screened.reference = {k: v.detach().cpu().numpy() for k, v in run.global_state.items()}
-        messages = strategy.configure_train(rnd, ArrayRecord(run.global_state), round_config.to_record(), self.grid)
+        """Send, sort, screen, aggregate; ``(report, counts)`` with one report entry per reply."""
+        fed = self.cfg.federation
+        messages = run.strategy.configure_train(rnd, ArrayRecord(run.global_state), round_config.to_record(), self.grid)
         messages = [m for m in messages if m.metadata.dst_node_id not in self.state.refused_nodes]
-        replies = sort_replies(self.grid.send_and_receive(messages=messages, timeout=self.cfg.federation.round_timeout))
-        destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        replies = sort_replies(self.grid.send_and_receive(messages=messages, timeout=fed.round_timeout))
         learn_node_sites(replies.updates + replies.refusals + replies.failures, self.state.node_sites)
         self.state.merge_privacy(replies.updates, replies.refusals)
-        new_arrays, _ = strategy.aggregate_train(rnd, replies.updates)
-        errors = self.run_dir / "logs" / "site_errors.log"
-        report = (getattr(screened, "round_report", []) + [refusal_report(rnd, r) for r in replies.refusals]
-                  + [failure_report(rnd, r, errors) for r in replies.failures]
-                  + [error_report(rnd, r, self.state.node_sites, errors, destinations) for r in replies.errors]
-                  + [missing_autoencoder_report(r) for r in replies.missing_autoencoder])
+        screened = screen(rnd, replies.updates, {k: v.detach().cpu().numpy() for k, v in run.global_state.items()},
+                          norm_factor=fed.max_update_norm_ratio)
+        new_arrays = aggregate(run.strategy, rnd, screened, min_valid=fed.min_train_nodes)
+        report = round_report(rnd, screened.report, replies, self.state.node_sites, self.run_dir / "logs" / "site_errors.log",
+                              {m.metadata.message_id: m.metadata.dst_node_id for m in messages})
         if replies.missing_autoencoder:
             self.latent.install(self.codec, [r.metadata.src_node_id for r in replies.missing_autoencoder])
         if new_arrays is not None:
             self._apply(run, new_arrays)
-        counts = {"accepted": sum(r["accepted"] for r in report), "refused": len(replies.refusals),
-                  "failed": len(replies.failures), "lost": sum(r["reason"].startswith("lost") for r in report),
-                  "kept": new_arrays is None}
-        counts["rejected"] = len(report) - counts["accepted"] - counts["refused"] - counts["failed"] - counts["lost"]
-        return report, counts
+        return report, round_counts(report, replies, kept=new_arrays is None)
 
     def _apply(self, run: PhaseRun, new_arrays: ArrayRecord) -> None:
         central = self.state.central

@@ -116,3 +116,21 @@ def wait_for_nodes(live_nodes: Callable[[], list[int]], fed, rnd: int, poll: flo
                     f"federation.round_timeout={fed.round_timeout:g} s, fewer than min_train_nodes={fed.min_train_nodes}")
         time.sleep(poll)
     return ""
+
+
+def round_report(server_round: int, screened: list[dict], replies: SortedReplies, node_sites: dict[int, int],
+                 error_log: Path, destinations: dict[str, int]) -> list[dict]:
+    """One entry per reply of a training round: the screened updates' entries, then one for
+    every refusal, failure, error reply and request for the autoencoder."""
+    return (screened + [refusal_report(server_round, r) for r in replies.refusals]
+            + [failure_report(server_round, r, error_log) for r in replies.failures]
+            + [error_report(server_round, r, node_sites, error_log, destinations) for r in replies.errors]
+            + [missing_autoencoder_report(r) for r in replies.missing_autoencoder])
+
+
+def round_counts(report: list[dict], replies: SortedReplies, *, kept: bool) -> dict:
+    """How many replies of each fate; ``kept``: the previous global model was kept."""
+    counts = {"accepted": sum(r["accepted"] for r in report), "refused": len(replies.refusals),
+              "failed": len(replies.failures), "lost": sum(r["reason"].startswith("lost") for r in report), "kept": kept}
+    counts["rejected"] = len(report) - counts["accepted"] - counts["refused"] - counts["failed"] - counts["lost"]
+    return counts

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, MessageType
+from flwr.app import ArrayRecord
 
 from configs import load_config
 from meddiff.recipes.build import build_model
+from server.screening import aggregate, check_update, screen, screen_updates
 from server.strategy import create_strategy, load_strategy_state, strategy_state
-from server.validation import check_update, screen_updates
 from tests.conftest import tiny_config
 from tests.flower_helpers import server_message, train_reply
 
@@ -50,14 +50,15 @@ def test_nan_and_shape_mismatch_rejected_aggregate_is_mean_of_valid(caplog):
     shape = dict(g)
     shape[first] = torch.zeros(3, 3)
     strategy = create_strategy(cfg.federation)
-    strategy.reference = {k: v.numpy() for k, v in g.items()}
     with caplog.at_level("WARNING", logger="meddiff.server"):
-        arrays, _ = strategy.aggregate_train(1, _replies(cfg, g, [(a, 10), (nan, 10), (shape, 10), (b, 10)]))
+        screened = screen(1, _replies(cfg, g, [(a, 10), (nan, 10), (shape, 10), (b, 10)]), {k: v.numpy() for k, v in g.items()},
+                          norm_factor=10)
+        arrays = aggregate(strategy, 1, screened, min_valid=cfg.federation.min_train_nodes)
     assert arrays is not None
     agg = arrays.to_torch_state_dict()
     for k in g:
         torch.testing.assert_close(agg[k].float(), g[k] + 2.0)
-    report = {r["site"]: r for r in strategy.round_report}
+    report = {r["site"]: r for r in screened.report}
     assert report[1]["accepted"] is False and "NaN" in report[1]["reason"]
     assert report[2]["accepted"] is False and "shape" in report[2]["reason"]
     assert "site 1" in caplog.text and "site 2" in caplog.text
@@ -68,10 +69,10 @@ def test_too_few_valid_updates_keep_the_previous_model(caplog):
     g = build_model(cfg.model, cfg.data.image_size).state_dict()
     bad = {k: v * float("nan") for k, v in g.items()}
     strategy = create_strategy(cfg.federation)
-    strategy.reference = {k: v.numpy() for k, v in g.items()}
     with caplog.at_level("WARNING", logger="meddiff.server"):
-        arrays, metrics = strategy.aggregate_train(1, _replies(cfg, g, [(g, 5), (bad, 5)]))
-    assert arrays is None and metrics is None
+        screened = screen(1, _replies(cfg, g, [(g, 5), (bad, 5)]), {k: v.numpy() for k, v in g.items()}, norm_factor=10)
+        arrays = aggregate(strategy, 1, screened, min_valid=cfg.federation.min_train_nodes)
+    assert arrays is None
     assert "keeping the previous global model" in caplog.text
 
 
