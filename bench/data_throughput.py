@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
 
 from configs import load_config  # noqa: E402
-from meddiff.recipes.build import build_diffusion, build_model  # noqa: E402
+from meddiff.recipes.build import build_diffusion, build_unet_from_section  # noqa: E402
 from meddiff.data.adapters import index_dataset  # noqa: E402
 from meddiff.data.cache import ArrayCache, MedicalDataset  # noqa: E402
 from meddiff.data.records import load_record  # noqa: E402
@@ -98,7 +98,7 @@ def main() -> None:
         cache_rate = slices_per_second(reopened, args.batches)
 
         torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.data.image_size)
+        model = build_unet_from_section(cfg.model, cfg.data.image_size)
         diffusion = build_diffusion(cfg.diffusion)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(32, 1, cfg.data.image_size, cfg.data.image_size)

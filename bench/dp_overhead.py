@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from bench.common import bench_parser, bench_setup, peak_memory_in_subprocesses, peak_memory_mib  # noqa: E402
 from configs import load_config  # noqa: E402
-from meddiff.recipes.build import build_diffusion, build_model, build_optimizer  # noqa: E402
+from meddiff.recipes.build import build_diffusion, build_unet_from_section, build_optimizer  # noqa: E402
 from meddiff.train import train_step  # noqa: E402
 from privacy.engine import make_private  # noqa: E402
 
@@ -51,7 +51,7 @@ def make_step(variant: str, device: torch.device):
     k = int(k)
     torch.manual_seed(0)
     size, batch = cfg.data.image_size, cfg.train.batch_size
-    model = build_model(cfg.model, size).to(device).train()
+    model = build_unet_from_section(cfg.model, size).to(device).train()
     optimizer = build_optimizer(cfg.train, model.parameters())
     diffusion = build_diffusion(cfg.diffusion)
     x0 = torch.randn(batch, cfg.model.in_channels, size, size, device=device).clamp(-1, 1)

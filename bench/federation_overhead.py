@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protocol import state_to_arrays  # noqa: E402
 from configs import load_config  # noqa: E402
-from meddiff.recipes.build import build_model  # noqa: E402
+from meddiff.recipes.build import build_unet_from_section  # noqa: E402
 from sim.processes import free_port  # noqa: E402
 from sim.run import simulate  # noqa: E402
 
@@ -42,7 +42,7 @@ def payload_bytes(record) -> int:
 def main() -> None:
     overrides = sys.argv[1:]
     cfg = load_config(CONFIG, overrides)
-    model = build_model(cfg.model, cfg.data.image_size)
+    model = build_unet_from_section(cfg.model, cfg.data.image_size)
     sizes = {dt: payload_bytes(state_to_arrays(model.state_dict(), dt)) for dt in ("fp32", "fp16")}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from configs import load_config  # noqa: E402
-from meddiff.recipes.build import build_diffusion, build_model, sample_shape  # noqa: E402
+from meddiff.recipes.build import build_diffusion, build_unet_from_section, sample_shape  # noqa: E402
 from meddiff.device import resolve_device  # noqa: E402
 from meddiff.sampling import DDIMSampler, DDPMSampler, generate  # noqa: E402
 
@@ -36,7 +36,7 @@ def main() -> None:
     cfg = load_config(args.config)
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.image_size).to(device).eval()
+    model = build_unet_from_section(cfg.model, cfg.data.image_size).to(device).eval()
     with torch.no_grad():
         for p in model.parameters():  # non-zero outputs, as after training
             p.normal_(0, 0.02)

@@ -57,19 +57,10 @@ def update_site_ledgers(ledgers: dict, replies_ledgers: Mapping[str, str]) -> di
     return ledgers
 
 
-def load_site_ledgers(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / LEDGERS_FILE
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())["sites"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: unreadable site ledgers ({type(exc).__name__}: {exc})") from None
-
-
-def save_site_ledgers(run_dir: str | Path, ledgers: dict, *, exhausted: Optional[list[str]] = None) -> Path:
+def save_site_ledgers(run_dir: str | Path, ledgers: dict, *, refused: Optional[list[str]] = None) -> Path:
+    """The server's copy of every DP site's ledger, and the sites that refused a round (any reason)."""
     return atomic_write_text(Path(run_dir) / LEDGERS_FILE,
-                             json.dumps({"sites": ledgers, "exhausted": sorted(exhausted or [])}, indent=2))
+                             json.dumps({"sites": ledgers, "refused": sorted(refused or [])}, indent=2))
 
 
 def site_summary(ledger: dict) -> dict:
@@ -162,6 +153,7 @@ def central_summary(central: dict) -> dict:
     history = [(central["noise_multiplier"], q, central["releases"])] if central["releases"] else []
     delta = min(1e-5, 1.0 / (10 * max(central["num_sites"], 1)))
     eps = epsilon_of(history, delta) if central["noise_multiplier"] > 0 else math.inf
+    central = {**central, "sites_per_round": central.get("sites_per_round", central.get("sampled_sites"))}
     return {**central, "sample_rate": q, "delta": delta, "epsilon": eps, "history": [list(h) for h in history],
             "unit": "one site (all of its data)"}
 
@@ -176,7 +168,8 @@ def privacy_report(run_dir: str | Path) -> dict:
     data = json.loads(path.read_text()) if path.exists() else {"sites": {}}
     sites = [site_summary(data["sites"][name]) for name in sorted(data["sites"])]
     central = central_summary(json.loads(central_path.read_text())) if central_path.exists() else None
-    return {"run_dir": str(run_dir), "sites": sites, "central": central, "exhausted": data.get("exhausted", []),
+    refused = data.get("refused", data.get("exhausted", []))  # "exhausted": runs written before refusals had reasons
+    return {"run_dir": str(run_dir), "sites": sites, "central": central, "refused": refused,
             "phases": phase_statements(run_dir),
             "guarantee": {"covers": COVERED, "does_not_cover": list(NOT_COVERED)},
             "audit": "epsilon = opacus.accountants.RDPAccountant with .history = the site's history, "
@@ -210,8 +203,8 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {s['site']} | {s['epsilon']:.4f} | {s['delta']:.2e} | {s['budget']:g} | {s['remaining']:.4f} | "
                      f"{_fmt(s['noise_multiplier'])} | {_fmt(s['sample_rate'])} | {s['steps']} | {_fmt(s['max_grad_norm'])} | "
                      f"{_fmt(s['clip_fraction_mean'], '.3f')} | {_fmt(s['prv_epsilon'])} | {check} |")
-    if report["exhausted"]:
-        lines += ["", f"Sites that refused a round because their budget did not cover it: {', '.join(report['exhausted'])}."]
+    if report["refused"]:
+        lines += ["", f"Sites that refused a round (budget spent, or a policy such as DP-only): {', '.join(report['refused'])}."]
     bad = [s["site"] for s in report["sites"] if not s["reported_matches_history"]]
     lines += ["", "Every epsilon above is recomputed from the site's accountant history alone. "
               + (f"**Mismatch** between the epsilon reported by {', '.join(bad)} and its history." if bad
@@ -222,7 +215,7 @@ def _markdown(report: dict) -> str:
                   f"Flower's client-side {c['mode']} clipping: {c['releases']} noisy releases, noise multiplier "
                   f"{c['noise_multiplier']:g}, clipping norm {c['clipping_norm']:g}"
                   + (" (initial; adapted each round)" if c["mode"] == "adaptive" else "")
-                  + f", {c['sampled_sites']} of {c['num_sites']} sites per round: epsilon {c['epsilon']:.4g} at delta "
+                  + f", {c['sites_per_round']} of {c['num_sites']} sites per round: epsilon {c['epsilon']:.4g} at delta "
                   f"{c['delta']:.1e} for {c['unit']}. With 3 to 10 hospitals this guarantee is weak or the noise "
                   "(std sigma x S / m on the mean update) swamps the signal; record-level DP at each site is the "
                   "meaningful guarantee there."]

@@ -48,7 +48,7 @@ from server.phase import PhaseRun
 from server.replies import learn_node_sites, round_counts, round_report, sort_replies, wait_for_nodes
 from server.run_state import RunState, record_config
 from server.screening import aggregate, screen
-from server.strategy import base_strategy, create_strategy, load_strategy_state, sampled_sites, strategy_state
+from server.strategy import base_strategy, create_strategy, load_strategy_state, sites_per_round, strategy_state
 from server.summary import RunRecord, build_summary, round_line, say, supersede_rows_after, write_summary
 
 log = logging.getLogger("meddiff.server")
@@ -69,7 +69,7 @@ class _Federation:
         self.ckpt_dir = run_dir / "checkpoints"
         fed, pc = cfg.federation, cfg.privacy
         self.state = RunState.new(run_dir, {"mode": pc.central_dp, "noise_multiplier": pc.central_noise_multiplier,
-                                            "clipping_norm": pc.central_clipping_norm, "sampled_sites": sampled_sites(fed),
+                                            "clipping_norm": pc.central_clipping_norm, "sites_per_round": sites_per_round(fed),
                                             "num_sites": fed.num_sites, "releases": 0, "clipping_norms": []})
         self.stop_reason, self.failed = "", False
         self.codec: Optional[LatentCodec] = None
@@ -124,7 +124,7 @@ class _Federation:
     def _build(self, phase: TrainingPhase) -> nn.Module:
         """The phase's model, initialised from ``train.seed`` whichever path (fresh, resumed) got here."""
         torch.manual_seed(self.cfg.train.seed)
-        return phase.build_model(self.cfg)
+        return phase.build_unet_from_section(self.cfg)
 
     def _round_config(self, phase: TrainingPhase, num_rounds: int = 0) -> RoundConfig:
         """What every message of ``phase`` tells the sites (Flower adds the round)."""
@@ -203,7 +203,7 @@ class _Federation:
                                    "fid": fid.get("fid_global"), "seconds": row["seconds"]})
         say(round_line(self.cfg, phase, rnd, counts, row, kept))
         if self.cfg.privacy.enabled:
-            save_site_ledgers(self.run_dir, self.state.ledgers, exhausted=sorted(self.state.refused_sites))
+            save_site_ledgers(self.run_dir, self.state.ledgers, refused=sorted(self.state.refused_sites))
         self._checkpoint(run, rnd, report)
         return not self._too_many_failures(kept, rnd, phase)
 

@@ -43,7 +43,7 @@ class RunState:
     def to_checkpoint(self) -> dict:
         """Plain strings for a checkpoint's ``extra`` (``torch.load(weights_only=True)``-safe)."""
         return {"history": json.dumps({"rounds": self.history}), "study": json.dumps({"study-id": self.study_id}),
-                "privacy_ledgers": json.dumps(self.ledgers), "exhausted_sites": json.dumps(sorted(self.refused_sites)),
+                "privacy_ledgers": json.dumps(self.ledgers), "refused_sites": json.dumps(sorted(self.refused_sites)),
                 "central_dp": json.dumps(self.central)}
 
     @classmethod
@@ -53,7 +53,7 @@ class RunState:
             raise ValueError("the checkpoint names no study; it was not written by a federated run")
         return cls(study_id=study["study-id"], history=json.loads(extra.get("history", '{"rounds": []}'))["rounds"],
                    ledgers=json.loads(extra.get("privacy_ledgers", "{}")),
-                   refused_sites=set(json.loads(extra.get("exhausted_sites", "[]"))),
+                   refused_sites=set(json.loads(extra.get("refused_sites", extra.get("exhausted_sites", "[]")))),
                    central=json.loads(extra.get("central_dp", json.dumps(default_central))))
 
     def merge_privacy(self, updates: Iterable[Message], refusals: Iterable[Message]) -> None:

@@ -57,14 +57,14 @@ def create_strategy(fed: FederationConfig, privacy: Optional[PrivacyConfig] = No
                    min_evaluate_nodes=fed.min_train_nodes, min_available_nodes=fed.min_train_nodes, **weighting, **extra(fed))
     if central == "fixed":
         return DifferentialPrivacyClientSideFixedClipping(strategy, privacy.central_noise_multiplier,
-                                                          privacy.central_clipping_norm, sampled_sites(fed))
+                                                          privacy.central_clipping_norm, sites_per_round(fed))
     if central == "adaptive":
-        return DifferentialPrivacyClientSideAdaptiveClipping(strategy, privacy.central_noise_multiplier, sampled_sites(fed),
+        return DifferentialPrivacyClientSideAdaptiveClipping(strategy, privacy.central_noise_multiplier, sites_per_round(fed),
                                                              initial_clipping_norm=privacy.central_clipping_norm)
     return strategy
 
 
-def sampled_sites(fed: FederationConfig) -> int:
+def sites_per_round(fed: FederationConfig) -> int:
     """Sites sampled per round, as Flower's sampling computes it for ``fraction_train``."""
     return max(fed.min_train_nodes, int(fed.num_sites * fed.fraction_train))
 

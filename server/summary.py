@@ -8,7 +8,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 from configs import ExperimentConfig
 from meddiff.board import RunBoard
@@ -163,7 +162,7 @@ def build_summary(run_dir: Path, cfg: ExperimentConfig, state, *, stop_reason: s
         summary["autoencoder"] = {"mode": cfg.autoencoder.mode, "digest": codec.digest,
                                   "scale_factor": codec.scale_factor, "weight_transfers": weight_transfers}
     if cfg.privacy.enabled:
-        save_site_ledgers(run_dir, state.ledgers, exhausted=sorted(state.refused_sites))
+        save_site_ledgers(run_dir, state.ledgers, refused=sorted(state.refused_sites))
         summary["epsilon"] = {name: led["epsilon"] for name, led in sorted(state.ledgers.items())}
     if state.ledgers or state.central["releases"]:
         summary["privacy_report"] = str(write_privacy_report(run_dir)["md"])
@@ -175,8 +174,3 @@ def final_status(stop_reason: str, failed: bool, aggregated_rounds: int) -> str:
     if failed or not aggregated_rounds:
         return "failed"
     return "stopped" if stop_reason else "completed"
-
-
-def read_status(run_dir: Path) -> Optional[dict]:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None

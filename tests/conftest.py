@@ -58,11 +58,6 @@ def shared_file(name: str) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_cfg(tmp_path):
-    return tiny_config(tmp_path)
-
-
 @pytest.fixture(autouse=True)
 def _work_in_tmp(tmp_path, monkeypatch):
     """Relative outputs (runs/, .cache/) go to a temporary folder, never into the repo."""

@@ -50,11 +50,11 @@ def test_datasets_are_the_folder_adapters_and_the_generated_phantoms():
 
 
 def test_dataset_dispatch_builds_phantoms_and_refuses_an_unknown_layout():
-    from meddiff.recipes.build import build_dataset
+    from meddiff.recipes.build import build_dataset_from_section
     from meddiff.data.adapters import index_dataset
     from meddiff.data.readers import DataError
 
-    assert len(build_dataset(DataConfig(dataset="phantoms", num_samples=2, image_size=8))) == 2
+    assert len(build_dataset_from_section(DataConfig(dataset="phantoms", num_samples=2, image_size=8))) == 2
     with pytest.raises(DataError, match="has no folder adapter"):
         index_dataset(DataConfig(dataset="unknown"))
 

@@ -57,10 +57,10 @@ import pkgutil, importlib, configs, meddiff
 for pkg in (configs, meddiff):
     for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):
         importlib.import_module(m.name)
-from meddiff.recipes.build import build_model
+from meddiff.recipes.build import build_unet_from_section
 from configs import load_config
 cfg = load_config()
-build_model(cfg.model, cfg.data.image_size)
+build_unet_from_section(cfg.model, cfg.data.image_size)
 assert not any(k.split('.')[0] in ('flwr', 'opacus') for k in sys.modules)
 print('ok')
 """

@@ -27,7 +27,7 @@ def attention_levels(model_cfg: ModelConfig, image_size: int) -> tuple[int, ...]
     return tuple(sizes.index(r) for r in model_cfg.attention_resolutions if r in sizes)
 
 
-def build_model(model_cfg: ModelConfig, image_size: int) -> ADMUNet:
+def build_unet_from_section(model_cfg: ModelConfig, image_size: int) -> ADMUNet:
     return ADMUNet(
         spatial_dims=model_cfg.spatial_dims,
         in_channels=model_cfg.in_channels,
@@ -46,7 +46,7 @@ def build_model(model_cfg: ModelConfig, image_size: int) -> ADMUNet:
 
 def build_unet(cfg: ExperimentConfig) -> ADMUNet:
     """The experiment's UNet, sized for what it denoises (images, or latents for latent diffusion)."""
-    return build_model(cfg.model, cfg.unet_input_size)
+    return build_unet_from_section(cfg.model, cfg.unet_input_size)
 
 
 def build_autoencoder(cfg: ExperimentConfig) -> KLAutoencoder:
@@ -89,7 +89,7 @@ def build_sampler(sampler_cfg: SamplerConfig, diffusion: GaussianDiffusion) -> S
     return SAMPLERS[sampler_cfg.name](diffusion, **kwargs)
 
 
-def build_dataset(data_cfg: DataConfig, *, spatial_dims: int = 2, channels: int = 1) -> Dataset:
+def build_dataset_from_section(data_cfg: DataConfig, *, spatial_dims: int = 2, channels: int = 1) -> Dataset:
     """The training images named by ``data.dataset``: ``(x [channels, *S] in [-1, 1], label)`` items."""
     if data_cfg.dataset == "phantoms":
         if spatial_dims != 2 or channels != 1:
@@ -114,8 +114,8 @@ def build_dataset(data_cfg: DataConfig, *, spatial_dims: int = 2, channels: int 
 
 
 def build_image_dataset(cfg: ExperimentConfig, data_cfg: DataConfig | None = None) -> Dataset:
-    """:func:`build_dataset` with the experiment's spatial dims and image channels."""
-    return build_dataset(data_cfg or cfg.data, spatial_dims=cfg.model.spatial_dims, channels=cfg.image_channels)
+    """:func:`build_dataset_from_section` with the experiment's spatial dims and image channels."""
+    return build_dataset_from_section(data_cfg or cfg.data, spatial_dims=cfg.model.spatial_dims, channels=cfg.image_channels)
 
 
 def check_labels(dataset: Dataset, model_cfg: ModelConfig) -> None:

@@ -37,7 +37,7 @@ def train_autoencoder(cfg: ExperimentConfig, dataset: Dataset, *, device: torch.
     if len(dataset) == 0:
         raise ValueError("the autoencoder's training data is empty")
     torch.manual_seed(seed)
-    model = AUTOENCODER.build_model(cfg).to(device)
+    model = AUTOENCODER.build_unet_from_section(cfg).to(device)
     optimizer = AUTOENCODER.build_optimizer(cfg, model.parameters())
     loader = DataLoader(dataset, batch_size=min(ae.batch_size, len(dataset)), shuffle=True, drop_last=True,
                         num_workers=cfg.train.num_workers, generator=torch.Generator().manual_seed(seed))

@@ -77,7 +77,7 @@ class TrainingPhase:
         return None
 
     # ---------------------------------------------------------------- the training objects
-    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+    def build_unet_from_section(self, cfg: ExperimentConfig) -> nn.Module:
         raise NotImplementedError
 
     def build_objective(self, cfg: ExperimentConfig):
@@ -151,7 +151,7 @@ class AutoencoderPhase(TrainingPhase):
     def is_private(self, cfg: ExperimentConfig) -> bool:
         return cfg.privacy.enabled and cfg.autoencoder.mode == "dp"
 
-    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+    def build_unet_from_section(self, cfg: ExperimentConfig) -> nn.Module:
         if not cfg.autoencoder.enabled:
             raise ValueError("an autoencoder phase was asked for, but this config has autoencoder.enabled=false")
         return build_autoencoder(cfg)
@@ -207,7 +207,7 @@ class DiffusionPhase(TrainingPhase):
     def server_ema_decay(self, cfg: ExperimentConfig) -> Optional[float]:
         return cfg.federation.server_ema_decay
 
-    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+    def build_unet_from_section(self, cfg: ExperimentConfig) -> nn.Module:
         return build_unet(cfg)
 
     def build_objective(self, cfg: ExperimentConfig):

@@ -5,7 +5,7 @@ from opacus import GradSampleModule
 
 from client.client_app import evaluate, train
 from client.local import local_train
-from meddiff.recipes.build import build_model
+from meddiff.recipes.build import build_unet_from_section
 from meddiff.recipes.sites import phantom_site
 from privacy.wrapping import unwrap_state
 from protocol import FEATURE_COUNT, TRAIN_METRIC_KEYS, arrays_to_state, state_to_arrays
@@ -21,7 +21,7 @@ def _context(pid=0, num=2):
 def test_train_reply_schema_unwrapped_keys_and_transport(transport):
     cfg = tiny_config(extra=["federation.local_steps=2", "data.num_samples=40", f"federation.transport_dtype={transport}",
                              "model.num_classes=2"])
-    model = build_model(cfg.model, cfg.data.image_size)
+    model = build_unet_from_section(cfg.model, cfg.data.image_size)
     msg = server_message(cfg, model.state_dict(), dst=11)
     as_node(11)
     out = train(msg, _context(0))
@@ -40,7 +40,7 @@ def test_train_reply_schema_unwrapped_keys_and_transport(transport):
 
 def test_same_metric_keys_from_every_site():
     cfg = tiny_config(extra=["federation.local_steps=1", "data.num_samples=40"])
-    model = build_model(cfg.model, cfg.data.image_size)
+    model = build_unet_from_section(cfg.model, cfg.data.image_size)
     keys = []
     for pid in (0, 1):
         as_node(11 + pid)
@@ -50,7 +50,7 @@ def test_same_metric_keys_from_every_site():
 
 def test_evaluate_reports_held_out_loss_and_feature_statistics_on_request():
     cfg = tiny_config(extra=["data.num_samples=40"])
-    model = build_model(cfg.model, cfg.data.image_size)
+    model = build_unet_from_section(cfg.model, cfg.data.image_size)
     msg = server_message(cfg, model.state_dict(), dst=11, message_type=MessageType.EVALUATE)
     as_node(11)
     content = evaluate(msg, _context(0)).content
@@ -65,7 +65,7 @@ def test_evaluate_reports_held_out_loss_and_feature_statistics_on_request():
 
 
 def test_state_codec_sends_a_dp_models_weights_with_plain_keys():
-    model = build_model(tiny_config().model, 16)
+    model = build_unet_from_section(tiny_config().model, 16)
     wrapped = GradSampleModule(model)
     record = state_to_arrays(unwrap_state(wrapped.state_dict()), "fp16")
     state = arrays_to_state(record)
@@ -77,7 +77,7 @@ def test_state_codec_sends_a_dp_models_weights_with_plain_keys():
 
 def test_local_training_is_deterministic_per_round_and_site():
     cfg = tiny_config(extra=["federation.local_steps=2", "data.num_samples=40"])
-    state = build_model(cfg.model, 16).state_dict()
+    state = build_unet_from_section(cfg.model, 16).state_dict()
     data = phantom_site(0, 2, cfg)
     a, _ = local_train(cfg, state, data, server_round=3, site_index=0)
     b, _ = local_train(cfg, state, data, server_round=3, site_index=0)
@@ -95,7 +95,7 @@ def test_phantom_sites_are_skewed_and_disjoint():
 
 def test_node_config_without_site_is_an_error():
     cfg = tiny_config()
-    msg = server_message(cfg, build_model(cfg.model, 16).state_dict(), dst=11)
+    msg = server_message(cfg, build_unet_from_section(cfg.model, 16).state_dict(), dst=11)
     ctx = Context(run_id=1, node_id=11, node_config={}, state=RecordDict(), run_config={})
     reply = train(msg, ctx)  # the error goes back to the server as a failure reply, with its traceback
     failure = reply.content["failure"]
@@ -118,4 +118,4 @@ def test_fedprox_term_pulls_towards_the_global_weights():
 def test_dp_training_without_a_ledger_is_refused():
     cfg = tiny_config(extra=["privacy.enabled=true"])
     with pytest.raises(ValueError, match="refusing to train without DP"):
-        local_train(cfg, build_model(cfg.model, 16).state_dict(), phantom_site(0, 2, tiny_config()), server_round=1, site_index=0)
+        local_train(cfg, build_unet_from_section(cfg.model, 16).state_dict(), phantom_site(0, 2, tiny_config()), server_round=1, site_index=0)

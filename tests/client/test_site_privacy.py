@@ -13,7 +13,7 @@ from opacus.accountants import RDPAccountant
 
 from client.client_app import train
 from client.local import local_evaluate, local_train
-from meddiff.recipes.build import build_model
+from meddiff.recipes.build import build_unet_from_section
 from meddiff.recipes.sites import phantom_site
 from privacy.accounting import PrivacyLedger
 from privacy.calibration import enrol
@@ -39,7 +39,7 @@ def _round(cfg, state_dict, rnd, node_config, state=None, study="s1", known=None
 
 def test_epsilon_accumulates_over_rounds_survives_a_restart_and_matches_opacus(tmp_path):
     cfg = tiny_config(extra=DP)
-    weights = build_model(cfg.model, 16).state_dict()
+    weights = build_unet_from_section(cfg.model, 16).state_dict()
     node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "site0")}
     state = RecordDict()
     eps = []
@@ -60,10 +60,10 @@ import json, torch
 from flwr.app import Context, RecordDict
 from client.client_app import train
 from configs import load_config
-from meddiff.recipes.build import build_model
+from meddiff.recipes.build import build_unet_from_section
 from tests.flower_helpers import as_node, server_message
 cfg = load_config(None, {TINY_OVERRIDES + DP!r})
-msg = server_message(cfg, build_model(cfg.model, 16).state_dict(), dst=11, round_=3, study_id="s1")
+msg = server_message(cfg, build_unet_from_section(cfg.model, 16).state_dict(), dst=11, round_=3, study_id="s1")
 as_node(11)
 out = train(msg, Context(run_id=1, node_id=11, node_config={node!r}, state=RecordDict(), run_config={{}}))
 print(json.dumps(dict(out.content["metrics"])))
@@ -95,7 +95,7 @@ print(json.dumps(dict(out.content["metrics"])))
 
 def test_lost_ledger_file_is_restored_from_the_mirror_and_the_budget_cannot_be_raised(tmp_path):
     cfg = tiny_config(extra=DP)
-    weights = build_model(cfg.model, 16).state_dict()
+    weights = build_unet_from_section(cfg.model, 16).state_dict()
     node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "s"), "epsilon-budget": 4.0}
     state = RecordDict()
     first = _round(cfg, weights, 1, node, state)["metrics"]["epsilon"]
@@ -111,7 +111,7 @@ def test_lost_ledger_file_is_restored_from_the_mirror_and_the_budget_cannot_be_r
 def test_deployed_site_needs_its_own_budget_and_state_dir(tmp_path):
     """Where the ledger lives and whose budget counts: tests/privacy/test_site.py; here, through the ClientApp."""
     cfg = tiny_config(extra=DP)
-    weights = build_model(cfg.model, 16).state_dict()
+    weights = build_unet_from_section(cfg.model, 16).state_dict()
     failed = _round(cfg, weights, 1, {"partition-id": 0, "num-partitions": 2})  # simulation, but no root from the server
     assert "needs a state directory" in failed["failure"]["reason"] and "arrays" not in failed.array_records
 
@@ -122,7 +122,7 @@ def test_a_site_whose_ledger_is_spent_refuses_to_enrol_in_a_new_study(tmp_path):
     ledger = PrivacyLedger.open(tmp_path / LEDGER_FILE, site="site_0", delta=1 / (10 * len(data)), budget=1.0)
     ledger.record([(0.5, 0.3, 200)])  # far beyond epsilon 1 already
     ledger.save()
-    content = _round(cfg, build_model(cfg.model, 16).state_dict(), 1, {"partition-id": 0, "num-partitions": 2,
+    content = _round(cfg, build_unet_from_section(cfg.model, 16).state_dict(), 1, {"partition-id": 0, "num-partitions": 2,
                                                                        "state-dir": str(tmp_path)}, study="s2")
     assert content["metrics"]["budget_exhausted"] == 1 and "cannot enrol" in content["refusal"]["reason"]
 
@@ -134,7 +134,7 @@ def test_dp_training_still_lowers_the_loss_on_phantoms(tmp_path):
                              "privacy.max_grad_norm=1.0"])
     data = phantom_site(0, 2, cfg)
     held_out = phantom_site(0, 2, cfg, split="test")
-    state = build_model(cfg.model, 16).state_dict()
+    state = build_unet_from_section(cfg.model, 16).state_dict()
     ledger = PrivacyLedger.open(tmp_path / LEDGER_FILE, site="site_0", delta=1 / (10 * len(data)), budget=10.0)
     cal = enrol(ledger, study="s", num_examples=len(data), batch_size=64, planned_steps=60, privacy_cfg=cfg.privacy)
     before = local_evaluate(cfg, state, held_out, site_index=0)["eval_loss"]
@@ -149,7 +149,7 @@ def test_central_dp_mod_clips_the_update_only_when_the_server_asks():
     from client.client_app import app
 
     cfg = tiny_config(extra=["federation.local_steps=2", "data.num_samples=40", "train.lr=0.05"])
-    start = build_model(cfg.model, 16).state_dict()
+    start = build_unet_from_section(cfg.model, 16).state_dict()
 
     def update_norm(**fields):
         msg = server_message(cfg, start, dst=11, **fields)
@@ -181,7 +181,7 @@ def test_central_dp_config_rules_and_strategy_wrapper():
 def test_a_site_with_its_own_budget_never_trains_without_dp(tmp_path):
     cfg = tiny_config(extra=["federation.local_steps=1", "data.num_samples=40"])  # the server turned DP off
     node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path), "epsilon-budget": 5.0}
-    content = _round(cfg, build_model(cfg.model, 16).state_dict(), 1, node)
+    content = _round(cfg, build_unet_from_section(cfg.model, 16).state_dict(), 1, node)
     assert "arrays" not in content and content["metrics"]["budget_exhausted"] == 0
     assert "trains only with DP" in content["refusal"]["reason"]
 
@@ -190,7 +190,7 @@ def test_a_site_that_lost_its_ledger_adopts_the_servers_larger_record_never_a_sm
     """A moved or copied run, or a restored state directory: the site's own ledger is gone (or
     behind), the server's checkpoint holds the site's spending, and the site continues from it."""
     cfg = tiny_config(extra=DP)
-    weights = build_model(cfg.model, 16).state_dict()
+    weights = build_unet_from_section(cfg.model, 16).state_dict()
     first = _round(cfg, weights, 1, {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "a")})
     held = json.loads(first["privacy"]["ledger"])
     fresh = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "b")}  # an empty state dir

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from configs import config_to_dict
-from meddiff.recipes.build import build_model
+from meddiff.recipes.build import build_unet_from_section
 from meddiff.recipes.restore import model_from_checkpoint
 from meddiff.checkpoint import load_checkpoint, save_checkpoint
 from meddiff.ema import EMA
@@ -13,7 +13,7 @@ from tests.conftest import tiny_config
 
 def _trained_model(cfg):
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.image_size)
+    model = build_unet_from_section(cfg.model, cfg.data.image_size)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)

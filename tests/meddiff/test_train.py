@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from meddiff.recipes.build import build_diffusion, build_model
+from meddiff.recipes.build import build_diffusion, build_unet_from_section
 from meddiff.data import PhantomDataset
 from meddiff.diffusion import GaussianDiffusion, make_noise_schedule
 from meddiff.train import cycle, drop_labels, train_loop, train_step
@@ -68,6 +68,6 @@ def test_cycle_raises_on_empty_loader():
 
 def test_builders_follow_config():
     cfg = tiny_config(extra=["model.num_classes=2", "diffusion.prediction_type=v"])
-    model = build_model(cfg.model, cfg.data.image_size)
+    model = build_unet_from_section(cfg.model, cfg.data.image_size)
     assert model.num_classes == 2 and model.label_embed is not None
     assert build_diffusion(cfg.diffusion).prediction_type == "v"

@@ -6,7 +6,7 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
 from configs import load_config
-from meddiff.recipes.build import build_model
+from meddiff.recipes.build import build_unet_from_section
 from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, make_noise_schedule
 from tests.conftest import tiny_unet
 
@@ -21,7 +21,7 @@ def _randomise(model):
 
 def test_module_validator_is_clean_on_default_and_3d_models():
     cfg = load_config()
-    assert ModuleValidator.validate(build_model(cfg.model, cfg.data.image_size), strict=False) == []
+    assert ModuleValidator.validate(build_unet_from_section(cfg.model, cfg.data.image_size), strict=False) == []
     assert ModuleValidator.validate(tiny_unet(spatial_dims=3, num_classes=3), strict=False) == []
     ModuleValidator.validate(tiny_unet(num_classes=2), strict=True)  # raises on any problem
 

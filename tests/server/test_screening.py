@@ -4,7 +4,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from configs import load_config
-from meddiff.recipes.build import build_model
+from meddiff.recipes.build import build_unet_from_section
 from server.screening import aggregate, check_update, screen, screen_updates
 from server.strategy import create_strategy, load_strategy_state, strategy_state
 from tests.conftest import tiny_config
@@ -40,7 +40,7 @@ def _replies(cfg, global_state, updates):
 
 def test_nan_and_shape_mismatch_rejected_aggregate_is_mean_of_valid(caplog):
     cfg = tiny_config(extra=["federation.min_train_nodes=2"])
-    model = build_model(cfg.model, cfg.data.image_size)
+    model = build_unet_from_section(cfg.model, cfg.data.image_size)
     g = {k: v.clone() for k, v in model.state_dict().items()}
     a = {k: v + 1.0 for k, v in g.items()}
     b = {k: v + 3.0 for k, v in g.items()}
@@ -66,7 +66,7 @@ def test_nan_and_shape_mismatch_rejected_aggregate_is_mean_of_valid(caplog):
 
 def test_too_few_valid_updates_keep_the_previous_model(caplog):
     cfg = tiny_config(extra=["federation.min_train_nodes=2"])
-    g = build_model(cfg.model, cfg.data.image_size).state_dict()
+    g = build_unet_from_section(cfg.model, cfg.data.image_size).state_dict()
     bad = {k: v * float("nan") for k, v in g.items()}
     strategy = create_strategy(cfg.federation)
     with caplog.at_level("WARNING", logger="meddiff.server"):
@@ -85,7 +85,7 @@ def test_registry_builds_every_strategy(name):
 
 def test_fedadam_state_round_trips():
     cfg = tiny_config(extra=["federation.strategy=fedadam", "federation.min_train_nodes=1"])
-    g = build_model(cfg.model, cfg.data.image_size).state_dict()
+    g = build_unet_from_section(cfg.model, cfg.data.image_size).state_dict()
     strategy = create_strategy(cfg.federation)
     strategy.reference = {k: v.numpy() for k, v in g.items()}
     strategy.configure_train(1, ArrayRecord(g), __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord(), _FakeGrid())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from meddiff.recipes.build import build_diffusion, build_model
+from meddiff.recipes.build import build_diffusion, build_unet_from_section
 from meddiff.cli import main
 from meddiff.data import PhantomDataset
 from meddiff.evaluate import diffusion_losses, membership_inference
@@ -18,7 +18,7 @@ from tests.conftest import tiny_config
 def test_mia_is_near_chance_for_one_distribution_and_near_one_for_an_overfit_model():
     cfg = tiny_config(extra=["model.num_classes=0", "train.lr=3e-3"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, 16)
+    model = build_unet_from_section(cfg.model, 16)
     diffusion = build_diffusion(cfg.diffusion)
     members = PhantomDataset(16, 16, seed=1)
     others = PhantomDataset(16, 16, seed=2)
