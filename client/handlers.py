@@ -116,7 +116,7 @@ def train_round(ins: RoundIns, node_config: Mapping,
     server_round = round_config.round_number()
     epsilon_probe: list = []
     progress = SiteProgress(site.name, phase.name, server_round, round_config.num_rounds, phase.local_steps(cfg),
-                            path=progress_path(node_config, round_config.progress_dir, site.name),
+                            path=progress_path(node_config, round_config.progress_dir, site.name, phase.name, server_round),
                             epsilon=(lambda: epsilon_probe[0]()) if private else None)
     weights, metrics = local_train(
         cfg, ins.weights(), train_set, server_round=server_round, site_index=site.index,

@@ -1,5 +1,5 @@
 """A site's training progress while a round runs: log lines for the SuperNode's log and, in
-simulation, a small JSON file per site that ``meddiff simulate`` shows on the terminal.
+simulation, a small JSON file per site and round that ``meddiff simulate`` shows on the terminal.
 
 A round of local steps can take minutes on a hospital CPU; without this the only sign of life
 would be the server's line at the end of the round.
@@ -64,9 +64,10 @@ def describe(state: dict) -> str:
             f"loss {state['loss']:.4f}{eps} ({state['seconds']:.0f} s)")
 
 
-def progress_path(node_config, directory: str, site_name: str) -> Optional[Path]:
-    """The simulation's progress file of this site (``<directory>/<site>.json``, the server's
-    ``<run>/progress``); deployed sites keep their progress in their own log."""
+def progress_path(node_config, directory: str, site_name: str, phase: str, server_round: int) -> Optional[Path]:
+    """The simulation's progress file of this site's round (``<directory>/<site>/<phase>_<round>.json``,
+    under the server's ``<run>/progress``): one file per round, so a round's last state stays there
+    for the console to show. Deployed sites keep their progress in their own log."""
     if "partition-id" not in node_config or not directory:
         return None
-    return Path(directory) / f"{site_name}.json"
+    return Path(directory) / site_name / f"{phase}_{server_round:04d}.json"

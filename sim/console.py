@@ -62,14 +62,16 @@ class StreamPrinter:
 
 
 class SiteWatcher(threading.Thread):
-    """Polls ``<run>/progress/*.json`` (written by the sites) and prints each site's state when it
-    changed and ``SITE_EVERY`` seconds have passed since that site's last line."""
+    """Polls ``<run>/progress/<site>/<phase>_<round>.json`` (written by the sites) and prints a
+    site's state when it changed and ``SITE_EVERY`` seconds have passed since that site's last
+    line; every round's final state is printed once, and :meth:`stop` looks a last time, so no
+    finished round goes unseen whatever the machine's speed."""
 
     def __init__(self, progress_dir: Path, show: Callable[[str], None], *, every: float = SITE_EVERY, poll: float = 1.0):
         super().__init__(daemon=True)
         self.progress_dir, self.show, self.every, self.poll = progress_dir, show, every, poll
         self._halt = threading.Event()
-        self._seen: dict[str, tuple] = {}
+        self._seen: dict[Path, int] = {}
         self._last: dict[str, float] = {}
 
     def run(self) -> None:
@@ -77,21 +79,22 @@ class SiteWatcher(threading.Thread):
             self.check()
 
     def check(self) -> None:
-        for path in sorted(self.progress_dir.glob("*.json")) if self.progress_dir.is_dir() else []:
+        for path in sorted(self.progress_dir.glob("*/*.json")) if self.progress_dir.is_dir() else []:
             try:
                 state = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue  # being replaced
-            key = (state.get("phase"), state.get("round"), state.get("step"))
-            name, now = path.stem, time.monotonic()
+            site, now = path.parent.name, time.monotonic()
             finished = state.get("step") == state.get("total")
-            if key != self._seen.get(name) and (finished or now - self._last.get(name, -1e9) >= self.every):
-                self._seen[name], self._last[name] = key, now
+            if state.get("step") != self._seen.get(path) and (finished or now - self._last.get(site, -1e9) >= self.every):
+                self._seen[path], self._last[site] = state.get("step"), now
                 self.show(f"  {describe(state)}")
 
     def stop(self) -> None:
         self._halt.set()
-        self.join(timeout=5)
+        if self.is_alive():
+            self.join(timeout=5)
+        self.check()
 
 
 def final_table(console: Console, run_dir: Path, summary: Optional[dict]) -> None:
