@@ -46,7 +46,7 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, global_params: list[torc
 
 def _phase_model(cfg: ExperimentConfig, phase: TrainingPhase, global_state: Mapping[str, torch.Tensor]) -> nn.Module:
     """The phase's model, loaded with the server's weights."""
-    model = phase.build_unet_from_section(cfg)
+    model = phase.build_model(cfg)
     model.load_state_dict(global_state)
     return model
 

@@ -93,6 +93,8 @@ class TrainConfig:
     num_workers: int = _f(0, help="DataLoader worker processes", min=0)
     log_every: int = _f(50, help="steps between metric rows", min=1)
     threads: int = _f(0, help="torch CPU threads; 0 keeps torch's default", min=0)
+    init_from: str = _f("", help="a project checkpoint whose weights start the run (the denoiser, and for latent "
+                        "diffusion the autoencoder): pre-training on public data, then fine-tuning at the sites")
 
 
 DATASETS = ("phantoms", "medmnist", "brats", "ixi", "chexpert", "covid_ct", "lidc", "folder")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from meddiff.checkpoint import atomic_write_text
+from meddiff.recipes.initial import RECORD_FILE as INITIAL_RECORD
 from meddiff.recipes.phases import phase_named
 from privacy.accounting import epsilon_of, prv_epsilon_of, total_steps
 
@@ -170,10 +171,16 @@ def privacy_report(run_dir: str | Path) -> dict:
     central = central_summary(json.loads(central_path.read_text())) if central_path.exists() else None
     refused = data.get("refused", data.get("exhausted", []))  # "exhausted": runs written before refusals had reasons
     return {"run_dir": str(run_dir), "sites": sites, "central": central, "refused": refused,
-            "phases": phase_statements(run_dir),
+            "phases": phase_statements(run_dir), "initial_weights": _initial_weights(run_dir),
             "guarantee": {"covers": COVERED, "does_not_cover": list(NOT_COVERED)},
             "audit": "epsilon = opacus.accountants.RDPAccountant with .history = the site's history, "
                      ".get_epsilon(delta); nothing else enters it"}
+
+
+def _initial_weights(run_dir: Path) -> Optional[dict]:
+    """The record of ``train.init_from`` in the run directory, if the run started from a checkpoint."""
+    path = run_dir / INITIAL_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_privacy_report(run_dir: str | Path) -> dict[str, Path]:
@@ -219,6 +226,9 @@ def _markdown(report: dict) -> str:
                   f"{c['delta']:.1e} for {c['unit']}. With 3 to 10 hospitals this guarantee is weak or the noise "
                   "(std sigma x S / m on the mean update) swamps the signal; record-level DP at each site is the "
                   "meaningful guarantee there."]
+    init = report.get("initial_weights")
+    if init:
+        lines += ["", "## Initial weights", "", f"`{init['path']}` (sha256 `{init['sha256']}`): {init['note']}."]
     lines += ["", "## What each phase covers", ""]
     lines += [f"- **{p['phase']}**{'' if p['private'] else ' (NOT PRIVATE)'}: {p['statement']}" for p in report["phases"]]
     if len(report["phases"]) > 1:

@@ -33,12 +33,13 @@ from torch import nn
 
 from configs import ExperimentConfig, config_to_dict, config_to_yaml, load_config_dict
 from configs.compare import resume_conflicts
-from meddiff.recipes.restore import codec_from_checkpoint
-from meddiff.recipes.first_stage import public_codec
 from meddiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from meddiff.ema import EMA
 from meddiff.latent import LatentCodec
+from meddiff.recipes.first_stage import public_codec
+from meddiff.recipes.initial import load_initial_weights, load_into
 from meddiff.recipes.phases import FINAL_PHASE, TrainingPhase, phase_named, study_phases
+from meddiff.recipes.restore import codec_from_checkpoint
 from meddiff.train import seed_everything
 from privacy.report import save_central, save_site_ledgers
 from protocol import NUM_EXAMPLES, RoundConfig, arrays_to_state
@@ -76,10 +77,13 @@ class _Federation:
         self.evaluation = Evaluation(grid, cfg, run_dir, say)
         self.latent = LatentSetup(grid, cfg, lambda: self._round_config(FINAL_PHASE), say)
         self.record: Optional[RunRecord] = None
+        self.initial = load_initial_weights(cfg)  # train.init_from: weights that start each phase's round 1
 
     def run(self, resume_from: str) -> dict:
         ckpt = self._restore(resume_from) if resume_from else None
         record_config(self.run_dir, self.cfg_yaml, ckpt)
+        if self.initial is not None:
+            self.initial.write_record(self.run_dir)
         resumed = phase_named(ckpt.extra.get("phase")) if ckpt else None
         with RunRecord(self.run_dir, self.cfg) as self.record:
             for phase in study_phases(self.cfg):
@@ -124,7 +128,7 @@ class _Federation:
     def _build(self, phase: TrainingPhase) -> nn.Module:
         """The phase's model, initialised from ``train.seed`` whichever path (fresh, resumed) got here."""
         torch.manual_seed(self.cfg.train.seed)
-        return phase.build_unet_from_section(self.cfg)
+        return phase.build_model(self.cfg)
 
     def _round_config(self, phase: TrainingPhase, num_rounds: int = 0) -> RoundConfig:
         """What every message of ``phase`` tells the sites (Flower adds the round)."""
@@ -141,6 +145,10 @@ class _Federation:
     def _start_phase(self, phase: TrainingPhase, ckpt: Optional[Checkpoint]) -> tuple[PhaseRun, int]:
         fed, decay = self.cfg.federation, phase.server_ema_decay(self.cfg)
         model = self._build(phase)
+        initial = phase.initial_state(self.initial) if self.initial is not None and ckpt is None else None
+        if initial is not None:
+            load_into(model, initial, f"train.init_from: {self.initial.path}")
+            say(f"{phase.name}: initial weights from {self.initial.path} (sha256 {self.initial.sha256[:16]})")
         ema = EMA(model, decay=decay) if decay is not None else None
         strategy = create_strategy(fed, self.cfg.privacy)
         global_state, first_round = {k: v.detach().clone() for k, v in model.state_dict().items()}, 1
@@ -271,6 +279,8 @@ class _Federation:
                  **self.state.to_checkpoint()}
         if run.ema is not None:
             extra["ema_updates"] = run.ema.num_updates
+        if self.initial is not None:
+            extra["init_from"] = json.dumps(self.initial.record())
         if run.phase.trains_on_latents(self.cfg) and self.codec is not None:
             extra["autoencoder"] = self.codec.to_payload()
         for name in (f"{run.phase.checkpoint_prefix}_{rnd:04d}.pt", "last.pt"):

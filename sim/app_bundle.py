@@ -23,11 +23,12 @@ def _ignored(folder: str, names: list[str]) -> set[str]:
 
 
 def stage_app(dest: Path, project: Path = PROJECT) -> Path:
-    """Copy the app's packages and ``pyproject.toml`` from ``project`` into ``dest`` (created,
-    and must not exist yet); returns ``dest``, ready for ``flwr run <dest>``."""
+    """Copy the app's packages, ``pyproject.toml`` and top-level documents from ``project`` into
+    ``dest`` (created, and must not exist yet); returns ``dest``, ready for ``flwr run <dest>``."""
     dest.mkdir(parents=True)
     for package in PACKAGES:
         shutil.copytree(project / package, dest / package, ignore=_ignored)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(project / name, dest / name)
+    for path in project.iterdir():  # pyproject.toml and the top-level documents, as a FAB keeps them
+        if path.is_file() and path.name.endswith(KEPT_SUFFIXES):
+            shutil.copy2(path, dest / path.name)
     return dest

@@ -10,7 +10,8 @@ from configs import ConfigError, ExperimentConfig, load_config_dict
 from configs.compare import resume_conflicts
 from configs.load import read_yaml_mapping
 from meddiff.checkpoint import Checkpoint, load_checkpoint
-from meddiff.recipes.phases import private_plan
+from meddiff.recipes.initial import load_initial_weights, load_into
+from meddiff.recipes.phases import private_plan, study_phases
 from meddiff.recipes.sites import phantom_site_plan, site_dataset
 from privacy.calibration import calibrate_study, site_delta
 
@@ -79,3 +80,15 @@ def check_fresh_run_dir(run_dir: Path) -> None:
     if (run_dir / "metrics.csv").is_file() or (run_dir / "checkpoints").is_dir():
         raise ConfigError(f"{run_dir} already holds a federated run; continue it with --resume-from "
                           f"{run_dir / 'checkpoints' / 'last.pt'}, or choose another --run-dir / output.name")
+
+
+def check_initial_weights(cfg: ExperimentConfig) -> None:
+    """``train.init_from`` exists, reads, and fits every phase it starts (the differing keys named)."""
+    try:
+        initial = load_initial_weights(cfg)
+        for phase in study_phases(cfg) if initial is not None else ():
+            state = phase.initial_state(initial)
+            if state is not None:
+                load_into(phase.build_model(cfg), state, f"train.init_from: {initial.path} ({phase.name})")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None

@@ -18,6 +18,7 @@ project-local (``<project>/.flwr_home`` unless set), holding the shipped ``confi
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -40,7 +41,8 @@ from meddiff.recipes.sites import load_manifest, verify_manifest
 from sim.app_bundle import PROJECT, stage_app
 from sim.console import SiteWatcher, StreamPrinter, final_table
 from sim.manifest import build_manifest, dumps, write_manifest
-from sim.preflight import check_federation, check_fresh_run_dir, check_privacy_plan, check_resume, site_sizes
+from sim.preflight import (check_federation, check_fresh_run_dir, check_initial_weights, check_privacy_plan, check_resume,
+                           site_sizes)
 from sim.processes import Reaper, port_free, port_owner, stop_process_tree
 
 FLOWER_ENV = {
@@ -155,6 +157,9 @@ def simulate(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, resume_fr
     console = Console(highlight=False, quiet=log_path is not None)
     say = lambda m: console.print(m, markup=False)  # noqa: E731
     check_federation(cfg)
+    check_initial_weights(cfg)
+    if cfg.train.init_from:  # the ServerApp runs in another working directory
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(Path(cfg.train.init_from).resolve())))
     if resume_from:
         check_resume(cfg, run_dir, resume_from)
     else:

@@ -9,6 +9,7 @@ the latents, and every checkpoint carries the autoencoder.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,8 @@ from meddiff.checkpoint import save_checkpoint
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.ema import EMA
 from meddiff.recipes.first_stage import train_first_stage
+from meddiff.recipes.initial import InitialWeights, load_initial_weights, load_into
+from meddiff.recipes.phases import DIFFUSION
 from meddiff.latent import LatentCodec, encode_dataset
 from meddiff.outputs import write_samples
 from meddiff.recipes.runs import MetricsCSV, create_run_dir
@@ -30,14 +33,14 @@ from meddiff.train import cycle, seed_everything, train_loop
 from meddiff.recipes.sample import sample_images
 
 
-def _training_data(cfg: ExperimentConfig, run_dir: Path, device: torch.device,
-                   progress: bool) -> tuple[Dataset, Optional[LatentCodec]]:
+def _training_data(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool,
+                   initial: Optional[InitialWeights]) -> tuple[Dataset, Optional[LatentCodec]]:
     """The images, or for latent diffusion their latents and the first stage that made them."""
     dataset = build_image_dataset(cfg)
     check_labels(dataset, cfg.model)
     codec = None
     if cfg.autoencoder.enabled:
-        codec = train_first_stage(cfg, dataset, run_dir=run_dir, device=device, progress=progress)
+        codec = train_first_stage(cfg, dataset, run_dir=run_dir, device=device, progress=progress, initial=initial)
         dataset = encode_dataset(codec, dataset, device=device, progress=progress)
         codec.to(device)
     if len(dataset) < cfg.train.batch_size:
@@ -49,15 +52,20 @@ class CentralizedRun:
     """The model, its EMA and optimizer, and what is written at each step of one run."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, device: torch.device, codec: Optional[LatentCodec],
-                 progress: bool):
+                 progress: bool, initial: Optional[InitialWeights] = None):
         self.cfg, self.run_dir, self.device, self.codec, self.progress = cfg, run_dir, device, codec, progress
-        self.model = build_unet(cfg).to(device)
+        self.model = build_unet(cfg)
+        if initial is not None and DIFFUSION.initial_state(initial) is not None:
+            load_into(self.model, DIFFUSION.initial_state(initial), f"train.init_from: {initial.path}")
+        self.model.to(device)
         self.optimizer = build_optimizer(cfg.train, self.model.parameters())
         self.lr_schedule = build_lr_schedule(cfg.train, self.optimizer, cfg.train.steps)
         self.ema = EMA(self.model, decay=cfg.train.ema_decay)
         self.metrics = MetricsCSV(run_dir / "metrics.csv", ["step", "loss", "lr", "examples_per_s", "elapsed_s"])
         self._cfg_dict = config_to_dict(cfg)
-        self._codec_extra = {"autoencoder": codec.to_payload()} if codec is not None else {}
+        self._extra = {"autoencoder": codec.to_payload()} if codec is not None else {}
+        if initial is not None:
+            self._extra["init_from"] = json.dumps(initial.record())
         self._window: list[float] = []
         self._started = time.perf_counter()
 
@@ -65,7 +73,7 @@ class CentralizedRun:
         for name in (f"step_{step:06d}.pt", "last.pt"):
             save_checkpoint(self.run_dir / "checkpoints" / name, model_state=self.model.state_dict(),
                             ema_state=self.ema.state_dict(), config=self._cfg_dict, step=step,
-                            extra={"ema_updates": self.ema.num_updates, **self._codec_extra})
+                            extra={"ema_updates": self.ema.num_updates, **self._extra})
 
     def draw(self, step: int) -> None:
         ema_model = build_unet(self.cfg).to(self.device)
@@ -101,10 +109,14 @@ def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
     seed_everything(tc.seed)
     device = resolve_device(tc.device)
     run_dir = create_run_dir(cfg.output, cfg, kind="train")
-    dataset, codec = _training_data(cfg, run_dir, device, progress)
+    initial = load_initial_weights(cfg)
+    if initial is not None:
+        initial.write_record(run_dir)
+        print(f"[meddiff] initial weights: {initial.path} (sha256 {initial.sha256[:16]})")
+    dataset, codec = _training_data(cfg, run_dir, device, progress, initial)
     loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.num_workers,
                         generator=torch.Generator().manual_seed(tc.seed), pin_memory=device.type == "cuda")
-    run = CentralizedRun(cfg, run_dir, device, codec, progress)
+    run = CentralizedRun(cfg, run_dir, device, codec, progress, initial)
     n_params = sum(p.numel() for p in run.model.parameters())
     print(f"[meddiff] run dir {run_dir}\n[meddiff] {n_params / 1e6:.2f}M parameters, {len(dataset)} examples, device {device}")
     with run.metrics:

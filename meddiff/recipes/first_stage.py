@@ -22,6 +22,7 @@ from meddiff.device import autocast_dtype, autocast_factory
 from meddiff.latent import LatentCodec, latent_stats
 from meddiff.nets.autoencoder import KLAutoencoder
 from meddiff.outputs import save_grid_png
+from meddiff.recipes.initial import InitialWeights, load_into
 from meddiff.recipes.phases import AUTOENCODER
 from meddiff.train import cycle, train_loop
 
@@ -30,14 +31,18 @@ SCALE_EXAMPLES = 1024
 
 
 def train_autoencoder(cfg: ExperimentConfig, dataset: Dataset, *, device: torch.device, steps: Optional[int] = None,
-                      seed: int = 0, progress: bool = True, desc: str = "autoencoder") -> tuple[KLAutoencoder, list[float]]:
-    """Train the autoencoder centrally for ``steps`` (default ``autoencoder.steps``); returns it
-    and its per-step losses."""
+                      seed: int = 0, progress: bool = True, desc: str = "autoencoder",
+                      initial: Optional[InitialWeights] = None) -> tuple[KLAutoencoder, list[float]]:
+    """Train the autoencoder centrally for ``steps`` (default ``autoencoder.steps``), from
+    ``initial``'s autoencoder when it has one; returns it and its per-step losses."""
     ae = cfg.autoencoder
     if len(dataset) == 0:
         raise ValueError("the autoencoder's training data is empty")
     torch.manual_seed(seed)
-    model = AUTOENCODER.build_unet_from_section(cfg).to(device)
+    model = AUTOENCODER.build_model(cfg)
+    if initial is not None and AUTOENCODER.initial_state(initial) is not None:
+        load_into(model, AUTOENCODER.initial_state(initial), f"train.init_from: {initial.path}")
+    model = model.to(device)
     optimizer = AUTOENCODER.build_optimizer(cfg, model.parameters())
     loader = DataLoader(dataset, batch_size=min(ae.batch_size, len(dataset)), shuffle=True, drop_last=True,
                         num_workers=cfg.train.num_workers, generator=torch.Generator().manual_seed(seed))
@@ -60,7 +65,7 @@ def fit_codec(cfg: ExperimentConfig, autoencoder: KLAutoencoder, dataset: Datase
 def save_codec(path: str | Path, codec: LatentCodec, cfg: ExperimentConfig, *, step: int, extra: Optional[dict] = None) -> Path:
     """An autoencoder checkpoint: its weights, scale factor, digest and the config that made it."""
     return save_checkpoint(path, model_state=codec.autoencoder.state_dict(), config=config_to_dict(cfg), step=step,
-                           extra={"kind": "autoencoder", "autoencoder": codec.to_payload(), **(extra or {})})
+                           extra={"kind": AUTOENCODER.name, "autoencoder": codec.to_payload(), **(extra or {})})
 
 
 def load_codec(path: str | Path, cfg: ExperimentConfig) -> LatentCodec:
@@ -95,13 +100,13 @@ def public_codec(cfg: ExperimentConfig, *, device: torch.device, run_dir: Option
 
 
 def train_first_stage(cfg: ExperimentConfig, dataset: Dataset, *, run_dir: Path, device: torch.device,
-                      progress: bool = True) -> LatentCodec:
+                      progress: bool = True, initial: Optional[InitialWeights] = None) -> LatentCodec:
     """Latent diffusion's frozen first stage for centralized training: pre-trained on public data /
     loaded (``autoencoder.mode: public``) or trained on ``dataset`` here; saved to
     ``<run>/autoencoder.pt`` with its reconstructions."""
     if cfg.autoencoder.mode == "public":
         return public_codec(cfg, device=device, run_dir=run_dir, progress=progress)
-    model, losses = train_autoencoder(cfg, dataset, device=device, seed=cfg.train.seed, progress=progress)
+    model, losses = train_autoencoder(cfg, dataset, device=device, seed=cfg.train.seed, progress=progress, initial=initial)
     codec = fit_codec(cfg, model, dataset, device=device)
     save_codec(run_dir / "autoencoder.pt", codec, cfg, step=len(losses), extra={"final_loss": losses[-1]})
     write_reconstructions(codec, dataset, run_dir / "samples" / "autoencoder_reconstructions.png")

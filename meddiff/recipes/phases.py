@@ -14,7 +14,7 @@ alone.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -76,8 +76,12 @@ class TrainingPhase:
         """Decay of the server's EMA of the global weights (None: no EMA)."""
         return None
 
+    def initial_state(self, initial) -> Optional[dict]:
+        """This phase's share of ``train.init_from`` (a :class:`~meddiff.recipes.initial.InitialWeights`)."""
+        raise NotImplementedError
+
     # ---------------------------------------------------------------- the training objects
-    def build_unet_from_section(self, cfg: ExperimentConfig) -> nn.Module:
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
         raise NotImplementedError
 
     def build_objective(self, cfg: ExperimentConfig):
@@ -151,7 +155,10 @@ class AutoencoderPhase(TrainingPhase):
     def is_private(self, cfg: ExperimentConfig) -> bool:
         return cfg.privacy.enabled and cfg.autoencoder.mode == "dp"
 
-    def build_unet_from_section(self, cfg: ExperimentConfig) -> nn.Module:
+    def initial_state(self, initial) -> Optional[dict]:
+        return initial.autoencoder
+
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
         if not cfg.autoencoder.enabled:
             raise ValueError("an autoencoder phase was asked for, but this config has autoencoder.enabled=false")
         return build_autoencoder(cfg)
@@ -204,10 +211,13 @@ class DiffusionPhase(TrainingPhase):
     def trains_on_latents(self, cfg: ExperimentConfig) -> bool:
         return cfg.autoencoder.enabled
 
+    def initial_state(self, initial) -> Optional[dict]:
+        return initial.unet
+
     def server_ema_decay(self, cfg: ExperimentConfig) -> Optional[float]:
         return cfg.federation.server_ema_decay
 
-    def build_unet_from_section(self, cfg: ExperimentConfig) -> nn.Module:
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
         return build_unet(cfg)
 
     def build_objective(self, cfg: ExperimentConfig):
@@ -259,6 +269,12 @@ def phase_named(name: Optional[str]) -> TrainingPhase:
         return PHASES[str(name)]
     except KeyError:
         raise ValueError(f"unknown training phase {name!r}; expected one of {sorted(PHASES)}") from None
+
+
+def trained_phase(extra: Mapping[str, Any]) -> TrainingPhase:
+    """The phase whose weights a checkpoint holds (its ``extra``: a federated round's ``phase``, or
+    an autoencoder checkpoint's ``kind``; neither: the final phase)."""
+    return phase_named(extra.get("phase", extra.get("kind")))
 
 
 def study_phases(cfg: ExperimentConfig) -> list[TrainingPhase]:

@@ -9,7 +9,7 @@ from configs import ConfigError, ExperimentConfig, load_config_dict
 from meddiff.checkpoint import check_finite, load_checkpoint
 from meddiff.latent import LatentCodec
 from meddiff.recipes.build import build_autoencoder, build_unet
-from meddiff.recipes.phases import PHASES
+from meddiff.recipes.phases import trained_phase
 
 
 def model_from_checkpoint(path, *, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -18,8 +18,7 @@ def model_from_checkpoint(path, *, use_ema: bool = True, device: str | torch.dev
     Returns ``(model, config, checkpoint)``. Never unpickles code (``weights_only=True``).
     """
     ckpt = load_checkpoint(path)
-    trained = ckpt.extra.get("phase", ckpt.extra.get("kind"))
-    if trained in PHASES and PHASES[trained].produces_codec:
+    if trained_phase(ckpt.extra).produces_codec:
         raise ValueError(f"{path} holds latent diffusion's phase-1 autoencoder, not a denoiser; use a diffusion-phase "
                          "checkpoint (checkpoints/round_*.pt, or last.pt once phase 2 has run)")
     try:

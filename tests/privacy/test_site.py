@@ -25,7 +25,7 @@ def _open(cfg, tmp_path: Path, data, mirrors: list, **kw) -> SitePrivacy:
 
 
 def _round(privacy: SitePrivacy, cfg, data, server_round: int) -> dict:
-    model = DIFFUSION.build_unet_from_section(cfg)
+    model = DIFFUSION.build_model(cfg)
     optimizer = DIFFUSION.build_optimizer(cfg, model.parameters())
     dp = privacy.wrap(DIFFUSION, model, optimizer, data, torch.device("cpu"))
     batches = dp.batches(cfg.privacy.max_physical_batch_size)

@@ -8,10 +8,11 @@ import pytest
 from configs import ConfigError, config_to_dict, load_config
 from meddiff.recipes.build import build_unet
 from meddiff.checkpoint import save_checkpoint
-from sim.preflight import check_federation, check_privacy_plan, site_sizes
+from sim.preflight import check_federation, check_initial_weights, check_privacy_plan, site_sizes
 from sim.run import _manifest, simulate
 from tests.conftest import tiny_config
 from tests.fixtures import write_png
+from tests.meddiff.recipes.test_initial import _source
 
 
 def test_site_counts_that_can_never_start_a_round_are_refused_naming_the_key():
@@ -84,3 +85,12 @@ def test_resume_reuses_the_stored_split_and_refuses_changed_data(tmp_path):
     write_png(root / "img03.png", seed=99, size=16)  # a file of the split changed
     with pytest.raises(ValueError, match="img03.png: content changed since the split"):
         _manifest(cfg, run, ckpt, messages.append)
+
+
+def test_initial_weights_that_do_not_fit_are_refused_before_anything_starts(tmp_path):
+    path, _ = _source(tmp_path)
+    with pytest.raises(ConfigError, match=r"other shape \['conv_in.bias', 'conv_in.weight'"):
+        check_initial_weights(tiny_config(extra=["model.model_channels=16", "model.norm_groups=4", f"train.init_from={path}"]))
+    with pytest.raises(ConfigError, match="train.init_from: .*missing.pt does not exist"):
+        check_initial_weights(tiny_config(extra=[f"train.init_from={tmp_path / 'missing.pt'}"]))
+    check_initial_weights(tiny_config(extra=[f"train.init_from={path}"]))

@@ -43,11 +43,11 @@ def test_steps_rounds_batches_and_privacy_per_phase():
 
 def test_each_phase_builds_its_own_model_objective_and_optimizer():
     cfg = tiny_config(extra=LDM)
-    assert isinstance(AUTOENCODER.build_unet_from_section(cfg), KLAutoencoder)
-    assert isinstance(DIFFUSION.build_unet_from_section(cfg), ADMUNet)
+    assert isinstance(AUTOENCODER.build_model(cfg), KLAutoencoder)
+    assert isinstance(DIFFUSION.build_model(cfg), ADMUNet)
     with pytest.raises(ValueError, match="autoencoder.enabled=false"):
-        AUTOENCODER.build_unet_from_section(tiny_config())
-    model = AUTOENCODER.build_unet_from_section(cfg)
+        AUTOENCODER.build_model(tiny_config())
+    model = AUTOENCODER.build_model(cfg)
     assert AUTOENCODER.build_optimizer(cfg, model.parameters()).param_groups[0]["lr"] == cfg.autoencoder.lr
     assert DIFFUSION.trains_on_latents(cfg) and not AUTOENCODER.trains_on_latents(cfg)
     assert not DIFFUSION.trains_on_latents(tiny_config())
@@ -56,12 +56,12 @@ def test_each_phase_builds_its_own_model_objective_and_optimizer():
 
 def test_held_out_losses_are_per_example():
     cfg = tiny_config(extra=["model.num_classes=2"])
-    model = DIFFUSION.build_unet_from_section(cfg).eval()
+    model = DIFFUSION.build_model(cfg).eval()
     x0, y = torch.randn(5, 1, 16, 16), torch.tensor([0, 1, 0, 1, 1])
     losses = DIFFUSION.held_out_losses(model, DIFFUSION.held_out_objective(cfg), x0, y, torch.Generator().manual_seed(0), cfg)
     assert losses.shape == (5,) and torch.isfinite(losses).all()
     ldm = tiny_config(extra=LDM)
-    ae = AUTOENCODER.build_unet_from_section(ldm).eval()
+    ae = AUTOENCODER.build_model(ldm).eval()
     images = torch.rand(3, 1, 16, 16) * 2 - 1
     recon = AUTOENCODER.held_out_losses(ae, AUTOENCODER.held_out_objective(ldm), images, None, torch.Generator(), ldm)
     assert recon.shape == (3,) and (recon >= 0).all()
