@@ -137,6 +137,8 @@ class PartitionConfig:
     scanner_shift: bool = _f(True, help="give every pseudo-site its own acquisition effects")
     test_fraction: float = _f(0.1, help="patients held out globally, before site assignment", min=0.0, max=0.9)
     site_test_fraction: float = _f(0.1, help="patients held out per site", min=0.0, max=0.9)
+    public_fraction: float = _f(0.0, help="patients carved out as a public split before the sites are assigned (an open "
+                                "dataset to pre-train on: `meddiff train --public-split manifest.json`)", min=0.0, max=0.9)
     seed: int = _f(0, help="partition seed", min=0)
 
 

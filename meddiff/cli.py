@@ -24,9 +24,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     # loaded on demand: the CLI parses arguments and answers --help without importing torch
     from meddiff.recipes.centralized import train_centralized
+    from meddiff.recipes.sites import load_manifest, public_dataset
 
     cfg = load_config(args.config, args.overrides)
-    train_centralized(cfg, progress=not args.no_progress)
+    dataset = public_dataset(load_manifest(args.public_split), cfg) if args.public_split else None
+    train_centralized(cfg, progress=not args.no_progress, dataset=dataset)
     return 0
 
 
@@ -113,6 +115,8 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="centralized training (the baseline for federated runs)")
     _add_config_args(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--public-split", type=Path, default=None, metavar="MANIFEST",
+                   help="train on a split manifest's public patients (partition.public_fraction): pre-training")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="draw samples from a checkpoint (PNG grid + .npy, NIfTI for 3-D)")

@@ -90,6 +90,9 @@ def build_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
     labels, groups = _patient_tables(records, p.natural_key)
     patients = sorted(labels)
     pool, global_test = holdout(patients, p.test_fraction, p.seed, salt=0)
+    public: list[str] = []
+    if p.public_fraction > 0:  # carved before the sites: no site patient is ever in it
+        pool, public = holdout(pool, p.public_fraction, p.seed, salt=10_007)
     sites, names = assign_sites(
         pool, num_sites=cfg.federation.num_sites, scheme=p.scheme, seed=p.seed, labels=labels,
         groups=groups if groups else None, alpha=p.dirichlet_alpha, power=p.quantity_power,
@@ -109,6 +112,7 @@ def build_manifest(cfg: ExperimentConfig) -> dict[str, Any]:
         "seed": p.seed,
         "config": {"data": asdict(cfg.data), "partition": asdict(p)},
         "global_test": _entries(records, set(global_test)),
+        "public": _entries(records, set(public)),
         "sites": site_entries,
         "bad_items": len(index.bad),
         "bad": index.bad,
@@ -138,8 +142,10 @@ def preview_table(manifest: dict[str, Any]) -> str:
         for part in ("train", "test"):
             e = s[part]
             rows.append([f"{s['name']}/{part}", e["num_patients"], e["num_samples"]] + [e["label_counts"].get(lab, 0) for lab in labels])
-    g = manifest["global_test"]
-    rows.append(["global_test", g["num_patients"], g["num_samples"]] + [g["label_counts"].get(lab, 0) for lab in labels])
+    for name in ("global_test", "public"):
+        g = manifest.get(name)
+        if g and (name == "global_test" or g["num_samples"]):
+            rows.append([name, g["num_patients"], g["num_samples"]] + [g["label_counts"].get(lab, 0) for lab in labels])
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]

@@ -34,9 +34,10 @@ from meddiff.recipes.sample import sample_images
 
 
 def _training_data(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool,
-                   initial: Optional[InitialWeights]) -> tuple[Dataset, Optional[LatentCodec]]:
-    """The images, or for latent diffusion their latents and the first stage that made them."""
-    dataset = build_image_dataset(cfg)
+                   initial: Optional[InitialWeights], images: Optional[Dataset]) -> tuple[Dataset, Optional[LatentCodec]]:
+    """The images (``images``, or the config's data), or for latent diffusion their latents and the
+    first stage that made them."""
+    dataset = images if images is not None else build_image_dataset(cfg)
     check_labels(dataset, cfg.model)
     codec = None
     if cfg.autoencoder.enabled:
@@ -99,8 +100,9 @@ class CentralizedRun:
             self.draw(step)
 
 
-def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
-    """Run ``cfg`` centrally (see the module docstring); returns the run directory."""
+def train_centralized(cfg: ExperimentConfig, *, progress: bool = True, dataset: Optional[Dataset] = None) -> Path:
+    """Run ``cfg`` centrally (see the module docstring) on ``dataset`` (default: the config's
+    data; e.g. a manifest's public split for pre-training); returns the run directory."""
     if cfg.privacy.enabled:
         raise ValueError("privacy.enabled=true applies to federated sites; `meddiff train` is the non-private baseline")
     tc = cfg.train
@@ -113,7 +115,7 @@ def train_centralized(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
     if initial is not None:
         initial.write_record(run_dir)
         print(f"[meddiff] initial weights: {initial.path} (sha256 {initial.sha256[:16]})")
-    dataset, codec = _training_data(cfg, run_dir, device, progress, initial)
+    dataset, codec = _training_data(cfg, run_dir, device, progress, initial, dataset)
     loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.num_workers,
                         generator=torch.Generator().manual_seed(tc.seed), pin_memory=device.type == "cuda")
     run = CentralizedRun(cfg, run_dir, device, codec, progress, initial)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ def check_disjoint(manifest: dict[str, Any]) -> None:
     """Raise ``ValueError`` if a patient or sample appears in more than one split."""
     seen: dict[str, str] = {}
     seen_samples: dict[str, str] = {}
-    splits = [("global_test", manifest["global_test"])]
+    splits = [("global_test", manifest["global_test"])] + ([("public", manifest["public"])] if "public" in manifest else [])
     for site in manifest["sites"]:
         splits += [(f"{site['name']}/train", site["train"]), (f"{site['name']}/test", site["test"])]
     for where, split in splits:
@@ -77,7 +77,8 @@ def verify_manifest(manifest: dict[str, Any], cfg: ExperimentConfig) -> int:
 
 
 def _parts(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    return [manifest["global_test"]] + [site[k] for site in manifest["sites"] for k in ("train", "test")]
+    public = [manifest["public"]] if "public" in manifest else []
+    return [manifest["global_test"], *public] + [site[k] for site in manifest["sites"] for k in ("train", "test")]
 
 
 def _site_entry(manifest: dict[str, Any], site: int | str) -> tuple[int, dict[str, Any]]:
@@ -120,16 +121,31 @@ def site_dataset(manifest: dict[str, Any], site: int | str, cfg: ExperimentConfi
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     index, entry = _site_entry(manifest, site)
-    samples = entry[split]["samples"]
     acq = Acquisition(**entry["acquisition"]) if entry.get("acquisition") else None
-    seed = manifest["seed"]
+    base = _manifest_data(manifest, entry[split]["samples"], cfg, train=split == "train", acquisition=acq)
+    return ScannerShift(base, acq, seed=manifest["seed"], site=index) if acq and manifest["dataset"] != "phantoms" else base
+
+
+def public_dataset(manifest: dict[str, Any], cfg: ExperimentConfig) -> Dataset:
+    """The manifest's public split (``partition.public_fraction``): patients carved out before the
+    sites were assigned, standing for an open dataset to pre-train on. No scanner shift."""
+    samples = manifest.get("public", {}).get("samples", [])
+    if not samples:
+        raise ValueError("the manifest has no public split; build one with `meddiff data split ... "
+                         "partition.public_fraction=0.2`")
+    return _manifest_data(manifest, samples, cfg, train=True, acquisition=None)
+
+
+def _manifest_data(manifest: dict[str, Any], samples: list[dict], cfg: ExperimentConfig, *, train: bool,
+                   acquisition: Optional[Acquisition]) -> Dataset:
+    """The manifest's ``samples``, checked against their content hashes."""
     d = cfg.data
     if manifest["dataset"] == "phantoms":
         images, labels = [], []
         for s in samples:
             i = int(s["id"].split("_")[-1])
             img, lab = make_phantoms(1, d.image_size, seed=d.seed, lesion_fraction=d.lesion_fraction, start=i,
-                                     **({"acquisition": acq} if acq else {}))
+                                     **({"acquisition": acquisition} if acquisition else {}))
             images.append(img[0])
             labels.append(int(lab[0]))
         stacked = np.stack(images)[:, None] if images else np.zeros((0, 1, d.image_size, d.image_size), np.float32)
@@ -142,8 +158,7 @@ def site_dataset(manifest: dict[str, Any], site: int | str, cfg: ExperimentConfi
     for r in records:
         if r.kind != "npz" and content_digest(r) != wanted[r.sample_id]:
             raise ValueError(f"{r.files[0]}: content changed since the split (sample {r.sample_id}); re-run `meddiff data split`")
-    base = MedicalDataset(records, d, spatial_dims=cfg.model.spatial_dims, train=split == "train")
-    return ScannerShift(base, acq, seed=seed, site=index) if acq else base
+    return MedicalDataset(records, d, spatial_dims=cfg.model.spatial_dims, train=train)
 
 
 def phantom_site_plan(site: int, num_sites: int, cfg: ExperimentConfig) -> dict[str, Any]:

@@ -5,11 +5,10 @@ import pytest
 import torch
 
 from configs import load_config
+from meddiff.recipes.sites import check_disjoint, load_manifest, public_dataset, site_dataset
 from sim.cli import main
-from meddiff.recipes.sites import check_disjoint, load_manifest
 from sim.manifest import build_manifest, dumps, write_manifest
-from meddiff.recipes.sites import site_dataset
-from tests.conftest import shared_file
+from tests.conftest import TINY_OVERRIDES, shared_file
 from tests.fixtures import make_brats, make_ixi
 
 
@@ -113,3 +112,24 @@ def test_corrupt_file_found_at_split_time(tmp_path):
     m = build_manifest(load_config(None, over + ["data.skip_bad=true"]))
     assert m["bad_items"] == 1
     assert "BraTS-GLI-00001-000" not in {s["id"] for site in m["sites"] for s in site["train"]["samples"]}
+
+
+def test_a_public_split_is_carved_before_the_sites_and_pretrains_centrally(tmp_path):
+    path = shared_file("pneumoniamnist.npz")
+    over = ["data.dataset=medmnist", f"data.path={path}", "federation.num_sites=3", "partition.public_fraction=0.2"]
+    manifest = build_manifest(load_config(None, over))
+    check_disjoint(manifest)
+    public = {s["patient"] for s in manifest["public"]["samples"]}
+    held = {s["patient"] for s in manifest["global_test"]["samples"]}
+    sites = {s["patient"] for site in manifest["sites"] for part in ("train", "test") for s in site[part]["samples"]}
+    assert len(public) == round(0.2 * (4708 - len(held))) and not public & sites and not public & held
+    assert len(public) + len(held) + len(sites) == 4708
+    without = build_manifest(load_config(None, over[:-1]))
+    assert "public" in without and without["public"]["num_samples"] == 0
+    written = write_manifest(manifest, tmp_path / "split")
+    run = ["train", "--public-split", str(written), "--no-progress", *over, *TINY_OVERRIDES, "train.steps=2",
+           f"output.root={tmp_path}", "output.name=public"]
+    assert main(run) == 0
+    assert (tmp_path / "public" / "checkpoints" / "last.pt").is_file()
+    with pytest.raises(ValueError, match="no public split"):
+        public_dataset(without, load_config(None, over[:-1]))
