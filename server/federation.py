@@ -37,7 +37,7 @@ from meddiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from meddiff.ema import EMA
 from meddiff.latent import LatentCodec
 from meddiff.recipes.first_stage import public_codec
-from meddiff.recipes.initial import load_initial_weights, load_into
+from meddiff.recipes.initial import load_initial_weights, start_from
 from meddiff.recipes.phases import FINAL_PHASE, TrainingPhase, phase_named, study_phases
 from meddiff.recipes.restore import codec_from_checkpoint
 from meddiff.train import seed_everything
@@ -145,9 +145,7 @@ class _Federation:
     def _start_phase(self, phase: TrainingPhase, ckpt: Optional[Checkpoint]) -> tuple[PhaseRun, int]:
         fed, decay = self.cfg.federation, phase.server_ema_decay(self.cfg)
         model = self._build(phase)
-        initial = phase.initial_state(self.initial) if self.initial is not None and ckpt is None else None
-        if initial is not None:
-            load_into(model, initial, f"train.init_from: {self.initial.path}")
+        if ckpt is None and start_from(model, phase, self.initial):
             say(f"{phase.name}: initial weights from {self.initial.path} (sha256 {self.initial.sha256[:16]})")
         ema = EMA(model, decay=decay) if decay is not None else None
         strategy = create_strategy(fed, self.cfg.privacy)

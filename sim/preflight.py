@@ -10,7 +10,7 @@ from configs import ConfigError, ExperimentConfig, load_config_dict
 from configs.compare import resume_conflicts
 from configs.load import read_yaml_mapping
 from meddiff.checkpoint import Checkpoint, load_checkpoint
-from meddiff.recipes.initial import load_initial_weights, load_into
+from meddiff.recipes.initial import load_initial_weights, start_from
 from meddiff.recipes.phases import private_plan, study_phases
 from meddiff.recipes.sites import phantom_site_plan, site_dataset
 from privacy.calibration import calibrate_study, site_delta
@@ -87,8 +87,6 @@ def check_initial_weights(cfg: ExperimentConfig) -> None:
     try:
         initial = load_initial_weights(cfg)
         for phase in study_phases(cfg) if initial is not None else ():
-            state = phase.initial_state(initial)
-            if state is not None:
-                load_into(phase.build_model(cfg), state, f"train.init_from: {initial.path} ({phase.name})")
+            start_from(phase.build_model(cfg), phase, initial)
     except (OSError, ValueError) as exc:
         raise ConfigError(str(exc)) from None

@@ -24,7 +24,7 @@ from meddiff.checkpoint import save_checkpoint
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.ema import EMA
 from meddiff.recipes.first_stage import train_first_stage
-from meddiff.recipes.initial import InitialWeights, load_initial_weights, load_into
+from meddiff.recipes.initial import InitialWeights, load_initial_weights, start_from
 from meddiff.recipes.phases import DIFFUSION
 from meddiff.latent import LatentCodec, encode_dataset
 from meddiff.outputs import write_samples
@@ -56,8 +56,7 @@ class CentralizedRun:
                  progress: bool, initial: Optional[InitialWeights] = None):
         self.cfg, self.run_dir, self.device, self.codec, self.progress = cfg, run_dir, device, codec, progress
         self.model = build_unet(cfg)
-        if initial is not None and DIFFUSION.initial_state(initial) is not None:
-            load_into(self.model, DIFFUSION.initial_state(initial), f"train.init_from: {initial.path}")
+        start_from(self.model, DIFFUSION, initial)
         self.model.to(device)
         self.optimizer = build_optimizer(cfg.train, self.model.parameters())
         self.lr_schedule = build_lr_schedule(cfg.train, self.optimizer, cfg.train.steps)

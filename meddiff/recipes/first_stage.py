@@ -22,7 +22,7 @@ from meddiff.device import autocast_dtype, autocast_factory
 from meddiff.latent import LatentCodec, latent_stats
 from meddiff.nets.autoencoder import KLAutoencoder
 from meddiff.outputs import save_grid_png
-from meddiff.recipes.initial import InitialWeights, load_into
+from meddiff.recipes.initial import InitialWeights, start_from
 from meddiff.recipes.phases import AUTOENCODER
 from meddiff.train import cycle, train_loop
 
@@ -40,8 +40,7 @@ def train_autoencoder(cfg: ExperimentConfig, dataset: Dataset, *, device: torch.
         raise ValueError("the autoencoder's training data is empty")
     torch.manual_seed(seed)
     model = AUTOENCODER.build_model(cfg)
-    if initial is not None and AUTOENCODER.initial_state(initial) is not None:
-        load_into(model, AUTOENCODER.initial_state(initial), f"train.init_from: {initial.path}")
+    start_from(model, AUTOENCODER, initial)
     model = model.to(device)
     optimizer = AUTOENCODER.build_optimizer(cfg, model.parameters())
     loader = DataLoader(dataset, batch_size=min(ae.batch_size, len(dataset)), shuffle=True, drop_last=True,

@@ -76,6 +76,15 @@ def load_initial_weights(cfg: ExperimentConfig) -> Optional[InitialWeights]:
     return InitialWeights(str(path.resolve()), file_sha256(path), unet, autoencoder)
 
 
+def start_from(model: nn.Module, phase, initial: Optional[InitialWeights]) -> bool:
+    """Load ``phase``'s share of ``initial`` into ``model`` (see :func:`load_into`); False when
+    there is none (no ``init_from``, or a checkpoint without that phase's weights)."""
+    state = phase.initial_state(initial) if initial is not None else None
+    if state is not None:
+        load_into(model, state, f"train.init_from: {initial.path} ({phase.name})")
+    return state is not None
+
+
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``model`` or refuse, naming the missing, unexpected and differently
     shaped keys (a checkpoint of another architecture)."""
