@@ -15,6 +15,7 @@ from configs import ExperimentConfig
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.train import cycle, train_loop
 from meddiff.evaluate import build_encoder, site_feature_stats
+from meddiff.nets.trainable import update_keys
 from meddiff.recipes.phases import DIFFUSION, TrainingPhase
 from privacy.site import SitePrivacy
 from protocol import evaluate_metrics, non_private_metrics, privacy_metrics, train_metrics
@@ -76,7 +77,7 @@ def local_train(
     ledger; DP noise and sampling use unpredictable randomness. ``on_step(step_index, loss)`` is
     called after every real optimizer step; under DP, ``epsilon_probe`` (a list) receives a
     function that returns the epsilon spent so far. Returns the new (unwrapped) state dict and
-    the metrics.
+    the metrics. Only the tensors that trained are returned (:func:`meddiff.nets.trainable.update_keys`).
     """
     tc = cfg.train
     private = phase.is_private(cfg)
@@ -90,6 +91,7 @@ def local_train(
     seed = round_seed(tc.seed, server_round, site_index, *phase.seed_salt)
     torch.manual_seed(seed)
     model = _phase_model(cfg, phase, global_state).to(device)
+    sent = update_keys(model)
     optimizer = phase.build_optimizer(cfg, model.parameters())
     add_proximal_term(optimizer, [p.detach().clone() for p in model.parameters()], proximal_mu)
     loop = _loop_settings(cfg, phase, optimizer, server_round, site_index, seed, device, progress, on_step)
@@ -103,6 +105,7 @@ def local_train(
         result = train_loop(model=model, optimizer=optimizer, batches=cycle(loader), grad_clip=tc.grad_clip, **loop)
         spent = non_private_metrics()
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: state[k] for k in sent}  # frozen tensors never change: they stay home
     if not math.isfinite(result.mean_loss):
         raise FloatingPointError(f"site {site_index}: the {phase.name} training loss became {result.mean_loss} in round "
                                  f"{server_round}; check train.lr and the data (no update is sent)")

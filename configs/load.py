@@ -43,7 +43,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     the command-line overrides.
     """
     overrides = list(overrides)
-    raw = read_yaml_mapping(Path(path)) if path is not None else {}
+    raw = read_with_base(Path(path)) if path is not None else {}
     where = f"{path}: " if path is not None else ""
     try:
         return load_config_dict(apply_overrides(raw, overrides))
@@ -91,6 +91,28 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+#: A file's top-level key naming the YAML file it amends (relative to the file).
+BASE_KEY = "base"
+
+
+def read_with_base(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's mapping, on top of the file its ``base:`` names (recursively): a section the
+    file gives updates the base's section key by key."""
+    raw = read_yaml_mapping(path)
+    if BASE_KEY not in raw:
+        return raw
+    base_path = (path.parent / str(raw.pop(BASE_KEY))).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise ConfigError(f"{path}: base {base_path} includes itself")
+    merged = read_with_base(base_path, _seen + (path.resolve(),))
+    for section, values in raw.items():
+        if isinstance(values, Mapping) and isinstance(merged.get(section), Mapping):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
 
 
 def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:

@@ -95,6 +95,10 @@ class TrainConfig:
     threads: int = _f(0, help="torch CPU threads; 0 keeps torch's default", min=0)
     init_from: str = _f("", help="a project checkpoint whose weights start the run (the denoiser, and for latent "
                         "diffusion the autoencoder): pre-training on public data, then fine-tuning at the sites")
+    trainable: str = _f("all", help="which denoiser parameters train: all, attention blocks, attention + normalisation "
+                        "(AdaGN), or low-rank adapters; frozen ones get no gradient, no DP noise and never travel",
+                        choices=("all", "attention", "attention_norm", "lora"))
+    lora_rank: int = _f(4, help="rank r of the low-rank adapters (train.trainable=lora)", min=1)
 
 
 DATASETS = ("phantoms", "medmnist", "brats", "ixi", "chexpert", "covid_ct", "lidc", "folder")

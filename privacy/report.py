@@ -18,7 +18,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping, Optional
 
+from configs import load_config
 from meddiff.checkpoint import atomic_write_text
+from meddiff.recipes.build import trainable_parameters
 from meddiff.recipes.initial import RECORD_FILE as INITIAL_RECORD
 from meddiff.recipes.phases import phase_named
 from privacy.accounting import epsilon_of, prv_epsilon_of, total_steps
@@ -172,6 +174,7 @@ def privacy_report(run_dir: str | Path) -> dict:
     refused = data.get("refused", data.get("exhausted", []))  # "exhausted": runs written before refusals had reasons
     return {"run_dir": str(run_dir), "sites": sites, "central": central, "refused": refused,
             "phases": phase_statements(run_dir), "initial_weights": _initial_weights(run_dir),
+            "trainable": _trainable(run_dir),
             "guarantee": {"covers": COVERED, "does_not_cover": list(NOT_COVERED)},
             "audit": "epsilon = opacus.accountants.RDPAccountant with .history = the site's history, "
                      ".get_epsilon(delta); nothing else enters it"}
@@ -181,6 +184,12 @@ def _initial_weights(run_dir: Path) -> Optional[dict]:
     """The record of ``train.init_from`` in the run directory, if the run started from a checkpoint."""
     path = run_dir / INITIAL_RECORD
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _trainable(run_dir: Path) -> Optional[dict]:
+    """What the sites' denoiser trained (``train.trainable``), from the run's ``config.yaml``."""
+    path = run_dir / "config.yaml"
+    return trainable_parameters(load_config(path)) if path.is_file() else None
 
 
 def write_privacy_report(run_dir: str | Path) -> dict[str, Path]:
@@ -229,6 +238,14 @@ def _markdown(report: dict) -> str:
     init = report.get("initial_weights")
     if init:
         lines += ["", "## Initial weights", "", f"`{init['path']}` (sha256 `{init['sha256']}`): {init['note']}."]
+    t = report.get("trainable")
+    if t:
+        lines += ["", "## Trainable parameters", "", f"`train.trainable: {t['mode']}`"
+                  + (f" (rank {t['lora_rank']})" if t["lora_rank"] else "")
+                  + f": the denoiser trains {t['trainable']:,} of {t['total']:,} parameters "
+                  f"({100 * t['trainable'] / t['total']:.1f}%); a site's update carries {t['update_tensors']} of "
+                  f"{t['tensors']} tensors. Only those receive per-example gradients, clipping and noise; the "
+                  "frozen ones are never trained on site data and never leave the server."]
     lines += ["", "## What each phase covers", ""]
     lines += [f"- **{p['phase']}**{'' if p['private'] else ' (NOT PRIVATE)'}: {p['statement']}" for p in report["phases"]]
     if len(report["phases"]) > 1:

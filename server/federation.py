@@ -158,7 +158,7 @@ class _Federation:
         model.load_state_dict(global_state)
         run = PhaseRun(phase, model, ema, strategy, global_state, self._build(phase) if phase.draws_samples else None)
         if first_round <= phase.num_rounds(self.cfg):
-            say(phase.banner(self.cfg))
+            say(phase.banner(self.cfg) + run.trainable_note())
         return run, first_round
 
     def _rounds(self, phase: TrainingPhase, ckpt: Optional[Checkpoint]) -> dict[str, torch.Tensor]:
@@ -229,8 +229,9 @@ class _Federation:
         replies = sort_replies(self.grid.send_and_receive(messages=messages, timeout=fed.round_timeout))
         learn_node_sites(replies.updates + replies.refusals + replies.failures, self.state.node_sites)
         self.state.merge_privacy(replies.updates, replies.refusals)
-        screened = screen(rnd, replies.updates, {k: v.detach().cpu().numpy() for k, v in run.global_state.items()},
-                          norm_factor=fed.max_update_norm_ratio)
+        current = {k: v.detach().cpu().numpy() for k, v in run.global_state.items()}
+        screened = screen(rnd, replies.updates, {k: current[k] for k in run.update_keys}, norm_factor=fed.max_update_norm_ratio,
+                          frozen={k: v for k, v in current.items() if k not in run.update_keys})
         new_arrays = aggregate(run.strategy, rnd, screened, min_valid=fed.min_train_nodes)
         report = round_report(rnd, screened.report, replies, self.state.node_sites, self.run_dir / "logs" / "site_errors.log",
                               {m.metadata.message_id: m.metadata.dst_node_id for m in messages})
@@ -246,7 +247,7 @@ class _Federation:
             central["releases"] += 1
             central["clipping_norms"].append(float(run.strategy.clipping_norm))
             save_central(self.run_dir, central)
-        run.global_state = arrays_to_state(new_arrays)
+        run.global_state = run.merged(arrays_to_state(new_arrays))
         run.model.load_state_dict(run.global_state)
         if run.ema is not None:
             run.ema.update(run.model)

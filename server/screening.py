@@ -102,8 +102,11 @@ def _decode(msg: Message) -> tuple[Optional[TrainRes], Optional[dict[str, np.nda
 
 
 def screen(server_round: int, replies: Iterable[Message], reference: Mapping[str, np.ndarray], *,
-           norm_factor: float) -> Screened:
-    """Decode and check each update (:func:`screen_updates`); see :class:`Screened`."""
+           norm_factor: float, frozen: Optional[Mapping[str, np.ndarray]] = None) -> Screened:
+    """Decode and check each update against ``reference`` (the global values of the tensors an
+    update carries, :func:`screen_updates`); see :class:`Screened`. With ``frozen`` (the global
+    values of the tensors that do not train), each accepted update is completed with them, so
+    any strategy aggregates whole models; the frozen values are the same for every site."""
     out, updates, messages, metrics = Screened(), {}, {}, {}
     for msg in replies:
         node = msg.metadata.src_node_id
@@ -123,8 +126,9 @@ def screen(server_round: int, replies: Iterable[Message], reference: Mapping[str
                            "accepted": not reason, "reason": reason, **metrics[label]})
     accepted.sort(key=lambda lab: (metrics[lab].get(SITE_INDEX, -1), messages[lab].metadata.src_node_id))
     for label in accepted:  # aggregate in float32 whatever the transport dtype
+        whole = {**(frozen or {}), **updates[label]}
         replace_update_arrays(messages[label], ArrayRecord({k: torch.from_numpy(v.astype(np.float32) if v.dtype.kind == "f" else v)
-                                                            for k, v in updates[label].items()}))
+                                                            for k, v in whole.items()}))
         out.accepted.append(messages[label])
     return out
 

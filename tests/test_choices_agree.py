@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 from configs.schema import (AutoencoderConfig, DataConfig, DiffusionConfig, EvaluationConfig, FederationConfig,
-                            PartitionConfig, PrivacyConfig, SamplerConfig)
+                            PartitionConfig, PrivacyConfig, SamplerConfig, TrainConfig)
 
 
 def _choices(section, name: str) -> tuple:
@@ -28,6 +28,7 @@ REGISTRIES = [
     (EvaluationConfig, "encoder", "meddiff.evaluate", "ENCODERS"),
     (DataConfig, "hu_window", "meddiff.data.transforms", "HU_WINDOWS"),
     (PartitionConfig, "scheme", "sim.partition", "SCHEMES"),
+    (TrainConfig, "trainable", "meddiff.nets.trainable", "TRAINABLE_MODES"),
 ]
 
 

@@ -19,6 +19,7 @@ from meddiff.diffusion import GaussianDiffusion, make_noise_schedule
 from meddiff.evaluate.encoders import load_domain_encoder
 from meddiff.nets import ADMUNet
 from meddiff.nets.autoencoder import AutoencoderObjective, KLAutoencoder
+from meddiff.nets.trainable import adapter_keys, select_trainable, trainable_summary, update_keys
 from meddiff.sampling import SAMPLERS, Sampler
 
 def attention_levels(model_cfg: ModelConfig, image_size: int) -> tuple[int, ...]:
@@ -45,8 +46,20 @@ def build_unet_from_section(model_cfg: ModelConfig, image_size: int) -> ADMUNet:
 
 
 def build_unet(cfg: ExperimentConfig) -> ADMUNet:
-    """The experiment's UNet, sized for what it denoises (images, or latents for latent diffusion)."""
-    return build_unet_from_section(cfg.model, cfg.unet_input_size)
+    """The experiment's UNet, sized for what it denoises (images, or latents for latent diffusion),
+    with the parameters ``train.trainable`` does not train frozen (and low-rank adapters added
+    for ``lora``, drawn from the global RNG)."""
+    model = build_unet_from_section(cfg.model, cfg.unet_input_size)
+    return select_trainable(model, cfg.train.trainable, lora_rank=cfg.train.lora_rank)
+
+
+def trainable_parameters(cfg: ExperimentConfig) -> dict:
+    """What the denoiser trains under ``train.trainable``: the mode, adapter rank, parameter
+    counts and how many tensors an update carries (for records and reports)."""
+    model = build_unet(cfg)
+    rank = cfg.train.lora_rank if adapter_keys(model) else None
+    return {"mode": cfg.train.trainable, "lora_rank": rank, **trainable_summary(model),
+            "update_tensors": len(update_keys(model)), "tensors": len(model.state_dict())}
 
 
 def build_autoencoder(cfg: ExperimentConfig) -> KLAutoencoder:

@@ -12,13 +12,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from configs import ExperimentConfig
 from meddiff.checkpoint import check_finite, load_checkpoint
+from meddiff.nets.trainable import adapter_keys
 from meddiff.recipes.phases import trained_phase
 
 #: What every record of a run started from ``init_from`` says about those weights.
@@ -81,15 +82,16 @@ def start_from(model: nn.Module, phase, initial: Optional[InitialWeights]) -> bo
     there is none (no ``init_from``, or a checkpoint without that phase's weights)."""
     state = phase.initial_state(initial) if initial is not None else None
     if state is not None:
-        load_into(model, state, f"train.init_from: {initial.path} ({phase.name})")
+        load_into(model, state, f"train.init_from: {initial.path} ({phase.name})", may_lack=adapter_keys(model))
     return state is not None
 
 
-def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, *, may_lack: Iterable[str] = ()) -> None:
     """Load ``state`` into ``model`` or refuse, naming the missing, unexpected and differently
-    shaped keys (a checkpoint of another architecture)."""
+    shaped keys (a checkpoint of another architecture). Keys in ``may_lack`` (low-rank adapters
+    added for fine-tuning) keep the model's values when ``state`` has none."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(set(own) - set(state) - set(may_lack))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or shapes:
@@ -97,4 +99,4 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) 
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes)) if keys]
         raise ValueError(f"{source}: its weights do not fit this config's model: " + "; ".join(parts)
                          + "; check model.* / autoencoder.* against the checkpoint's config")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})

@@ -38,3 +38,13 @@ def test_public_first_stage_and_pixel_runs(tmp_path):
     public = phase_statements(_run_dir(tmp_path / "a", LDM + ["autoencoder.mode=public", "autoencoder.checkpoint=x.pt"]))
     assert public[0]["private"] and "never saw site data" in public[0]["statement"]
     assert [p["phase"] for p in phase_statements(_run_dir(tmp_path / "b", ["privacy.enabled=true"]))] == ["diffusion"]
+
+
+def test_the_report_states_what_the_sites_trained(tmp_path):
+    peft = write_privacy_report(_run_dir(tmp_path / "a", ["privacy.enabled=true", "train.trainable=lora", "train.lora_rank=2"]))
+    md, report = peft["md"].read_text(), json.loads(peft["json"].read_text())
+    t = report["trainable"]
+    assert t["mode"] == "lora" and t["lora_rank"] == 2 and 0 < t["trainable"] < t["total"]
+    assert "`train.trainable: lora` (rank 2)" in md and f"{t['trainable']:,} of {t['total']:,}" in md
+    full = privacy_report(_run_dir(tmp_path / "b", ["privacy.enabled=true"]))["trainable"]
+    assert full["mode"] == "all" and full["trainable"] == full["total"] and full["update_tensors"] == full["tensors"]

@@ -49,3 +49,24 @@ def test_dp_fine_tuning_from_public_pretraining_beats_dp_from_scratch(tmp_path):
     scratch = _federated(tmp_path, "scratch", dp)
     tuned = _federated(tmp_path, "tuned", dp + [f"train.init_from={pretrained}"])
     assert tuned["rounds"][-1]["eval_loss"] < 0.8 * scratch["rounds"][-1]["eval_loss"], (tuned["rounds"], scratch["rounds"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["attention_norm", "lora"])
+def test_a_parameter_efficient_dp_study_moves_only_the_trainable_tensors(tmp_path, mode):
+    from meddiff.nets.trainable import adapter_keys, update_keys
+    from meddiff.recipes.build import build_unet
+
+    path, ema = _source(tmp_path, ["model.num_classes=2"])
+    extra = ["federation.local_steps=2", "train.lr=1e-2", f"train.init_from={path}", f"train.trainable={mode}",
+             "train.lora_rank=2", "federation.server_ema_decay=0"]
+    _federated(tmp_path, "peft", extra)
+    model = build_unet(tiny_config(tmp_path, STUDY + extra))
+    trained, adapters = set(update_keys(model)), set(adapter_keys(model))
+    last = load_checkpoint(tmp_path / "peft" / "checkpoints" / "last.pt")
+    assert set(last.model) == set(model.state_dict())
+    for k, v in last.model.items():
+        if k not in trained and k not in adapters:
+            assert torch.equal(v, ema[k]), k  # frozen: still the pre-trained weights
+    assert any(not torch.equal(last.model[k], ema[k] if k in ema else model.state_dict()[k]) for k in trained)
+    assert "## Trainable parameters" in (tmp_path / "peft" / "privacy_report.md").read_text()

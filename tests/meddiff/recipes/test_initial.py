@@ -57,3 +57,17 @@ def test_a_centralized_run_starts_from_the_checkpoint_and_records_it(tmp_path):
     assert json.loads(last.extra["init_from"])["sha256"] == record["sha256"]
     for k, v in last.model.items():  # one step at a vanishing learning rate: still the initial weights
         torch.testing.assert_close(v, ema[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_a_plain_checkpoint_starts_a_low_rank_fine_tuning_with_fresh_adapters(tmp_path):
+    from meddiff.nets.trainable import adapter_keys
+    from meddiff.recipes.initial import start_from
+
+    path, ema = _source(tmp_path)
+    cfg = tiny_config(extra=[f"train.init_from={path}", "train.trainable=lora", "train.lora_rank=2"])
+    model = build_unet(cfg)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    assert start_from(model, DIFFUSION, load_initial_weights(cfg))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], ema[k]) for k in ema)
+    assert adapter_keys(model) and all(torch.equal(state[k], fresh[k]) for k in adapter_keys(model))
