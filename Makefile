@@ -31,8 +31,7 @@ run: $(STAMP)
 
 run-dp: $(STAMP)
 	FLWR_HOME=$(CURDIR)/.flwr_home PATH=$(CURDIR)/$(BIN):$$PATH \
-	  $(BIN)/meddiff simulate --config configs/default.yaml privacy.enabled=true \
-	  output.name=$(RUN_NAME)-dp-$$(date +%Y%m%d-%H%M%S)
+	  $(BIN)/meddiff simulate --config configs/dp.yaml output.name=$(RUN_NAME)-dp-$$(date +%Y%m%d-%H%M%S)
 
 train-centralized: $(STAMP)
 	$(BIN)/meddiff train --config configs/default.yaml output.name=centralized-$$(date +%Y%m%d-%H%M%S)

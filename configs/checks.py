@@ -19,6 +19,9 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
             "the network predicts noise, velocity or x0 of the same shape as the image"
         )
     check_autoencoder(cfg)
+    if cfg.pretraining.steps and cfg.train.init_from:
+        raise ConfigError("'pretraining.steps' and 'train.init_from' both choose the initial weights; "
+                          "set pretraining.steps=0 to start from the checkpoint, or train.init_from=\"\" to pre-train")
     size = cfg.unet_input_size  # data.image_size without latents
     what = (f"the latent side data.image_size / {cfg.latent_downsampling} = {size}" if cfg.autoencoder.enabled
             else f"data.image_size={d.image_size}")

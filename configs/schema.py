@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-def _f(default, *, help: str, **rules):
-    """A dataclass field with a default, a help line and validation rules."""
-    if isinstance(default, (list, dict)):
-        raise TypeError("mutable defaults are not allowed; use a tuple")
-    return field(default=default, metadata={"help": help, **rules})
+from configs.fields import _f
+from configs.run_sections import EvaluationConfig, OutputConfig, PretrainingConfig, SimulationConfig
+
+__all__ = ["AUTOENCODER_MODES", "DATASETS", "AutoencoderConfig", "DataConfig", "DiffusionConfig", "EvaluationConfig",
+           "ExperimentConfig", "FederationConfig", "ModelConfig", "OutputConfig", "PartitionConfig", "PretrainingConfig",
+           "PrivacyConfig", "SamplerConfig", "SimulationConfig", "TrainConfig"]
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,7 @@ class TrainConfig:
     threads: int = _f(0, help="torch CPU threads; 0 keeps torch's default", min=0)
     init_from: str = _f("", help="a project checkpoint whose weights start the run (the denoiser, and for latent "
                         "diffusion the autoencoder): pre-training on public data, then fine-tuning at the sites")
-    trainable: str = _f("all", help="which denoiser parameters train: all, attention blocks, attention + normalisation "
-                        "(AdaGN), or low-rank adapters; frozen ones get no gradient, no DP noise and never travel",
+    trainable: str = _f("all", help="denoiser parameters that train (the rest are frozen and never travel)",
                         choices=("all", "attention", "attention_norm", "lora"))
     lora_rank: int = _f(4, help="rank r of the low-rank adapters (train.trainable=lora)", min=1)
 
@@ -189,28 +189,6 @@ class FederationConfig:
                                         "as failed", min=1)
 
 
-@dataclass(frozen=True)
-class SimulationConfig:
-    """Resources of Flower's local simulation engine (consumed by `meddiff simulate`)."""
-
-    client_cpus: float = _f(1.0, help="CPUs reserved for each simulated site (Ray client resources)", min_exclusive=0.0)
-    client_gpus: float = _f(0.0, help="GPU fraction for each simulated site, e.g. 0.25 runs four sites per GPU", min=0.0)
-    parallel_sites: int = _f(0, help="sites training at once; 0 = as many as the machine's CPUs allow", min=0)
-    ray_address: str = _f("", help="an existing Ray cluster to run the sites on (e.g. 'auto' or 'ray://host:10001'); "
-                                   "empty = a local Ray started for the run")
-
-
-@dataclass(frozen=True)
-class EvaluationConfig:
-    """Light evaluation during federated training: FID from per-site feature statistics."""
-
-    every: int = _f(0, help="rounds between federated FID evaluations; 0 = off", min=0)
-    encoder: str = _f("random_projection", help="feature encoder", choices=("domain", "inception", "pixels", "random_projection"))
-    encoder_weights: str = _f("", help="encoder file, readable by the server and every site (domain / inception)")
-    num_samples: int = _f(64, help="images generated for each evaluation", min=2)
-    max_real: int = _f(512, help="held-out images each site encodes", min=2)
-
-
 AUTOENCODER_MODES = ("dp", "not_private", "public")
 
 
@@ -250,18 +228,6 @@ class AutoencoderConfig:
 
 
 @dataclass(frozen=True)
-class OutputConfig:
-    """Run directory, checkpoints and sample grids."""
-
-    root: str = _f("runs", help="parent folder of run directories")
-    name: str = _f("", help="run directory name; empty = '<timestamp>'")
-    checkpoint_every: int = _f(500, help="steps (or rounds) between checkpoints; the last is always saved", min=1)
-    sample_every: int = _f(0, help="steps (or rounds) between sample grids; 0 = only at the end", min=0)
-    num_samples: int = _f(16, help="images in each sample grid", min=1)
-    tensorboard: bool = _f(True, help="write TensorBoard event files (losses, epsilon, FID, sample grids) to <run>/tensorboard")
-
-
-@dataclass(frozen=True)
 class ExperimentConfig:
     """The whole experiment, as read once from YAML."""
 
@@ -276,6 +242,7 @@ class ExperimentConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    pretraining: PretrainingConfig = field(default_factory=PretrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @property

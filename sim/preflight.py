@@ -37,20 +37,22 @@ def site_sizes(cfg: ExperimentConfig, manifest: Optional[dict]) -> dict[str, int
     return {s["name"]: len(site_dataset(manifest, i, cfg, split="train")) for i, s in enumerate(manifest["sites"])}
 
 
-def check_privacy_plan(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
-    """Every site can calibrate a sigma for the study's planned steps within the budget."""
+def check_privacy_plan(cfg: ExperimentConfig, sizes: dict[str, int]) -> dict[str, float]:
+    """Every site can calibrate a sigma for the study's planned steps within the budget;
+    ``{site: sigma}`` (empty without DP)."""
     if not cfg.privacy.enabled:
-        return
-    plan = private_plan(cfg)
+        return {}
+    plan, sigmas = private_plan(cfg), {}
     steps = ", ".join(f"{phase}: {b} per batch x {n} steps" for phase, (b, n) in plan.items())
     for site, n in sizes.items():
         try:
             delta = site_delta(cfg.privacy, n, site)
-            calibrate_study(budget=cfg.privacy.target_epsilon, delta=delta, num_examples=n, plan=plan)
+            sigmas[site], _ = calibrate_study(budget=cfg.privacy.target_epsilon, delta=delta, num_examples=n, plan=plan)
         except ValueError as exc:
             raise ConfigError(f"'privacy.target_epsilon' ({cfg.privacy.target_epsilon:g}) cannot cover the planned DP "
                               f"steps ({steps}) of {site} ({n} records) at any noise level: {exc}; raise the budget, or "
                               "lower federation.num_rounds / federation.local_steps") from None
+    return sigmas
 
 
 def check_resume(cfg: ExperimentConfig, run_dir: Path, resume_from: str) -> Checkpoint:

@@ -37,6 +37,7 @@ from typing import Optional
 from rich.console import Console
 
 from configs import ExperimentConfig, config_to_yaml
+from meddiff.recipes.pretraining import pretrain_on_public, pretrained_start
 from meddiff.recipes.sites import load_manifest, verify_manifest
 from sim.app_bundle import PROJECT, stage_app
 from sim.console import SiteWatcher, StreamPrinter, final_table
@@ -156,17 +157,7 @@ def simulate(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, resume_fr
     run_dir = (run_dir or Path(cfg.output.root) / (cfg.output.name or f"federated-{_dt.datetime.now():%Y%m%d-%H%M%S}")).resolve()
     console = Console(highlight=False, quiet=log_path is not None)
     say = lambda m: console.print(m, markup=False)  # noqa: E731
-    check_federation(cfg)
-    check_initial_weights(cfg)
-    if cfg.train.init_from:  # the ServerApp runs in another working directory
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(Path(cfg.train.init_from).resolve())))
-    if resume_from:
-        check_resume(cfg, run_dir, resume_from)
-    else:
-        check_fresh_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path, manifest = _manifest(cfg, run_dir, resume_from, say)
-    check_privacy_plan(cfg, site_sizes(cfg, manifest))
+    cfg, manifest_path = _prepare_study(cfg, run_dir, resume_from, say, progress=log_path is None)
     flwr_home = (flwr_home or Path(os.environ.get("FLWR_HOME", PROJECT / ".flwr_home"))).resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
     if not (flwr_home / "config.toml").exists():
@@ -183,6 +174,27 @@ def simulate(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, resume_fr
     started = time.time()
     _run_flower(flwr_args, env, cfg, run_dir, flwr_home, console, timeout=timeout, log_path=log_path, verbose=verbose)
     return _outcome(run_dir, started, console, log_path or run_dir / "flower.log")
+
+
+def _prepare_study(cfg: ExperimentConfig, run_dir: Path, resume_from: str, say, *, progress: bool) -> tuple[ExperimentConfig, str]:
+    """Everything before Flower starts: the preflight checks, the split manifest, each site's DP
+    plan and the public pre-training. Returns the config the ServerApp runs and the manifest's path."""
+    check_federation(cfg)
+    check_initial_weights(cfg)
+    if cfg.train.init_from:  # the ServerApp runs in another working directory
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(Path(cfg.train.init_from).resolve())))
+    if resume_from:
+        cfg = pretrained_start(cfg, run_dir)  # the pre-training of the run's first start
+        check_resume(cfg, run_dir, resume_from)
+    else:
+        check_fresh_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path, manifest = _manifest(cfg, run_dir, resume_from, say)
+    sizes = site_sizes(cfg, manifest)
+    for site, sigma in check_privacy_plan(cfg, sizes).items():
+        say(f"[meddiff] DP plan: {site}, {sizes[site]} records, noise multiplier {sigma:.3f} for epsilon "
+            f"{cfg.privacy.target_epsilon:g}")
+    return pretrain_on_public(cfg, manifest, run_dir, say=say, progress=progress), manifest_path
 
 
 def _run_flower(flwr_args: list[str], env: dict, cfg: ExperimentConfig, run_dir: Path, flwr_home: Path, console: Console, *,

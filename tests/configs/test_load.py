@@ -203,3 +203,23 @@ def test_old_grad_sample_mode_no_op_is_read_as_vmap_with_a_warning(tmp_path, cap
     assert config_to_dict(stored)["privacy"]["grad_sample_mode"] == "vmap"
     with pytest.raises(ConfigError, match=r"allowed values: 'bk', 'hooks', 'vmap'$"):
         load_config_dict({"privacy": {"grad_sample_mode": "no-op"}})
+
+
+def test_a_file_amends_its_base_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 0.5\n  batch_size: 7\nmodel:\n  model_channels: 8\n  norm_groups: 4\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  lr: 0.25\n")
+    cfg = load_config(tmp_path / "child.yaml", ["train.seed=3"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.seed, cfg.model.model_channels) == (0.25, 7, 3, 8)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+def test_the_shipped_dp_recipe_amends_the_default_study():
+    default, dp = load_config(REPO / "configs" / "default.yaml"), load_config(REPO / "configs" / "dp.yaml")
+    assert dp.privacy.enabled and dp.pretraining.steps > 0 and not dp.train.init_from
+    assert dp.model == default.model and dp.data == default.data and dp.diffusion == default.diffusion
+    assert dp.train.batch_size > default.train.batch_size  # a DP-sized logical batch
