@@ -19,6 +19,13 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
             "the network predicts noise, velocity or x0 of the same shape as the image"
         )
     check_autoencoder(cfg)
+    if cfg.privacy.central_dp != "off" and cfg.train.trainable != "all":
+        raise ConfigError("'privacy.central_dp' clips whole-model updates at the sites (Flower's clipping mods); "
+                          f"it needs train.trainable=all, not {cfg.train.trainable!r}")
+    if cfg.train.trainable != "all" and not (cfg.train.init_from or cfg.pretraining.steps):
+        raise ConfigError(f"'train.trainable' {cfg.train.trainable!r} fine-tunes pre-trained weights; from scratch the frozen, "
+                          "zero-initialised output layers keep the model's output at zero. Set train.init_from or "
+                          "pretraining.steps, or train.trainable=all")
     if cfg.pretraining.steps and cfg.train.init_from:
         raise ConfigError("'pretraining.steps' and 'train.init_from' both choose the initial weights; "
                           "set pretraining.steps=0 to start from the checkpoint, or train.init_from=\"\" to pre-train")

@@ -11,7 +11,8 @@ from configs.schema import ExperimentConfig
 #: how it evaluates, samples and uses the machine. Everything else defines the study.
 RESUMABLE = ("federation.num_rounds", "autoencoder.num_rounds", "federation.round_timeout",
              "federation.max_failed_rounds", "output.", "evaluation.", "sampler.", "simulation.", "train.device",
-             "train.threads", "train.num_workers", "train.log_every")
+             "train.threads", "train.num_workers", "train.log_every",
+             "train.init_from", "pretraining.")  # a resume starts from its checkpoint, not from initial weights
 
 
 def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -223,3 +223,14 @@ def test_the_shipped_dp_recipe_amends_the_default_study():
     assert dp.privacy.enabled and dp.pretraining.steps > 0 and not dp.train.init_from
     assert dp.model == default.model and dp.data == default.data and dp.diffusion == default.diffusion
     assert dp.train.batch_size > default.train.batch_size  # a DP-sized logical batch
+
+
+def test_central_dp_with_partial_updates_is_refused():
+    with pytest.raises(ConfigError, match="'privacy.central_dp' clips whole-model updates.*'lora'"):
+        load_config(None, ["privacy.central_dp=fixed", "train.trainable=lora", "train.init_from=x.pt"])
+
+
+def test_parameter_efficient_training_from_scratch_is_refused():
+    with pytest.raises(ConfigError, match="'train.trainable' 'attention' fine-tunes pre-trained weights"):
+        load_config(None, ["train.trainable=attention"])
+    assert load_config(None, ["train.trainable=attention", "pretraining.steps=10"]).train.trainable == "attention"

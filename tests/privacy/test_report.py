@@ -41,7 +41,8 @@ def test_public_first_stage_and_pixel_runs(tmp_path):
 
 
 def test_the_report_states_what_the_sites_trained(tmp_path):
-    peft = write_privacy_report(_run_dir(tmp_path / "a", ["privacy.enabled=true", "train.trainable=lora", "train.lora_rank=2"]))
+    peft = write_privacy_report(_run_dir(tmp_path / "a", ["privacy.enabled=true", "train.trainable=lora", "train.lora_rank=2",
+                                                              "train.init_from=public.pt"]))
     md, report = peft["md"].read_text(), json.loads(peft["json"].read_text())
     t = report["trainable"]
     assert t["mode"] == "lora" and t["lora_rank"] == 2 and 0 < t["trainable"] < t["total"]

@@ -81,11 +81,11 @@ def test_per_image_gradients_of_the_trainable_parameters_equal_one_image_at_a_ti
 
 @pytest.mark.parametrize("mode", PEFT_MODES)
 def test_a_dp_round_changes_and_sends_only_the_trainable_tensors(mode, tmp_path):
-    cfg = tiny_config(extra=[f"train.trainable={mode}", "train.lora_rank=2", "privacy.enabled=true", "federation.local_steps=2",
+    cfg = tiny_config(extra=[f"train.trainable={mode}", "train.lora_rank=2", "train.init_from=public.pt", "privacy.enabled=true", "federation.local_steps=2",
                              "federation.num_rounds=1", "data.num_samples=40", "model.num_classes=2", "train.lr=0.01"])
     torch.manual_seed(0)
     model = build_unet(cfg)
-    with torch.no_grad():  # so that every trainable tensor gets a gradient (zero-initialised layers block some)
+    with torch.no_grad():  # stands for pre-trained weights: from scratch, frozen zero layers block every gradient
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -114,7 +114,7 @@ def test_a_dp_round_changes_and_sends_only_the_trainable_tensors(mode, tmp_path)
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedmedian"])
 def test_the_server_merges_partial_updates_into_the_global_model(strategy):
-    cfg = tiny_config(extra=["train.trainable=attention", "federation.min_train_nodes=2", f"federation.strategy={strategy}"])
+    cfg = tiny_config(extra=["train.trainable=attention", "train.init_from=public.pt", "federation.min_train_nodes=2", f"federation.strategy={strategy}"])
     torch.manual_seed(0)
     model = build_unet(cfg)
     run = PhaseRun(phase=None, model=model, ema=None, strategy=create_strategy(cfg.federation), global_state=model.state_dict(),

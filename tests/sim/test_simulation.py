@@ -12,7 +12,6 @@ from opacus.accountants import RDPAccountant
 
 from configs import load_config
 from meddiff.board import read_scalars
-from meddiff.recipes.build import build_unet_from_section
 from meddiff.checkpoint import load_checkpoint
 from sim.processes import free_port
 from sim.run import simulate
@@ -21,6 +20,9 @@ TINY = ["federation.num_sites=2", "federation.min_train_nodes=2", "federation.lo
         "data.image_size=16", "model.model_channels=8", "model.channel_mult=[1,2]", "model.attention_resolutions=[8]",
         "model.num_head_channels=8", "model.norm_groups=4", "output.num_samples=2", "sampler.num_inference_steps=2",
         "model.num_classes=2"]
+
+# public pre-training, then sites that train and send attention and normalisation tensors only
+PEFT = TINY + ["train.trainable=attention_norm", "pretraining.steps=2", "pretraining.batch_size=4"]
 
 
 def _run(tmp_path: Path, name: str, overrides: list[str], resume_from: str = "") -> Path:
@@ -37,7 +39,7 @@ def _alive_flower_processes(pids_file: Path) -> list[int]:
 @pytest.mark.slow
 def test_two_sites_two_rounds_then_resume_equals_uninterrupted(tmp_path, capsys, monkeypatch, short_tmp):
     monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))  # where the run's Ray root goes
-    full = _run(tmp_path, "full", TINY + ["federation.num_rounds=2"])
+    full = _run(tmp_path, "full", PEFT + ["federation.num_rounds=2"])
     shown = capsys.readouterr().out
     # alive on screen: each site's progress, each server line once, no Flower/Ray noise
     assert "site_0 diffusion round 1/2: step" in shown and "site_1 diffusion round 2/2: step 2/2" in shown
@@ -55,15 +57,14 @@ def test_two_sites_two_rounds_then_resume_equals_uninterrupted(tmp_path, capsys,
     assert not _alive_flower_processes(full / "flower_pids.txt")
 
     last = load_checkpoint(full / "checkpoints" / "last.pt")
-    cfg = load_config(None, TINY)
-    torch.manual_seed(cfg.train.seed)
-    initial = build_unet_from_section(cfg.model, cfg.data.image_size).state_dict()
+    initial = load_checkpoint(full / "public_pretraining" / "checkpoints" / "last.pt").ema
     assert any(not torch.equal(last.model[k], initial[k]) for k in initial)  # the global weights changed
+    assert torch.equal(last.model["conv_in.weight"], initial["conv_in.weight"])  # ... but not the frozen ones
     assert "site_metrics" in last.extra and last.step == 2
 
     # stop after round 1, then resume: same final weights as the uninterrupted run
-    first = _run(tmp_path, "first", TINY + ["federation.num_rounds=1"])
-    resumed = _run(tmp_path, "first", TINY + ["federation.num_rounds=2"], resume_from=str(first / "checkpoints" / "round_0001.pt"))
+    first = _run(tmp_path, "first", PEFT + ["federation.num_rounds=1"])
+    resumed = _run(tmp_path, "first", PEFT + ["federation.num_rounds=2"], resume_from=str(first / "checkpoints" / "round_0001.pt"))
     final = load_checkpoint(resumed / "checkpoints" / "last.pt")
     assert final.step == 2
     for k in last.model:
@@ -79,8 +80,12 @@ def test_dp_study_extended_past_its_plan_is_refused_and_ends_cleanly_with_a_repo
     covers: both sites refuse round 2, the server stops sampling them and ends before round 3."""
     dp = TINY + ["privacy.enabled=true", "privacy.target_epsilon=8", "train.batch_size=8", "privacy.max_physical_batch_size=4",
                  "privacy.central_dp=fixed", "privacy.central_clipping_norm=0.5", "privacy.central_noise_multiplier=0.01",
-                 "evaluation.every=2", "evaluation.num_samples=8", "evaluation.max_real=8"]
+                 "evaluation.every=2", "evaluation.num_samples=8", "evaluation.max_real=8",
+                 "pretraining.steps=2", "pretraining.batch_size=4"]
     first = _run(tmp_path, "dp", dp + ["federation.num_rounds=1"])
+    pretrained = first / "public_pretraining" / "checkpoints" / "last.pt"  # public pre-training ran first
+    assert json.loads((first / "init_from.json").read_text())["path"] == str(pretrained.resolve())
+    pretrained_at = pretrained.stat().st_mtime_ns
     ledgers = json.loads((first / "privacy" / "site_ledgers.json").read_text())["sites"]
     assert sorted(ledgers) == ["site_0", "site_1"]
     eps_round1 = {name: led["epsilon"] for name, led in ledgers.items()}
@@ -95,6 +100,7 @@ def test_dp_study_extended_past_its_plan_is_refused_and_ends_cleanly_with_a_repo
     first = Path(moved)
     resumed = _run(tmp_path, "dp_moved", dp + ["federation.num_rounds=3"],
                    resume_from=str(first / "checkpoints" / "round_0001.pt"))
+    assert (resumed / "public_pretraining" / "checkpoints" / "last.pt").stat().st_mtime_ns == pretrained_at  # not redone
     summary = json.loads((resumed / "summary.json").read_text())
     assert "stopped before round 3" in summary["stop_reason"] and "privacy budget" in summary["stop_reason"]
     rows = list(csv.DictReader(open(resumed / "metrics.csv")))
