@@ -13,7 +13,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: run run-dp train-centralized test test-fast bench setup clean
+.PHONY: run run-dp train-centralized test test-fast bench bench-dp-quality setup clean
 
 # uv installs the rest in seconds (pip's byte-compilation of Ray alone takes a minute); pip is the fallback.
 $(STAMP): pyproject.toml
@@ -51,6 +51,10 @@ bench: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/sites_scaling.py
 	$(BIN)/python bench/dp_overhead.py
 	$(BIN)/python bench/ldm_vs_pixel.py
+
+# DP quality on real PneumoniaMNIST (../shared/data/pneumoniamnist.npz): 5 federated arms, about 25 min on 2 CPU cores.
+bench-dp-quality: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/dp_quality.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
