@@ -19,6 +19,7 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
             "the network predicts noise, velocity or x0 of the same shape as the image"
         )
     check_autoencoder(cfg)
+    check_conditioning(cfg)
     if cfg.pretraining.steps and cfg.train.init_from:
         raise ConfigError("'pretraining.steps' and 'train.init_from' both choose the initial weights; "
                           "set pretraining.steps=0 to start from the checkpoint, or train.init_from=\"\" to pre-train")
@@ -55,6 +56,18 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
     if pc.central_dp != "off" and fed.strategy not in ("fedavg", "fedprox"):
         raise ConfigError(f"'privacy.central_dp' ({pc.central_dp}) needs federation.strategy fedavg or fedprox: its noise is "
                           f"calibrated to the sensitivity of an average of clipped updates, not of {fed.strategy}")
+
+
+def check_conditioning(cfg: ExperimentConfig) -> None:
+    """Mask-conditioned synthesis (``model.cond_channels > 0``) needs data that carry masks."""
+    if not cfg.model.cond_channels:
+        return
+    if cfg.autoencoder.enabled:
+        raise ConfigError("'model.cond_channels' > 0 conditions the pixel-space UNet on masks; the latent variant "
+                          "(masks on the latent grid) does not exist yet: set autoencoder.enabled=false")
+    if cfg.data.dataset != "phantoms":
+        raise ConfigError(f"'model.cond_channels' > 0 trains on (image, mask) pairs, which data.dataset="
+                          f"{cfg.data.dataset!r} does not provide yet; use data.dataset=phantoms")
 
 
 def check_autoencoder(cfg: ExperimentConfig) -> None:
