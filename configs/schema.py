@@ -44,7 +44,7 @@ class ModelConfig:
     resblock_updown: bool = _f(True, help="BigGAN-style residual up/down-sampling")
     norm_groups: int = _f(32, help="GroupNorm groups (reduced to a divisor of each width)", min=1)
     cond_channels: int = _f(0, help="mask channels concatenated to x_t (mask-conditioned synthesis, the mask_diffusion "
-                            "phase; phantoms: 4 = brain, necrotic, oedema, enhancing); 0 = no spatial conditioning",
+                            "phase; phantoms and brats: 4 = brain, necrotic, oedema, enhancing); 0 = no spatial conditioning",
                             min=0, max=64)
 
 

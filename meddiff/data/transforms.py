@@ -194,7 +194,9 @@ def train_augmentation(spatial_dims: int = 2):
 
 def fit_mask_to_size(mask: np.ndarray, size: int) -> np.ndarray:
     """:func:`fit_to_size` for a label mask: pad with 0 (background), resize by nearest neighbour
-    (MONAI ``Resize``), so labels are never blended and the mask stays on its image's grid.
+    (MONAI ``Resize``), so labels are never blended and the mask stays on its image's grid. The
+    ``nearest-exact`` rule samples each output pixel at its centre, as area and bilinear resizing
+    of the image do; plain ``nearest`` (floor) would shift the mask by up to half an output pixel.
 
     Args:
         mask: ``[K, H, W]`` or ``[K, D, H, W]`` (K mask channels, or one label map).
@@ -206,7 +208,7 @@ def fit_mask_to_size(mask: np.ndarray, size: int) -> np.ndarray:
     spatial = mask.shape[1:]
     t = torch.from_numpy(np.ascontiguousarray(mask))
     t = SpatialPad(spatial_size=(max(spatial),) * len(spatial), mode="constant", value=0)(t)
-    t = Resize(spatial_size=(size,) * len(spatial), mode="nearest")(t.float())
+    t = Resize(spatial_size=(size,) * len(spatial), mode="nearest-exact")(t.float())
     return np.asarray(t).astype(mask.dtype)
 
 

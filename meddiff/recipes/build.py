@@ -15,6 +15,7 @@ from configs import (DataConfig, DiffusionConfig, ExperimentConfig, ModelConfig,
 from meddiff.data import ArrayDataset, PackedMasks, PhantomDataset, read_medmnist_npz
 from meddiff.data.adapters import index_dataset
 from meddiff.data.cache import MedicalDataset
+from meddiff.data.masked import MaskedVolumeDataset
 from meddiff.diffusion import GaussianDiffusion, SpatialConditioning, make_noise_schedule
 from meddiff.evaluate.encoders import load_domain_encoder
 from meddiff.nets import ADMUNet
@@ -106,7 +107,8 @@ def build_sampler(sampler_cfg: SamplerConfig, diffusion: GaussianDiffusion) -> S
 def build_dataset_from_section(data_cfg: DataConfig, *, spatial_dims: int = 2, channels: int = 1,
                                masks: bool = False) -> Dataset:
     """The training images named by ``data.dataset``: ``(x [channels, *S] in [-1, 1], label)`` items;
-    with ``masks``, ``(x, label, mask [K, *S])`` triples (phantoms only, so far)."""
+    with ``masks``, ``(x, label, mask [K, *S])`` triples (phantoms, and BraTS-layout folders such as
+    ``meddiff data from-template`` cohorts)."""
     if data_cfg.dataset == "phantoms":
         if spatial_dims != 2 or channels != 1:
             raise ValueError("data.dataset='phantoms' gives 1-channel 2-D slices: set model.spatial_dims=2 and 1 image channel")
@@ -115,7 +117,9 @@ def build_dataset_from_section(data_cfg: DataConfig, *, spatial_dims: int = 2, c
             with_masks=masks,
         )
     if masks:
-        raise ValueError(f"data.dataset={data_cfg.dataset!r} does not provide masks yet; use data.dataset=phantoms")
+        if data_cfg.dataset != "brats":
+            raise ValueError(f"data.dataset={data_cfg.dataset!r} does not provide masks yet; use phantoms or brats")
+        return MaskedVolumeDataset(index_dataset(data_cfg).records, data_cfg, spatial_dims=spatial_dims, train=True)
     if data_cfg.dataset == "medmnist":
         if not data_cfg.path:
             raise ValueError("data.path is empty: point it at a MedMNIST .npz file")
