@@ -9,7 +9,7 @@ from configs import load_config
 from meddiff.data.adapters import index_dataset
 from meddiff.data.masked import MaskedVolumeDataset, load_record_with_masks
 from meddiff.recipes.build import build_masked_dataset
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, shared_file
 
 
 def _case(root, i, affine):
@@ -81,3 +81,21 @@ def test_a_brats_folder_trains_mask_conditioned_models_and_augmentation_moves_bo
     images, masks = np.stack([x.numpy() for x, _, _ in items]), np.stack([m.numpy() for _, _, m in items])
     assert not np.array_equal(masks, aug.masks.numpy())  # augmentation did move something
     _check_aligned(images, masks)
+
+
+@pytest.mark.slow  # writes a pseudo-patient from the MNI152 template
+def test_a_template_cohort_gives_its_tumour_masks_on_real_anatomy(tmp_path):
+    from meddiff.data.template import write_template_cohort
+
+    write_template_cohort(shared_file("mni152_t1_1mm.nii.gz"), tmp_path / "cohort", num_patients=1, spacing=4.0,
+                          lesion_fraction=1.0)
+    cfg = load_config(None, [*TINY_OVERRIDES, "data.dataset=brats", f"data.path={tmp_path / 'cohort'}",
+                             "model.cond_channels=4", "data.image_size=32", "model.attention_resolutions=[16]"])
+    images, labels, masks = load_record_with_masks(index_dataset(cfg.data).records[0], cfg.data)
+    tumour = masks[:, 1:].any(1)
+    assert labels.sum() >= 1 and np.array_equal(labels.astype(bool), tumour.any((1, 2)))
+    brain = masks[:, 0].astype(bool)
+    assert (tumour & ~brain).sum() <= 0.05 * tumour.sum()  # the lesion lies in the head
+    x = images[:, 0]
+    enhancing, healthy = masks[:, 3].astype(bool), brain & ~tumour
+    assert x[enhancing].mean() > x[healthy].mean()  # the template's enhancing rim is brighter on t1c
