@@ -19,16 +19,8 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
             "the network predicts noise, velocity or x0 of the same shape as the image"
         )
     check_autoencoder(cfg)
-    if cfg.privacy.central_dp != "off" and cfg.train.trainable != "all":
-        raise ConfigError("'privacy.central_dp' clips whole-model updates at the sites (Flower's clipping mods); "
-                          f"it needs train.trainable=all, not {cfg.train.trainable!r}")
-    if cfg.train.trainable != "all" and not (cfg.train.init_from or cfg.pretraining.steps):
-        raise ConfigError(f"'train.trainable' {cfg.train.trainable!r} fine-tunes pre-trained weights; from scratch the frozen, "
-                          "zero-initialised output layers keep the model's output at zero. Set train.init_from or "
-                          "pretraining.steps, or train.trainable=all")
-    if cfg.pretraining.steps and cfg.train.init_from:
-        raise ConfigError("'pretraining.steps' and 'train.init_from' both choose the initial weights; "
-                          "set pretraining.steps=0 to start from the checkpoint, or train.init_from=\"\" to pre-train")
+    check_conditioning(cfg)
+    check_fine_tuning(cfg)
     size = cfg.unet_input_size  # data.image_size without latents
     what = (f"the latent side data.image_size / {cfg.latent_downsampling} = {size}" if cfg.autoencoder.enabled
             else f"data.image_size={d.image_size}")
@@ -64,6 +56,19 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
                           f"calibrated to the sensitivity of an average of clipped updates, not of {fed.strategy}")
 
 
+def check_conditioning(cfg: ExperimentConfig) -> None:
+    """Mask-conditioned synthesis (``model.cond_channels > 0``) needs data that carry masks."""
+    if not cfg.model.cond_channels:
+        return
+    if cfg.autoencoder.enabled:
+        raise ConfigError("'model.cond_channels' > 0 conditions the pixel-space UNet on masks; the latent variant "
+                          "(masks on the latent grid) does not exist yet: set autoencoder.enabled=false")
+    if cfg.data.dataset not in ("phantoms", "brats"):
+        raise ConfigError(f"'model.cond_channels' > 0 trains on (image, mask) pairs, which data.dataset="
+                          f"{cfg.data.dataset!r} does not provide yet; use data.dataset=phantoms or brats (BraTS "
+                          "folders and `meddiff data from-template` cohorts)")
+
+
 def check_autoencoder(cfg: ExperimentConfig) -> None:
     ae, m = cfg.autoencoder, cfg.model
     if not ae.enabled:
@@ -92,3 +97,17 @@ def check_autoencoder(cfg: ExperimentConfig) -> None:
     if ae.mode == "public" and not ae.checkpoint and not (ae.public_path and ae.public_dataset):
         raise ConfigError("'autoencoder.mode' is 'public': set 'autoencoder.checkpoint' (a trained autoencoder), or "
                           "'autoencoder.public_dataset' and 'autoencoder.public_path' (public data to pre-train on)")
+
+
+def check_fine_tuning(cfg: ExperimentConfig) -> None:
+    """Initial weights and the parameters that train agree."""
+    if cfg.privacy.central_dp != "off" and cfg.train.trainable != "all":
+        raise ConfigError("'privacy.central_dp' clips whole-model updates at the sites (Flower's clipping mods); "
+                          f"it needs train.trainable=all, not {cfg.train.trainable!r}")
+    if cfg.train.trainable != "all" and not (cfg.train.init_from or cfg.pretraining.steps):
+        raise ConfigError(f"'train.trainable' {cfg.train.trainable!r} fine-tunes pre-trained weights; from scratch the frozen, "
+                          "zero-initialised output layers keep the model's output at zero. Set train.init_from or "
+                          "pretraining.steps, or train.trainable=all")
+    if cfg.pretraining.steps and cfg.train.init_from:
+        raise ConfigError("'pretraining.steps' and 'train.init_from' both choose the initial weights; "
+                          "set pretraining.steps=0 to start from the checkpoint, or train.init_from=\"\" to pre-train")

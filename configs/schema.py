@@ -43,6 +43,9 @@ class ModelConfig:
     num_classes: int = _f(0, help="class labels for conditioning; 0 = unconditional", min=0)
     resblock_updown: bool = _f(True, help="BigGAN-style residual up/down-sampling")
     norm_groups: int = _f(32, help="GroupNorm groups (reduced to a divisor of each width)", min=1)
+    cond_channels: int = _f(0, help="mask channels concatenated to x_t (mask-conditioned synthesis, the mask_diffusion "
+                            "phase; phantoms and brats: 4 = brain, necrotic, oedema, enhancing); 0 = no spatial conditioning",
+                            min=0, max=64)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ class TrainConfig:
     grad_clip: float = _f(1.0, help="global gradient-norm clip without DP; 0 disables", min=0.0)
     ema_decay: float = _f(0.999, help="EMA decay of the weights", min=0.0, max=1.0)
     label_dropout: float = _f(0.1, help="probability of the null label (classifier-free guidance)", min=0.0, max=1.0)
+    cond_dropout: float = _f(0.1, help="probability of the null (all-zero) mask condition (classifier-free guidance; "
+                             "model.cond_channels > 0)", min=0.0, max=1.0)
     num_workers: int = _f(0, help="DataLoader worker processes", min=0)
     log_every: int = _f(50, help="steps between metric rows", min=1)
     threads: int = _f(0, help="torch CPU threads; 0 keeps torch's default", min=0)

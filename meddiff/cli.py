@@ -39,7 +39,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from meddiff.recipes.build import sample_spacing
     from meddiff.recipes.restore import codec_from_checkpoint, model_from_checkpoint
     from meddiff.device import resolve_device
-    from meddiff.outputs import write_samples
+    from meddiff.outputs import write_pairs, write_samples
+    from meddiff.recipes.masks import load_masks, mask_bank
     from meddiff.recipes.sample import sample_images
 
     device = resolve_device(args.device)
@@ -56,11 +57,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not 0 <= args.class_label < cfg.model.num_classes:
             raise ConfigError(f"--class-label must be in 0..{cfg.model.num_classes - 1}")
         y = torch.full((args.num,), args.class_label, dtype=torch.long)
-    samples = sample_images(model, cfg, num=args.num, device=device, seed=args.seed, y=y, progress=not args.no_progress,
-                            codec=codec)
+    if args.masks is not None and not cfg.model.cond_channels:
+        raise ConfigError("--masks needs a mask-conditioned checkpoint (model.cond_channels > 0)")
+    masks = None
+    if cfg.model.cond_channels:  # one image per given mask, or per mask of the held-out bank
+        masks = load_masks(args.masks, cfg) if args.masks is not None else mask_bank(cfg, args.num, seed=args.seed)
+        y = None if y is None else y[:1].expand(len(masks))
+    num = args.num if masks is None else len(masks)
+    samples = sample_images(model, cfg, num=num, device=device, seed=args.seed, y=y, progress=not args.no_progress,
+                            codec=codec, masks=masks)
     out = args.out or Path(args.checkpoint).resolve().parent.parent / "samples"
     stem = f"sample_{cfg.sampler.name}{cfg.sampler.num_inference_steps}_seed{args.seed}"
     written = write_samples(samples, out, stem, spacing=sample_spacing(cfg))
+    if masks is not None:
+        written.update(write_pairs(samples, masks, out, stem, spacing=sample_spacing(cfg)))
     for kind, path in written.items():
         print(f"[meddiff] wrote {kind}: {path}")
     return 0
@@ -128,6 +138,9 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None, help="DDIM eta")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--class-label", type=int, default=None, help="class to generate (conditional models)")
+    p.add_argument("--masks", type=Path, default=None,
+                   help="mask-conditioned models: .npz (array 'masks' [N, K, *S]) or folder of .npy masks; one image "
+                        "per mask, written with its mask (default: --num masks from the held-out mask bank)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")

@@ -83,3 +83,40 @@ def write_samples(samples: torch.Tensor, out_dir: str | Path, stem: str, *, spac
         for i, vol in enumerate(arr):
             written[f"nii_{i}"] = save_nifti(vol[0] if vol.shape[0] == 1 else vol, out_dir / f"{stem}_{i:03d}.nii.gz", spacing=spacing)
     return written
+
+
+def label_map(masks: np.ndarray) -> np.ndarray:
+    """Multi-label masks ``[K, *S]`` in {0, 1} as one label map ``[*S]`` uint8: each pixel takes
+    ``k + 1`` for the last channel ``k`` that covers it (0 where none does). With the phantoms'
+    channels (brain, necrotic, oedema, enhancing) this is 1 brain, 2 necrotic, 3 oedema, 4 enhancing."""
+    masks = np.asarray(masks) > 0
+    levels = np.arange(1, masks.shape[0] + 1, dtype=np.uint8).reshape(-1, *[1] * (masks.ndim - 1))
+    return (masks * levels).max(axis=0).astype(np.uint8)
+
+
+def write_pairs(images: torch.Tensor, masks: torch.Tensor, out_dir: str | Path, stem: str, *,
+                spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, Path]:
+    """Write generated images with the masks they were generated from, for a segmentation pipeline.
+
+    Always ``<stem>_pairs.npz`` (``images [N, C, *S]`` float32 in [-1, 1], ``masks [N, K, *S]``
+    uint8); for 2-D, ``<stem>_<i>_image.png`` and ``<stem>_<i>_mask.png`` (the :func:`label_map`);
+    for 3-D, ``<stem>_<i>_image.nii.gz`` and ``<stem>_<i>_mask.nii.gz`` with one affine.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arr = images.detach().cpu().float().numpy()
+    m = (masks.detach().cpu().numpy() > 0).astype(np.uint8)
+    if arr.shape[0] != m.shape[0] or arr.shape[2:] != m.shape[2:]:
+        raise ValueError(f"images {arr.shape} and masks {m.shape} are not pairs on one grid")
+    written = {"npz": out_dir / f"{stem}_pairs.npz"}
+    np.savez_compressed(written["npz"], images=arr, masks=m)
+    for i in range(arr.shape[0]):
+        name = out_dir / f"{stem}_{i:03d}"
+        if arr.ndim == 4:
+            written[f"image_{i}"] = save_grid_png(arr[i:i + 1], f"{name}_image.png", pad=0)
+            written[f"mask_{i}"] = Path(f"{name}_mask.png")
+            Image.fromarray(label_map(m[i])).save(written[f"mask_{i}"])
+        else:
+            written[f"image_{i}"] = save_nifti(arr[i, 0] if arr.shape[1] == 1 else arr[i], f"{name}_image.nii.gz", spacing=spacing)
+            written[f"mask_{i}"] = save_nifti(label_map(m[i]), f"{name}_mask.nii.gz", spacing=spacing)
+    return written

@@ -45,3 +45,26 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.images[i], self.labels[i]
+
+
+class PackedMasks(Dataset):
+    """A dataset of ``(image [C, *S], label, mask [K, *S])`` triples seen as ``(x0, label)`` pairs
+    with ``x0 = cat([image, 2 * mask - 1])`` of shape ``[C + K, *S]``: the packed form the
+    spatially conditioned objective (:class:`meddiff.diffusion.SpatialConditioning`) splits, which
+    every ``(x0, y)`` consumer (loaders, Poisson sampling, per-example gradients) carries as is.
+    """
+
+    def __init__(self, dataset: Dataset):
+        first = dataset[0] if len(dataset) else None
+        if first is not None and len(first) != 3:
+            raise ValueError(f"{type(dataset).__name__} yields {len(first)}-tuples, not (image, label, mask): it has no masks")
+        self.dataset = dataset
+        self.labels = getattr(dataset, "labels", None)
+        self.mask_channels = tuple(getattr(dataset, "mask_channels", ()))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label, mask = self.dataset[i]
+        return torch.cat([image, mask.float().mul(2.0).sub(1.0)], dim=0), label

@@ -4,7 +4,8 @@ Each phantom is an axial T1-weighted-looking slice built from nested anatomical 
 coordinates: scalp, skull, subarachnoid CSF, a folded cortical grey-matter ribbon, white matter,
 deep grey nuclei, lateral ventricles and the falx. Shape parameters vary per subject (head size and
 aspect, pose, ventricle size, cortical folding). An optional tumour (enhancing rim, necrotic core,
-oedema) is the class label. Scanner effects (:class:`Acquisition`) are applied last, so a simulated
+oedema) is the class label; its sub-regions and the brain are available as masks aligned with the
+image (:data:`MASK_CHANNELS`). Scanner effects (:class:`Acquisition`) are applied last, so a simulated
 site can have its own scanner.
 
 Hand-written because no library produces labelled, anatomically structured 2-D slices with
@@ -138,8 +139,14 @@ def _anatomy(head: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return img, brain
 
 
-def _draw_tumour(img: np.ndarray, brain: np.ndarray, head: dict, rng: np.random.Generator) -> None:
-    """A tumour inside the brain parenchyma, in place: oedema, enhancing rim, necrotic core."""
+#: Mask channels of a phantom: the brain, then the tumour sub-regions in BraTS order (necrotic core
+#: = BraTS label 1, oedema = 2, enhancing tumour = 3); the sub-regions are disjoint.
+MASK_CHANNELS = ("brain", "necrotic", "oedema", "enhancing")
+
+
+def _draw_tumour(img: np.ndarray, brain: np.ndarray, head: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A tumour inside the brain parenchyma, in place: oedema, enhancing rim, necrotic core.
+    Returns the three sub-region masks (boolean, ``img``'s shape)."""
     xr, yr, ax, ay = head["xr"], head["yr"], head["ax"], head["ay"]
     for _ in range(20):
         lr, la = rng.uniform(0.15, 0.55), rng.uniform(0, 2 * np.pi)
@@ -152,12 +159,25 @@ def _draw_tumour(img: np.ndarray, brain: np.ndarray, head: dict, rng: np.random.
     wobble = 1 + 0.15 * np.cos(3 * theta + rng.uniform(0, 6.3)) + 0.08 * np.cos(5 * theta + rng.uniform(0, 6.3))
     rr = d / (radius * wobble)
     inside = brain & (rr <= 1.7)
-    img[inside & (rr > 1.0)] *= 0.72  # oedema: T1-hypointense
-    img[brain & (rr <= 1.0)] = 0.97  # enhancing rim
-    img[brain & (rr <= rng.uniform(0.45, 0.7))] = 0.25  # necrotic core
+    oedema, tumour = inside & (rr > 1.0), brain & (rr <= 1.0)
+    necrotic = brain & (rr <= rng.uniform(0.45, 0.7))
+    img[oedema] *= 0.72  # oedema: T1-hypointense
+    img[tumour] = 0.97  # enhancing rim
+    img[necrotic] = 0.25  # necrotic core
+    return {"necrotic": necrotic, "oedema": oedema, "enhancing": tumour & ~necrotic}
 
 
-def phantom_slice(size: int, rng: np.random.Generator, *, lesion: bool, supersample: int = 2) -> np.ndarray:
+def _majority(masks: list[np.ndarray], size: int, supersample: int) -> np.ndarray:
+    """Disjoint supersampled boolean regions ``[n, n]`` to ``[len(masks), size, size]``: each pixel
+    takes the region (or the background) that covers most of its sub-pixels, so the regions stay
+    disjoint (the label counterpart of the image's box average)."""
+    fractions = np.stack([m.reshape(size, supersample, size, supersample).mean(axis=(1, 3)) for m in masks])
+    winner = np.argmax(np.concatenate([1.0 - fractions.sum(0, keepdims=True), fractions]), axis=0)
+    return winner[None] == np.arange(1, len(masks) + 1)[:, None, None]
+
+
+def phantom_slice(size: int, rng: np.random.Generator, *, lesion: bool, supersample: int = 2,
+                  masks: bool = False):
     """One clean phantom slice.
 
     Args:
@@ -165,8 +185,10 @@ def phantom_slice(size: int, rng: np.random.Generator, *, lesion: bool, supersam
         rng: the source of all anatomical variation.
         lesion: whether to draw a tumour.
         supersample: geometry is drawn at ``supersample * size`` and box-averaged (anti-aliasing).
+        masks: also return the region masks (the image is the same either way).
     Returns:
-        ``[size, size]`` float32 array in [0, 1]; rows run anterior to posterior.
+        ``[size, size]`` float32 array in [0, 1]; rows run anterior to posterior. With ``masks``:
+        ``(image, masks [len(MASK_CHANNELS), size, size] uint8 in {0, 1})``.
     """
     n = size * supersample
     lin = (np.arange(n) + 0.5) / n * 2.0 - 1.0
@@ -174,10 +196,13 @@ def phantom_slice(size: int, rng: np.random.Generator, *, lesion: bool, supersam
     head = _head_frame(x, y, rng)
     img, brain = _anatomy(head, rng)
     img = img + brain * _smooth_texture(rng, n, 0.02)  # low-frequency tissue texture, brain only
-    if lesion:
-        _draw_tumour(img, brain, head, rng)
-    img = img.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
-    return np.clip(img, 0.0, 1.0).astype(np.float32)
+    regions = _draw_tumour(img, brain, head, rng) if lesion else {}
+    img = np.clip(img.reshape(size, supersample, size, supersample).mean(axis=(1, 3)), 0.0, 1.0).astype(np.float32)
+    if not masks:
+        return img
+    empty = np.zeros((size * supersample,) * 2, bool)
+    tumour = _majority([regions.get(c, empty) for c in MASK_CHANNELS[1:]], size, supersample)
+    return img, np.concatenate([_majority([brain], size, supersample), tumour]).astype(np.uint8)
 
 
 def apply_acquisition(img: np.ndarray, acq: Acquisition, rng: np.random.Generator) -> np.ndarray:
@@ -213,14 +238,17 @@ def make_phantoms(
     lesion_fraction: float = 0.5,
     acquisition: Acquisition = DEFAULT_ACQUISITION,
     start: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
+    masks: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Generate phantoms ``start .. start+num-1`` of the stream defined by ``seed``.
 
     Phantom ``i`` depends only on ``(seed, i)`` (and the acquisition), so any slice of the stream
-    is reproducible on its own.
+    is reproducible on its own; asking for ``masks`` changes no image.
 
     Returns:
-        ``images [num, size, size]`` float32 in [0, 1] and ``labels [num]`` int64 (1 = tumour).
+        ``images [num, size, size]`` float32 in [0, 1] and ``labels [num]`` int64 (1 = tumour);
+        with ``masks`` also ``masks [num, len(MASK_CHANNELS), size, size]`` uint8 (the scanner
+        effects do not move anatomy, so the clean slice's masks stay aligned).
     """
     if num < 0 or size < 4:
         raise ValueError(f"need num >= 0 and size >= 4, got num={num}, size={size}")
@@ -228,17 +256,21 @@ def make_phantoms(
         raise ValueError(f"lesion_fraction must be in [0, 1], got {lesion_fraction}")
     images = np.empty((num, size, size), dtype=np.float32)
     labels = np.empty((num,), dtype=np.int64)
+    regions = np.zeros((num, len(MASK_CHANNELS), size, size), dtype=np.uint8)
     for j in range(num):
         rng = np.random.default_rng([seed, start + j])
         lesion = bool(rng.random() < lesion_fraction)
-        clean = phantom_slice(size, rng, lesion=lesion)
+        clean = phantom_slice(size, rng, lesion=lesion, masks=masks)
+        if masks:
+            clean, regions[j] = clean
         images[j] = apply_acquisition(clean, acquisition, rng)
         labels[j] = int(lesion)
-    return images, labels
+    return (images, labels, regions) if masks else (images, labels)
 
 
 class PhantomDataset(Dataset):
-    """Phantom slices as ``(image [1, H, W] float32 in [-1, 1], label int64)`` tuples."""
+    """Phantom slices as ``(image [1, H, W] float32 in [-1, 1], label int64)`` tuples; with
+    ``with_masks``, ``(image, label, mask [len(MASK_CHANNELS), H, W] uint8)`` triples."""
 
     def __init__(
         self,
@@ -248,15 +280,19 @@ class PhantomDataset(Dataset):
         seed: int = 0,
         lesion_fraction: float = 0.5,
         acquisition: Acquisition = DEFAULT_ACQUISITION,
+        with_masks: bool = False,
     ):
-        images, labels = make_phantoms(
-            num_samples, image_size, seed=seed, lesion_fraction=lesion_fraction, acquisition=acquisition
-        )
-        self.images = torch.from_numpy(images).unsqueeze(1).mul_(2.0).sub_(1.0)
-        self.labels = torch.from_numpy(labels)
+        made = make_phantoms(num_samples, image_size, seed=seed, lesion_fraction=lesion_fraction,
+                             acquisition=acquisition, masks=with_masks)
+        self.images = torch.from_numpy(made[0]).unsqueeze(1).mul_(2.0).sub_(1.0)
+        self.labels = torch.from_numpy(made[1])
+        self.masks = torch.from_numpy(made[2]) if with_masks else None
+        self.mask_channels = MASK_CHANNELS if with_masks else ()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        if self.masks is not None:
+            return self.images[i], self.labels[i], self.masks[i]
         return self.images[i], self.labels[i]

@@ -190,3 +190,58 @@ def train_augmentation(spatial_dims: int = 2):
         RandAffine(prob=0.5, rotate_range=(0.1,) * (1 if spatial_dims == 2 else 3), scale_range=(0.05,) * spatial_dims,
                    padding_mode="border", mode="bilinear"),
     ])
+
+
+def fit_mask_to_size(mask: np.ndarray, size: int) -> np.ndarray:
+    """:func:`fit_to_size` for a label mask: pad with 0 (background), resize by nearest neighbour
+    (MONAI ``Resize``), so labels are never blended and the mask stays on its image's grid. The
+    ``nearest-exact`` rule samples each output pixel at its centre, as area and bilinear resizing
+    of the image do; plain ``nearest`` (floor) would shift the mask by up to half an output pixel.
+
+    Args:
+        mask: ``[K, H, W]`` or ``[K, D, H, W]`` (K mask channels, or one label map).
+    Returns:
+        ``[K, size, size(, size)]`` of ``mask``'s dtype.
+    """
+    from monai.transforms import Resize, SpatialPad
+
+    spatial = mask.shape[1:]
+    t = torch.from_numpy(np.ascontiguousarray(mask))
+    t = SpatialPad(spatial_size=(max(spatial),) * len(spatial), mode="constant", value=0)(t)
+    t = Resize(spatial_size=(size,) * len(spatial), mode="nearest-exact")(t.float())
+    return np.asarray(t).astype(mask.dtype)
+
+
+def paired_train_augmentation(spatial_dims: int = 2):
+    """:func:`train_augmentation` applied identically to an image and its mask (MONAI dictionary
+    transforms on keys ``image`` and ``mask`` share one random draw): the image is interpolated
+    bilinearly, the mask by nearest neighbour with zero (background) padding."""
+    from monai.transforms import Compose, RandAffined, RandFlipd
+
+    keys = ("image", "mask")
+    return Compose([
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+        RandAffined(keys=keys, prob=0.5, rotate_range=(0.1,) * (1 if spatial_dims == 2 else 3),
+                    scale_range=(0.05,) * spatial_dims, padding_mode=("border", "zeros"), mode=("bilinear", "nearest")),
+    ])
+
+
+def resample_pair(image: torch.Tensor, mask: torch.Tensor, affine: np.ndarray, spacing: Sequence[float]):
+    """Orient an image ``[1, X, Y, Z]`` and its mask ``[K, X, Y, Z]`` (one ``affine``) to RAS and
+    resample both to ``spacing`` mm: bilinear for the image, nearest neighbour for the mask (MONAI
+    ``Orientationd`` / ``Spacingd``). Returns ``(image, mask, affine [4, 4])`` on one grid."""
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Orientationd, Spacingd
+
+    aff = torch.as_tensor(affine, dtype=torch.float64)
+    data = {"image": MetaTensor(image.float(), affine=aff), "mask": MetaTensor(mask.float(), affine=aff)}
+    out = Compose([Orientationd(keys=("image", "mask"), axcodes="RAS", labels=RAS_LABELS),
+                   Spacingd(keys=("image", "mask"), pixdim=tuple(float(s) for s in spacing),
+                            mode=("bilinear", "nearest"))])(data)
+    return out["image"].as_tensor(), out["mask"].as_tensor().round().to(mask.dtype), np.asarray(out["image"].affine)
+
+
+def crop_foreground_pair(array: np.ndarray, mask: np.ndarray, *, threshold: float = -0.95):
+    """:func:`crop_foreground` of an image ``[*S]`` and the same box of its mask ``[K, *S]``."""
+    box = foreground_bbox(array, threshold=threshold)
+    return array[box], mask[(slice(None),) + box]

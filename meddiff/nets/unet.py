@@ -3,7 +3,10 @@
 A pure function ``unet(x_t, t, y) -> eps | v | x0``: the diffusion process and
 samplers take it as an argument. Works on 2-D images and 3-D volumes (``spatial_dims``), any number
 of input/output channels, optionally class-conditional with an extra *null* label for
-classifier-free guidance (Ho & Salimans 2022).
+classifier-free guidance (Ho & Salimans 2022), and optionally spatially conditioned: a conditioning
+image (a segmentation mask, one channel per region) is concatenated to ``x_t`` as extra input
+channels, as Med-DDPM does for mask-to-image synthesis (Dorjsembe et al. 2024, "Conditional
+Diffusion Models for Semantic 3D Brain MRI Synthesis", IEEE JBHI, Sec. III-B).
 """
 
 from __future__ import annotations
@@ -43,10 +46,15 @@ class ADMUNet(nn.Module):
             null label ``num_classes`` used for classifier-free guidance.
         resblock_updown: BigGAN-style residual up/down-sampling instead of (strided) convolutions.
         norm_groups: GroupNorm groups (reduced per layer to a divisor of its width).
+        cond_channels: channels of a conditioning image concatenated to ``x_t`` (0: none). Real
+            conditions take values in {-1, +1}; the all-zero image is the *null* condition, the
+            spatial counterpart of the null label for classifier-free guidance.
 
     Shapes:
         ``x``: ``[N, in_channels, *spatial]`` with each spatial side divisible by
-        ``2 ** (len(channel_mult) - 1)``; ``t``: ``[N]`` (or a scalar); ``y``: ``[N]`` long or None.
+        ``2 ** (len(channel_mult) - 1)``, or ``[N, in_channels + cond_channels, *spatial]`` with
+        the condition already concatenated; ``t``: ``[N]`` (or a scalar); ``y``: ``[N]`` long or
+        None; ``cond``: ``[N, cond_channels, *spatial]`` or None (the null condition).
         Returns ``[N, out_channels, *spatial]``.
     """
 
@@ -65,6 +73,7 @@ class ADMUNet(nn.Module):
         num_classes: int = 0,
         resblock_updown: bool = True,
         norm_groups: int = 32,
+        cond_channels: int = 0,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -72,6 +81,9 @@ class ADMUNet(nn.Module):
         bad_levels = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
         if bad_levels:
             raise ValueError(f"attention_levels {bad_levels} outside 0..{len(channel_mult) - 1}")
+        if cond_channels < 0:
+            raise ValueError(f"cond_channels must be >= 0, got {cond_channels}")
+        self.cond_channels = cond_channels
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -87,7 +99,7 @@ class ADMUNet(nn.Module):
             nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)
         )
         self.label_embed = nn.Embedding(num_classes + 1, emb_ch) if num_classes > 0 else None
-        self.conv_in = conv_nd(spatial_dims, in_channels, model_channels, 3, padding=1)
+        self.conv_in = conv_nd(spatial_dims, in_channels + cond_channels, model_channels, 3, padding=1)
         widths = [mult * model_channels for mult in channel_mult]
         self.down, skip_channels = self._encoder(widths, num_res_blocks, attention_levels)
         ch = widths[-1]
@@ -142,7 +154,23 @@ class ADMUNet(nn.Module):
         """The label index that means "no class" (classifier-free guidance)."""
         return self.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def with_condition(self, x: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x`` with the conditioning channels concatenated (zeros, the null condition, for None)."""
+        if x.shape[1] == self.in_channels + self.cond_channels and cond is None:
+            return x  # already concatenated (the training objective's packed input)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels; this UNet takes {self.in_channels} (+ {self.cond_channels} "
+                             "conditioning channels, concatenated or passed as cond)")
+        if cond is None:
+            return x if not self.cond_channels else torch.cat([x, x.new_zeros(x.shape[0], self.cond_channels, *x.shape[2:])], 1)
+        if not self.cond_channels or cond.shape[1] != self.cond_channels or cond.shape[2:] != x.shape[2:]:
+            raise ValueError(f"cond of shape {tuple(cond.shape)} does not fit a UNet with {self.cond_channels} conditioning "
+                             f"channel(s) on x of shape {tuple(x.shape)}")
+        return torch.cat([x, cond.to(x.dtype)], dim=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
+                cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.with_condition(x, cond)
         n = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:

@@ -12,10 +12,11 @@ import torch
 from torch.utils.data import Dataset
 
 from configs import (DataConfig, DiffusionConfig, ExperimentConfig, ModelConfig, SamplerConfig, TrainConfig)
-from meddiff.data import ArrayDataset, PhantomDataset, read_medmnist_npz
+from meddiff.data import ArrayDataset, PackedMasks, PhantomDataset, read_medmnist_npz
 from meddiff.data.adapters import index_dataset
 from meddiff.data.cache import MedicalDataset
-from meddiff.diffusion import GaussianDiffusion, make_noise_schedule
+from meddiff.data.masked import MaskedVolumeDataset
+from meddiff.diffusion import GaussianDiffusion, SpatialConditioning, make_noise_schedule
 from meddiff.evaluate.encoders import load_domain_encoder
 from meddiff.nets import ADMUNet
 from meddiff.nets.autoencoder import AutoencoderObjective, KLAutoencoder
@@ -42,6 +43,7 @@ def build_unet_from_section(model_cfg: ModelConfig, image_size: int) -> ADMUNet:
         num_classes=model_cfg.num_classes,
         resblock_updown=model_cfg.resblock_updown,
         norm_groups=model_cfg.norm_groups,
+        cond_channels=model_cfg.cond_channels,
     )
 
 
@@ -102,14 +104,22 @@ def build_sampler(sampler_cfg: SamplerConfig, diffusion: GaussianDiffusion) -> S
     return SAMPLERS[sampler_cfg.name](diffusion, **kwargs)
 
 
-def build_dataset_from_section(data_cfg: DataConfig, *, spatial_dims: int = 2, channels: int = 1) -> Dataset:
-    """The training images named by ``data.dataset``: ``(x [channels, *S] in [-1, 1], label)`` items."""
+def build_dataset_from_section(data_cfg: DataConfig, *, spatial_dims: int = 2, channels: int = 1,
+                               masks: bool = False) -> Dataset:
+    """The training images named by ``data.dataset``: ``(x [channels, *S] in [-1, 1], label)`` items;
+    with ``masks``, ``(x, label, mask [K, *S])`` triples (phantoms, and BraTS-layout folders such as
+    ``meddiff data from-template`` cohorts)."""
     if data_cfg.dataset == "phantoms":
         if spatial_dims != 2 or channels != 1:
             raise ValueError("data.dataset='phantoms' gives 1-channel 2-D slices: set model.spatial_dims=2 and 1 image channel")
         return PhantomDataset(
-            data_cfg.num_samples, data_cfg.image_size, seed=data_cfg.seed, lesion_fraction=data_cfg.lesion_fraction
+            data_cfg.num_samples, data_cfg.image_size, seed=data_cfg.seed, lesion_fraction=data_cfg.lesion_fraction,
+            with_masks=masks,
         )
+    if masks:
+        if data_cfg.dataset != "brats":
+            raise ValueError(f"data.dataset={data_cfg.dataset!r} does not provide masks yet; use phantoms or brats")
+        return MaskedVolumeDataset(index_dataset(data_cfg).records, data_cfg, spatial_dims=spatial_dims, train=True)
     if data_cfg.dataset == "medmnist":
         if not data_cfg.path:
             raise ValueError("data.path is empty: point it at a MedMNIST .npz file")
@@ -129,6 +139,24 @@ def build_dataset_from_section(data_cfg: DataConfig, *, spatial_dims: int = 2, c
 def build_image_dataset(cfg: ExperimentConfig, data_cfg: DataConfig | None = None) -> Dataset:
     """:func:`build_dataset_from_section` with the experiment's spatial dims and image channels."""
     return build_dataset_from_section(data_cfg or cfg.data, spatial_dims=cfg.model.spatial_dims, channels=cfg.image_channels)
+
+
+def build_masked_dataset(cfg: ExperimentConfig, data_cfg: DataConfig | None = None) -> PackedMasks:
+    """The images with their masks, packed as ``(cat([image, 2 * mask - 1]) [C + K, *S], label)``
+    pairs for the spatially conditioned objective; ``K`` must be ``model.cond_channels``."""
+    data = build_dataset_from_section(data_cfg or cfg.data, spatial_dims=cfg.model.spatial_dims,
+                                      channels=cfg.image_channels, masks=True)
+    packed = PackedMasks(data)
+    if len(packed.mask_channels) != cfg.model.cond_channels:
+        raise ValueError(f"model.cond_channels={cfg.model.cond_channels}, but data.dataset={cfg.data.dataset!r} gives "
+                         f"{len(packed.mask_channels)} mask channels {list(packed.mask_channels)}")
+    return packed
+
+
+def build_conditioned_diffusion(cfg: ExperimentConfig, *, cond_dropout: float | None = None) -> SpatialConditioning:
+    """The denoising loss with the mask concatenated to ``x_t`` (``train.cond_dropout`` unless given)."""
+    p = cfg.train.cond_dropout if cond_dropout is None else cond_dropout
+    return SpatialConditioning(build_diffusion(cfg.diffusion), image_channels=cfg.model.in_channels, cond_dropout=p)
 
 
 def check_labels(dataset: Dataset, model_cfg: ModelConfig) -> None:

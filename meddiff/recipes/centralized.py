@@ -18,14 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from configs import ExperimentConfig, config_to_dict
-from meddiff.recipes.build import (build_diffusion, build_image_dataset, build_lr_schedule, build_optimizer, build_unet, check_labels,
+from meddiff.recipes.build import (build_lr_schedule, build_optimizer, build_unet, check_labels,
                            sample_spacing)
 from meddiff.checkpoint import save_checkpoint
 from meddiff.device import autocast_dtype, autocast_factory, resolve_device
 from meddiff.ema import EMA
 from meddiff.recipes.first_stage import train_first_stage
 from meddiff.recipes.initial import InitialWeights, load_initial_weights, start_from
-from meddiff.recipes.phases import DIFFUSION
+from meddiff.recipes.phases import denoiser_phase
 from meddiff.latent import LatentCodec, encode_dataset
 from meddiff.outputs import write_samples
 from meddiff.recipes.runs import MetricsCSV, create_run_dir
@@ -35,9 +35,9 @@ from meddiff.recipes.sample import sample_images
 
 def _training_data(cfg: ExperimentConfig, run_dir: Path, device: torch.device, progress: bool,
                    initial: Optional[InitialWeights], images: Optional[Dataset]) -> tuple[Dataset, Optional[LatentCodec]]:
-    """The images (``images``, or the config's data), or for latent diffusion their latents and the
-    first stage that made them."""
-    dataset = images if images is not None else build_image_dataset(cfg)
+    """The images (``images``, or the data the config's denoiser phase trains on: images, or images
+    packed with their masks), or for latent diffusion their latents and the first stage that made them."""
+    dataset = images if images is not None else denoiser_phase(cfg).training_data(cfg)
     check_labels(dataset, cfg.model)
     codec = None
     if cfg.autoencoder.enabled:
@@ -55,8 +55,9 @@ class CentralizedRun:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, device: torch.device, codec: Optional[LatentCodec],
                  progress: bool, initial: Optional[InitialWeights] = None):
         self.cfg, self.run_dir, self.device, self.codec, self.progress = cfg, run_dir, device, codec, progress
-        self.model = build_unet(cfg)
-        start_from(self.model, DIFFUSION, initial)
+        self.phase = denoiser_phase(cfg)
+        self.model = self.phase.build_model(cfg)
+        start_from(self.model, self.phase, initial)
         self.model.to(device)
         self.optimizer = build_optimizer(cfg.train, self.model.parameters())
         self.lr_schedule = build_lr_schedule(cfg.train, self.optimizer, cfg.train.steps)
@@ -122,7 +123,7 @@ def train_centralized(cfg: ExperimentConfig, *, progress: bool = True, dataset: 
     print(f"[meddiff] run dir {run_dir}\n[meddiff] {n_params / 1e6:.2f}M parameters, {len(dataset)} examples, device {device}")
     with run.metrics:
         result = train_loop(
-            model=run.model, objective=build_diffusion(cfg.diffusion), optimizer=run.optimizer, batches=cycle(loader),
+            model=run.model, objective=run.phase.build_objective(cfg), optimizer=run.optimizer, batches=cycle(loader),
             steps=tc.steps, device=device, noise_multiplicity=cfg.diffusion.noise_multiplicity,
             label_dropout=tc.label_dropout, grad_clip=tc.grad_clip,
             autocast=autocast_factory(device, autocast_dtype(device, tc.mixed_precision)), ema=run.ema,

@@ -9,125 +9,22 @@ training is one new entry in :data:`PHASES`.
 
 Latent diffusion (Rombach et al. 2022) is two phases: ``autoencoder`` (the KL first stage) and
 ``diffusion`` (the UNet, on the frozen autoencoder's latents). A pixel-space study is ``diffusion``
-alone.
+alone. Mask-conditioned synthesis (``model.cond_channels > 0``) is ``mask_diffusion`` alone: the
+same UNet objective with the mask concatenated to ``x_t``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from configs import ExperimentConfig
-from meddiff.recipes.build import (build_autoencoder, build_autoencoder_objective, build_diffusion, build_lr_schedule,
-                           build_optimizer, build_unet)
+from meddiff.recipes.build import (build_autoencoder, build_autoencoder_objective, build_conditioned_diffusion,
+                                   build_diffusion, build_lr_schedule, build_masked_dataset, build_optimizer, build_unet)
 from meddiff.nets.autoencoder import AutoencoderObjective
-
-
-class TrainingPhase:
-    """One kind of federated (or centralized) training; subclasses fill in the kind's answers.
-
-    Attributes:
-        name: the phase's name in configs, checkpoints, metrics and messages.
-        order: position in a study (earlier phases train first).
-        checkpoint_prefix: per-round checkpoints are ``<prefix>_<round>.pt``.
-        draws_samples: the server draws sample grids and federated FID from it.
-        produces_codec: its trained model is the frozen encoder later phases train on.
-        metric_name: what its held-out loss is, in words.
-        seed_salt: appended to (seed, round, site) so phases draw independent randomness.
-    """
-
-    name = ""
-    order = 0
-    checkpoint_prefix = ""
-    draws_samples = False
-    produces_codec = False
-    metric_name = "held-out loss"
-    seed_salt: tuple[int, ...] = ()
-
-    # ---------------------------------------------------------------- what and how much
-    def federated(self, cfg: ExperimentConfig) -> bool:
-        """Whether the study trains this phase in federated rounds."""
-        raise NotImplementedError
-
-    def num_rounds(self, cfg: ExperimentConfig) -> int:
-        raise NotImplementedError
-
-    def local_steps(self, cfg: ExperimentConfig) -> int:
-        raise NotImplementedError
-
-    def batch_size(self, cfg: ExperimentConfig) -> int:
-        raise NotImplementedError
-
-    def planned_steps(self, cfg: ExperimentConfig) -> int:
-        """Every local step a site takes in this phase of the study."""
-        return self.num_rounds(cfg) * self.local_steps(cfg)
-
-    def is_private(self, cfg: ExperimentConfig) -> bool:
-        """Whether its site training runs DP-SGD under ``cfg``."""
-        raise NotImplementedError
-
-    def trains_on_latents(self, cfg: ExperimentConfig) -> bool:
-        """Whether its data are the latents of an earlier phase's encoder."""
-        return False
-
-    def server_ema_decay(self, cfg: ExperimentConfig) -> Optional[float]:
-        """Decay of the server's EMA of the global weights (None: no EMA)."""
-        return None
-
-    def initial_state(self, initial) -> Optional[dict]:
-        """This phase's share of ``train.init_from`` (a :class:`~meddiff.recipes.initial.InitialWeights`)."""
-        raise NotImplementedError
-
-    # ---------------------------------------------------------------- the training objects
-    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
-        raise NotImplementedError
-
-    def build_objective(self, cfg: ExperimentConfig):
-        raise NotImplementedError
-
-    def build_optimizer(self, cfg: ExperimentConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        raise NotImplementedError
-
-    def noise_multiplicity(self, cfg: ExperimentConfig) -> int:
-        return 1
-
-    def label_dropout(self, cfg: ExperimentConfig) -> float:
-        return 0.0
-
-    def grad_sample_mode(self, cfg: ExperimentConfig) -> str:
-        """Per-example gradient mode under DP."""
-        return cfg.privacy.grad_sample_mode
-
-    def lr_schedule(self, cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, server_round: int):
-        """The learning-rate schedule of a site's round (None: constant)."""
-        return None
-
-    def held_out_objective(self, cfg: ExperimentConfig):
-        """What :meth:`held_out_losses` measures with (default: the training objective)."""
-        return self.build_objective(cfg)
-
-    def held_out_losses(self, model: nn.Module, objective, x0: torch.Tensor, y: Optional[torch.Tensor],
-                        generator: torch.Generator, cfg: ExperimentConfig) -> torch.Tensor:
-        """Per-example held-out loss ``[N]`` of ``model`` on ``x0 [N, C, *S]``."""
-        raise NotImplementedError
-
-    # ---------------------------------------------------------------- names in records
-    def scope(self, scope: str) -> str:
-        """A metric scope (``global``, ``site_0``) as TensorBoard tags it."""
-        return f"{self.name}/{scope}"
-
-    def round_name(self, cfg: ExperimentConfig) -> str:
-        """How the console names its rounds ("autoencoder round", or plain "round")."""
-        return f"{self.name} round" if cfg.autoencoder.enabled else "round"
-
-    def banner(self, cfg: ExperimentConfig) -> str:
-        """The line that opens the phase on the console."""
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<phase {self.name}>"
+from meddiff.recipes.phase_base import TrainingPhase
 
 
 class AutoencoderPhase(TrainingPhase):
@@ -194,7 +91,7 @@ class DiffusionPhase(TrainingPhase):
     draws_samples = True
 
     def federated(self, cfg: ExperimentConfig) -> bool:
-        return True
+        return not cfg.model.cond_channels  # a mask-conditioned study trains mask_diffusion instead
 
     def num_rounds(self, cfg: ExperimentConfig) -> int:
         return cfg.federation.num_rounds
@@ -252,10 +149,39 @@ class DiffusionPhase(TrainingPhase):
         return f"{self.num_rounds(cfg)} rounds x {self.local_steps(cfg)} local steps at {cfg.federation.num_sites} site(s)"
 
 
-AUTOENCODER, DIFFUSION = AutoencoderPhase(), DiffusionPhase()
+class MaskDiffusionPhase(DiffusionPhase):
+    """Mask-conditioned synthesis: the denoiser sees ``cat([x_t, mask])`` (Dorjsembe et al. 2024,
+    Med-DDPM), the mask dropped to the null condition at ``train.cond_dropout`` for classifier-free
+    guidance (Ho & Salimans 2022). Its examples are images packed with their masks
+    (:class:`meddiff.data.PackedMasks`), so loaders and per-example gradient engines carry them
+    as ``(x0, y)`` pairs; everything else is the diffusion phase's."""
+
+    name, checkpoint_prefix = "mask_diffusion", "mask_round"
+
+    def federated(self, cfg: ExperimentConfig) -> bool:
+        return cfg.model.cond_channels > 0
+
+    def trains_on_latents(self, cfg: ExperimentConfig) -> bool:
+        return False  # the latent variant does not exist yet (configs refuse autoencoder.enabled with masks)
+
+    def build_objective(self, cfg: ExperimentConfig):
+        return build_conditioned_diffusion(cfg)
+
+    def held_out_objective(self, cfg: ExperimentConfig):
+        return build_conditioned_diffusion(cfg, cond_dropout=0.0)  # held-out loss of the model given the mask
+
+    def training_data(self, cfg: ExperimentConfig):
+        return build_masked_dataset(cfg)
+
+    def banner(self, cfg: ExperimentConfig) -> str:
+        return f"mask-conditioned diffusion ({cfg.model.cond_channels} mask channels): " + super().banner(cfg)
+
+
+AUTOENCODER, DIFFUSION, MASK_DIFFUSION = AutoencoderPhase(), DiffusionPhase(), MaskDiffusionPhase()
 
 #: Every kind of training, in study order.
-PHASES: dict[str, TrainingPhase] = {p.name: p for p in sorted((AUTOENCODER, DIFFUSION), key=lambda p: p.order)}
+PHASES: dict[str, TrainingPhase] = {p.name: p for p in sorted((AUTOENCODER, DIFFUSION, MASK_DIFFUSION),
+                                                              key=lambda p: p.order)}
 
 #: The phase that produces the study's final model (a record without a phase belongs to it).
 FINAL_PHASE = DIFFUSION
@@ -280,6 +206,11 @@ def trained_phase(extra: Mapping[str, Any]) -> TrainingPhase:
 def study_phases(cfg: ExperimentConfig) -> list[TrainingPhase]:
     """The phases ``cfg`` trains in federated rounds, in order."""
     return [p for p in PHASES.values() if p.federated(cfg)]
+
+
+def denoiser_phase(cfg: ExperimentConfig) -> TrainingPhase:
+    """The phase that trains ``cfg``'s denoiser (the one whose samples a study draws)."""
+    return next(p for p in study_phases(cfg) if p.draws_samples)
 
 
 def private_plan(cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:

@@ -11,15 +11,18 @@ from configs import ExperimentConfig
 from meddiff.device import autocast_dtype, autocast_factory
 from meddiff.latent import LatentCodec
 from meddiff.recipes.build import build_diffusion, build_sampler, sample_shape
+from meddiff.diffusion import mask_to_condition
 from meddiff.sampling import generate
 
 
 def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: torch.device, seed: int = 0,
-                  y: Optional[torch.Tensor] = None, progress: bool = True, codec: Optional[LatentCodec] = None) -> torch.Tensor:
+                  y: Optional[torch.Tensor] = None, progress: bool = True, codec: Optional[LatentCodec] = None,
+                  masks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Draw ``num`` samples with the config's sampler; ``[num, C, *S]`` images in [-1, 1].
 
     For latent diffusion the UNet generates latents and ``codec`` (the frozen first stage)
-    decodes them into images.
+    decodes them into images. For a mask-conditioned model (``model.cond_channels``), ``masks``
+    ``[num, K, *S]`` in {0, 1} give one image per mask (None: the null condition, unconditional).
     """
     if cfg.autoencoder.enabled and codec is None:
         raise ValueError("a latent-diffusion model samples latents: pass the autoencoder (codec) to decode them")
@@ -27,12 +30,15 @@ def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: 
     sampler = build_sampler(cfg.sampler, diffusion)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     autocast = autocast_factory(device, autocast_dtype(device, cfg.train.mixed_precision))
+    if masks is not None and (masks.shape[0] != num or masks.shape[1] != cfg.model.cond_channels):
+        raise ValueError(f"masks of shape {tuple(masks.shape)} do not fit {num} samples of a model with "
+                         f"model.cond_channels={cfg.model.cond_channels}")
     if y is None and cfg.model.num_classes:
         y = torch.arange(num) % cfg.model.num_classes
     out = generate(
         model, sampler, shape=sample_shape(cfg, num), num_inference_steps=cfg.sampler.num_inference_steps,
         y=y, guidance_scale=cfg.sampler.guidance_scale, generator=gen, device=device, autocast=autocast,
-        progress=progress,
+        progress=progress, cond=None if masks is None else mask_to_condition(masks),
     )
     if codec is None:
         return out

@@ -26,6 +26,7 @@ def generate(
     device: torch.device | str = "cpu",
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     progress: bool = True,
+    cond: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``x_T ~ N(0, I)`` to ``x_0``.
 
@@ -38,6 +39,8 @@ def generate(
         y: ``[N]`` class labels (for a conditional model and/or classifier guidance), or None.
         guidance_scale: classifier-free guidance scale (0 unconditional, 1 conditional).
         classifier_guidance: optional classifier-guidance hook.
+        cond: ``[N, K, *S]`` spatial condition in {-1, +1} (a mask, for a model with
+            ``cond_channels``), guided like the label; None for none.
     Returns:
         ``[N, C, *S]`` float32 samples on ``device``, in about [-1, 1].
     """
@@ -49,6 +52,8 @@ def generate(
     x = torch.randn(tuple(shape), generator=generator, device=gen_dev).to(device)
     if y is not None:
         y = y.to(device)
+    if cond is not None:
+        cond = cond.to(device)
     null_label = getattr(model, "null_label", 0)
     # An unconditional model with classifier guidance: the labels go to the classifier only.
     model_y = y if getattr(model, "num_classes", 0) else None
@@ -56,7 +61,8 @@ def generate(
         for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
             t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
             with autocast():
-                out = classifier_free_output(model, x, t_batch, model_y, guidance_scale=guidance_scale, null_label=null_label)
+                out = classifier_free_output(model, x, t_batch, model_y, guidance_scale=guidance_scale, null_label=null_label,
+                                             cond=cond)
             out = out.float()
             if classifier_guidance is not None:
                 out = classifier_guidance(out, x, t_batch, y)

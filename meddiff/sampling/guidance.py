@@ -20,24 +20,35 @@ def classifier_free_output(
     *,
     guidance_scale: float,
     null_label: int,
+    cond: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Guided network output ``out_uncond + s * (out_cond - out_uncond)`` (Ho & Salimans 2022, eq. 6).
 
     ``s = 0`` is the unconditional model, ``s = 1`` the conditional one; ``s > 1`` sharpens the
-    class. The conditional and unconditional passes share one batched forward.
+    condition. The conditional and unconditional passes share one batched forward. The condition
+    is the label ``y``, the spatial condition ``cond`` (a mask concatenated to ``x_t``), or both;
+    the unconditional pass drops all of it (null label, all-zero mask).
 
-    Shapes: ``x_t [N, C, *S]``, ``t [N]``, ``y [N]`` or None; returns ``[N, C, *S]``.
+    Shapes: ``x_t [N, C, *S]``, ``t [N]``, ``y [N]`` or None, ``cond [N, K, *S]`` or None;
+    returns ``[N, C, *S]``.
     """
-    if y is None:
-        return model(x_t, t)
-    if guidance_scale == 1.0:
-        return model(x_t, t, y)
-    null = torch.full_like(y, null_label)
+    if cond is None:
+        if y is None:
+            return model(x_t, t)
+        if guidance_scale == 1.0:
+            return model(x_t, t, y)
+    elif guidance_scale == 1.0:
+        return model(x_t, t, y, cond=cond)
+    null = torch.full_like(y, null_label) if y is not None else None
     if guidance_scale == 0.0:
-        return model(x_t, t, null)
-    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
-    cond, uncond = both.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+        return model(x_t, t, null)  # no mask passed: the network's null condition
+    both_y = torch.cat([y, null]) if y is not None else None
+    if cond is None:
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_y)
+    else:
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_y, cond=torch.cat([cond, torch.zeros_like(cond)]))
+    cond_out, uncond = both.chunk(2)
+    return uncond + guidance_scale * (cond_out - uncond)
 
 
 class ClassifierGuidance:

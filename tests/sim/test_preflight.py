@@ -94,3 +94,8 @@ def test_initial_weights_that_do_not_fit_are_refused_before_anything_starts(tmp_
     with pytest.raises(ConfigError, match="train.init_from: .*missing.pt does not exist"):
         check_initial_weights(tiny_config(extra=[f"train.init_from={tmp_path / 'missing.pt'}"]))
     check_initial_weights(tiny_config(extra=[f"train.init_from={path}"]))
+
+
+def test_a_mask_conditioned_study_is_refused_before_any_site_starts():
+    with pytest.raises(ConfigError, match=r"'model.cond_channels' > 0 .* sites do not load masks yet"):
+        check_federation(load_config(None, ["model.cond_channels=4"]))

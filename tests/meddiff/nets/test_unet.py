@@ -56,3 +56,30 @@ def test_bad_arguments():
         tiny_unet(spatial_dims=1)
     with pytest.raises(ValueError, match="attention_levels"):
         tiny_unet(attention_levels=(5,))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_conditioning_channels_are_concatenated_to_x_t(spatial_dims):
+    torch.manual_seed(0)
+    model = tiny_unet(spatial_dims=spatial_dims, cond_channels=3, num_classes=2)
+    for p in model.parameters():  # undo zero-init so outputs depend on inputs
+        torch.nn.init.normal_(p, std=0.05)
+    size = 16 if spatial_dims == 2 else 8
+    x, cond = torch.randn(2, 1, *[size] * spatial_dims), torch.randn(2, 3, *[size] * spatial_dims).sign()
+    t, y = torch.tensor([3, 500]), torch.tensor([0, 1])
+    assert model.conv_in.weight.shape[1] == 4  # x_t's channel + 3 condition channels
+    out = model(x, t, y, cond=cond)
+    assert out.shape == x.shape
+    torch.testing.assert_close(model(torch.cat([x, cond], 1), t, y), out)  # packed input: the same function
+    torch.testing.assert_close(model(x, t, y), model(x, t, y, cond=torch.zeros_like(cond)))  # None = null condition
+    assert not torch.allclose(out, model(x, t, y))  # the mask changes the prediction
+
+
+def test_conditioning_shape_errors_are_clear():
+    model = tiny_unet(cond_channels=2)
+    with pytest.raises(ValueError, match="does not fit a UNet with 2 conditioning"):
+        model(torch.randn(1, 1, 16, 16), torch.tensor([1]), cond=torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="x has 2 channels"):
+        model(torch.randn(1, 2, 16, 16), torch.tensor([1]))
+    with pytest.raises(ValueError, match="0 conditioning"):
+        tiny_unet()(torch.randn(1, 1, 16, 16), torch.tensor([1]), cond=torch.randn(1, 1, 16, 16))

@@ -5,8 +5,8 @@ import torch
 
 from meddiff.nets.autoencoder import KLAutoencoder
 from meddiff.nets.unet import ADMUNet
-from meddiff.recipes.phases import (AUTOENCODER, DIFFUSION, FINAL_PHASE, PHASES, phase_named, private_plan,
-                                    study_phases)
+from meddiff.recipes.phases import (AUTOENCODER, DIFFUSION, FINAL_PHASE, MASK_DIFFUSION, PHASES, denoiser_phase,
+                                    phase_named, private_plan, study_phases)
 from tests.conftest import tiny_config
 
 LDM = ["autoencoder.enabled=true", "autoencoder.mode=not_private", "model.in_channels=3", "model.out_channels=3", "model.attention_resolutions=[4]",
@@ -15,7 +15,7 @@ LDM = ["autoencoder.enabled=true", "autoencoder.mode=not_private", "model.in_cha
 
 
 def test_registry_is_in_study_order_and_names_resolve():
-    assert list(PHASES) == ["autoencoder", "diffusion"]
+    assert list(PHASES) == ["autoencoder", "diffusion", "mask_diffusion"]
     assert [p.order for p in PHASES.values()] == sorted(p.order for p in PHASES.values())
     assert phase_named("autoencoder") is AUTOENCODER and phase_named("diffusion") is DIFFUSION
     assert phase_named("") is FINAL_PHASE and phase_named(None) is FINAL_PHASE  # records older than phases
@@ -85,3 +85,39 @@ def test_the_learning_rate_schedule_runs_across_rounds():
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[0] > lrs[1]  # round 4 starts late in the study's cosine schedule
     assert AUTOENCODER.lr_schedule(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 4) is None
+
+
+MASKS = ["model.cond_channels=4", "model.num_classes=2", "data.num_samples=12"]
+
+
+def test_a_mask_conditioned_study_trains_mask_diffusion_on_packed_image_mask_pairs():
+    cfg = tiny_config(extra=MASKS)
+    assert study_phases(cfg) == [MASK_DIFFUSION] and denoiser_phase(cfg) is MASK_DIFFUSION
+    assert denoiser_phase(tiny_config()) is DIFFUSION and DIFFUSION.training_data(tiny_config())[0][0].shape[0] == 1
+    assert phase_named("mask_diffusion") is MASK_DIFFUSION and MASK_DIFFUSION.checkpoint_prefix != DIFFUSION.checkpoint_prefix
+    data = MASK_DIFFUSION.training_data(cfg)
+    x0, y = data[0]
+    assert x0.shape == (1 + 4, cfg.data.image_size, cfg.data.image_size)  # image + brain, necrotic, oedema, enhancing
+    assert set(torch.unique(x0[1:]).tolist()) <= {-1.0, 1.0} and len(data.labels) == 12
+    model = MASK_DIFFUSION.build_model(cfg).eval()
+    assert model.cond_channels == 4 and MASK_DIFFUSION.build_objective(cfg).cond_dropout == cfg.train.cond_dropout
+    assert MASK_DIFFUSION.held_out_objective(cfg).cond_dropout == 0.0
+    batch = torch.stack([data[i][0] for i in range(3)])
+    losses = MASK_DIFFUSION.held_out_losses(model, MASK_DIFFUSION.held_out_objective(cfg), batch, torch.tensor([0, 1, 0]),
+                                            torch.Generator().manual_seed(0), cfg)
+    assert losses.shape == (3,) and torch.isfinite(losses).all()
+    plan = private_plan(tiny_config(extra=MASKS + ["privacy.enabled=true"]))
+    assert plan == {"mask_diffusion": (cfg.train.batch_size, MASK_DIFFUSION.planned_steps(cfg))}
+
+
+def test_mask_conditioning_refuses_what_it_cannot_do():
+    from configs.checks import ConfigError
+
+    with pytest.raises(ValueError, match="gives 4 mask channels"):
+        MASK_DIFFUSION.training_data(tiny_config(extra=["model.cond_channels=2", "data.num_samples=4"]))
+    with pytest.raises(ConfigError, match="data.dataset='medmnist' does not provide"):
+        tiny_config(extra=["model.cond_channels=4", "data.dataset=medmnist", "data.path=x.npz"])
+    with pytest.raises(ConfigError, match="latent variant"):
+        tiny_config(extra=LDM + ["model.cond_channels=4"])
+    with pytest.raises(ConfigError, match="cond_dropout"):
+        tiny_config(extra=["train.cond_dropout=1.5"])

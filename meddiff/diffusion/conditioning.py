@@ -1,0 +1,80 @@
+"""Spatial conditioning of the denoising objective: a conditioning image concatenated to ``x_t``.
+
+The condition (a segmentation mask, one channel per region, later a source modality) travels
+*packed* with its image: a training example is ``x0 = cat([image, cond], dim=1)`` of shape
+``[N, C_img + C_cond, *S]``, so every data path built for ``(x0, y)`` pairs (Poisson sampling,
+the per-example gradient engines, the federated sites) carries it unchanged. Only the image is
+noised; the network sees ``cat([x_t, cond])`` (Dorjsembe et al. 2024, Med-DDPM, Sec. III-B:
+mask-conditioned synthesis by channel concatenation) and regresses the image's target.
+
+Classifier-free guidance (Ho & Salimans 2022, Sec. 3.2) needs a model that also knows the
+unconditional score: with probability ``cond_dropout`` an example's condition is replaced by the
+null condition (all zeros; a real condition is in {-1, +1}). The drop is per example and drawn
+from the same generator as ``(t, eps)``, after them, so per-example losses stay independent of
+each other and per-example gradients under DP-SGD remain exact.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from meddiff.diffusion.gaussian import Denoiser, GaussianDiffusion, _gen_device, collapse_noise_multiplicity, row_mse
+
+
+def mask_to_condition(mask: torch.Tensor) -> torch.Tensor:
+    """A binary mask ``[N, K, *S]`` (or ``[K, *S]``) in {0, 1} as a condition in {-1, +1}."""
+    return mask.float().mul(2.0).sub(1.0)
+
+
+class SpatialConditioning:
+    """The denoising loss of :class:`GaussianDiffusion` with a concatenated conditioning image.
+
+    Args:
+        diffusion: the forward process and parameterisation.
+        image_channels: ``C_img``, the leading channels of a packed example; the rest is the condition.
+        cond_dropout: probability that an example trains with the null condition.
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, *, image_channels: int, cond_dropout: float = 0.0):
+        if not 0.0 <= cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
+        if image_channels < 1:
+            raise ValueError(f"image_channels must be >= 1, got {image_channels}")
+        self.diffusion, self.image_channels, self.cond_dropout = diffusion, image_channels, cond_dropout
+
+    def split(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x0 [N, C_img + C_cond, *S] -> (image [N, C_img, *S], cond [N, C_cond, *S])``."""
+        if x0.shape[1] <= self.image_channels:
+            raise ValueError(f"a packed example needs more than {self.image_channels} channel(s) (image + condition), "
+                             f"got {x0.shape[1]}")
+        return x0[:, :self.image_channels], x0[:, self.image_channels:]
+
+    def training_inputs(self, x0: torch.Tensor, *, y: Optional[torch.Tensor] = None, noise_multiplicity: int = 1,
+                        generator: Optional[torch.Generator] = None):
+        """:meth:`GaussianDiffusion.training_inputs` on the image, with the (possibly dropped)
+        condition concatenated to ``x_t``.
+
+        Returns ``(cat([x_t, cond]) [N*K, C_img + C_cond, *S], t [N*K], y_rows [N*K] | None,
+        target [N*K, C_img, *S])``, rows grouped by example.
+        """
+        image, cond = self.split(x0)
+        k = int(noise_multiplicity)
+        x_t, t, y_rows, target = self.diffusion.training_inputs(image, y=y, noise_multiplicity=k, generator=generator)
+        if self.cond_dropout >= 1.0:
+            cond = torch.zeros_like(cond)
+        elif self.cond_dropout > 0.0:
+            drop = torch.rand(cond.shape[0], generator=generator, device=_gen_device(generator, x0)).to(x0.device)
+            keep = (drop >= self.cond_dropout).to(cond.dtype).reshape(-1, *[1] * (cond.ndim - 1))
+            cond = cond * keep
+        cond_rows = cond.repeat_interleave(k, dim=0) if k > 1 else cond
+        return torch.cat([x_t, cond_rows.to(x_t.dtype)], dim=1), t, y_rows, target
+
+    def training_losses(self, model: Denoiser, x0: torch.Tensor, *, y: Optional[torch.Tensor] = None,
+                        noise_multiplicity: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Per-example ``L_simple`` (Ho et al. 2020, eq. 14) of the conditioned denoiser, averaged
+        over K draws. ``x0``: ``[N, C_img + C_cond, *S]`` packed; returns ``[N]`` float32."""
+        x_in, t, y_rows, target = self.training_inputs(x0, y=y, noise_multiplicity=noise_multiplicity, generator=generator)
+        out = model(x_in, t, y_rows) if y_rows is not None else model(x_in, t)
+        return collapse_noise_multiplicity(row_mse(out, target), noise_multiplicity)
