@@ -45,3 +45,18 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.images[i], self.labels[i]
+
+
+def patient_ids(dataset: Dataset) -> list[str]:
+    """The patient of every item of ``dataset``, ``[len(dataset)]`` strings aligned with its indices.
+
+    A dataset that knows its patients says so in a ``patient_ids`` list (the slices of one volume,
+    the scans of one patient, their latents); any other dataset, such as generated phantoms or an
+    :class:`ArrayDataset`, holds one item per patient, and each item is its own patient.
+    """
+    ids = getattr(dataset, "patient_ids", None)
+    if ids is None:
+        return [f"#{i}" for i in range(len(dataset))]
+    if len(ids) != len(dataset):
+        raise ValueError(f"{type(dataset).__name__}: {len(ids)} patient ids for {len(dataset)} items")
+    return [str(p) for p in ids]
