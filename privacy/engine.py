@@ -161,10 +161,7 @@ def make_private(
     )
     expose_attributes(private_model, model)
     if patients is not None:  # Opacus took the loader's record rate; the patient-level rate replaces it
-        private_opt.expected_batch_size = patients.expected_batch_size
-        private_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=patients.sample_rate))
-        if grad_sample_mode == "hooks":
-            private_model.forbid_grad_accumulation()
+        patients.attach(engine, private_opt, private_model if grad_sample_mode == "hooks" else None)
     elif loader.num_workers:  # BatchMemoryManager's skip signal assumes batches are fetched when sampled
         private_loader = DataLoader(private_loader.dataset, batch_sampler=private_loader.batch_sampler,
                                     collate_fn=private_loader.collate_fn, generator=private_loader.generator)

@@ -35,11 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from meddiff.data.datasets import patient_ids
+from privacy.clipping import ClipStats
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
-
-    from privacy.clipping import ClipStats
 
 PRIVACY_UNITS = ("auto", "patient", "record")
 
@@ -128,6 +127,15 @@ class PatientSampler:
     def expected_batch_size(self) -> float:
         """``q * P``: the expected number of patients per step, the divisor of the noisy sum."""
         return self.sample_rate * len(self.groups)
+
+    def attach(self, engine, optimizer: DPOptimizer, hooks_model=None) -> None:
+        """Make ``optimizer`` (wrapped by Opacus ``engine`` for a non-Poisson loader) divide the noisy
+        sum by ``q * P`` and step the accountant at the patient-level ``q``; forbid gradient
+        accumulation on an Opacus ``hooks`` model, as Poisson sampling does."""
+        optimizer.expected_batch_size = self.expected_batch_size
+        optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        if hooks_model is not None:
+            hooks_model.forbid_grad_accumulation()
 
     def logical_batch(self) -> list[torch.Tensor]:
         included = torch.rand(len(self.groups), generator=self.generator) < self.sample_rate
