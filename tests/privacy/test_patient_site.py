@@ -109,3 +109,19 @@ def test_a_medmnist_study_is_record_level_and_says_so(tmp_path):
     report, md = _report(tmp_path, cfg, privacy.ledger.to_json())
     assert report["sites"][0]["unit"] == "record" and report["sites"][0]["group_bound"] is None
     assert "**site_0** (record unit): adding or removing any one record (image or slice) of site_0" in md
+
+
+def test_3d_volumes_several_scans_of_one_patient_are_one_unit(tmp_path):
+    """A folder of NIfTI volumes with a patient_id column (a baseline and a follow-up scan per
+    patient): at 3-D each volume is a record, each patient one unit."""
+    rows = ["path,label,patient_id"]
+    for i in range(6):
+        write_nifti(tmp_path / "vols" / f"scan{i}.nii.gz", head_volume(seed=i, lesion=False)[0])
+        rows.append(f"scan{i}.nii.gz,0,patient{i // 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = tiny_config(extra=DP + ["data.dataset=folder", f"data.path={tmp_path / 'vols'}", f"data.labels_csv={tmp_path / 'labels.csv'}",
+                                  f"data.cache_dir={tmp_path / 'cache'}", "model.spatial_dims=3", "data.image_size=8"])
+    data = MedicalDataset(index_dataset(cfg.data).records, cfg.data, spatial_dims=3)
+    privacy = _open(cfg, data, tmp_path / "state")
+    assert len(data) == 6 and privacy.units.unit == "patient" and privacy.units.count == 3 and privacy.units.max_records == 2
+    assert privacy.calibration.num_examples == 3 and privacy.ledger.delta == pytest.approx(1 / 30)

@@ -9,11 +9,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from meddiff.data import ArrayDataset
 from meddiff.data.datasets import patient_ids
 from meddiff.diffusion import GaussianDiffusion, make_noise_schedule, row_mse
+from meddiff.nets.autoencoder import AutoencoderObjective, kl_per_example
 from meddiff.train import train_loop
 from privacy.clipping import unit_gradients
 from privacy.engine import make_private
 from privacy.patients import PatientSampler, patient_groups, site_units
 from tests.conftest import tiny_unet
+from tests.meddiff.nets.test_autoencoder import tiny_ae
 from tests.privacy.test_engine import _per_image
 
 
@@ -190,3 +192,35 @@ def test_the_unit_follows_the_data_unless_set():
     assert site_units(slices, "record", 4).count == 6 and site_units(slices, "record", 4).max_records == 3
     with pytest.raises(ValueError, match="site h1: privacy.max_physical_batch_size .2. must be at least"):
         site_units(slices, "auto", 4, site="h1", max_physical_batch_size=2)
+
+
+def test_the_autoencoder_phase_clips_one_gradient_per_patient():
+    """Phase 1 of latent diffusion at the patient unit (bk, the default mode): the step's summed
+    gradient is the sum over patients of the gradient of the mean of their records' losses."""
+    torch.manual_seed(0)
+    ae, reference = tiny_ae(), tiny_ae()
+    reference.load_state_dict(ae.state_dict())
+    groups = [[0], [1, 2, 3], [4, 5]]
+    data = PatientDataset(torch.randn(6, 1, 16, 16), torch.zeros(6, dtype=torch.long), ["a", "b", "b", "b", "c", "c"])
+    sampler = PatientSampler(patient_groups(data), sample_rate=1.0, records_per_patient=4, max_physical_batch_size=8,
+                             generator=torch.Generator().manual_seed(0))
+    private = make_private(ae, torch.optim.SGD(ae.parameters(), lr=0.0), DataLoader(data, batch_size=3), noise_multiplier=0.0,
+                           max_grad_norm=1e6, grad_sample_mode="bk", patients=sampler)
+    objective = AutoencoderObjective(kl_weight=1e-2)
+    batches = private.batches(8)
+    try:
+        train_loop(model=private.model, objective=objective, optimizer=private.optimizer, batches=batches, steps=1,
+                   device=torch.device("cpu"), progress=False, step_fn=private.step_fn, optimizer_stepped=private.optimizer_stepped,
+                   generator=torch.Generator().manual_seed(5))
+    finally:
+        batches.close()
+    x = data.tensors[0]  # every patient sampled, its records in order: the physical batch is x itself
+    noise = torch.randn(reference.latent_shape(x.shape), generator=torch.Generator().manual_seed(5))
+    recon, mu, sigma = reference(x, noise)
+    per_record = (recon - x).abs().flatten(1).mean(1) + 1e-2 * kl_per_example(mu, sigma)
+    loss = sum(per_record[g].mean() for g in groups)  # one mean per patient, summed over patients
+    expected = torch.autograd.grad(loss, list(reference.parameters()))
+    assert private.stats.total == 3
+    for p, e in zip(private.optimizer.params, expected):
+        got = p.grad * private.optimizer.expected_batch_size
+        assert float((got - e).norm() / e.norm().clamp_min(1e-12)) < 1e-4
