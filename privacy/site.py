@@ -142,6 +142,9 @@ class SitePrivacy:
     def __init__(self, cfg: ExperimentConfig, ledger: PrivacyLedger, calibration: Calibration,
                  keep_mirror: Callable[[str], None], units: Optional[SiteUnits] = None):
         self.cfg, self.ledger, self.calibration, self._keep_mirror = cfg, ledger, calibration, keep_mirror
+        if units is None and calibration.unit != "record":
+            raise ValueError(f"site {ledger.site}: study {calibration.study!r} is {calibration.unit}-level; its units "
+                             "(the patient of each record) are needed to train it")
         n = calibration.num_examples  # without the data at hand: the enrolment's records
         self.units = units or SiteUnits("record", tuple((i,) for i in range(n)), 1, 1, n)
 
