@@ -44,11 +44,11 @@ def open_privacy(round_config: RoundConfig, site: SiteData, node_config: Mapping
     cfg = round_config.experiment
     known = round_config.known_ledgers.get(site.name)
     privacy = SitePrivacy.open(
-        cfg, site=site.name, num_examples=len(site.train), budget=site_budget(cfg, node_config, site.name),
+        cfg, site=site.name, train_set=site.train, budget=site_budget(cfg, node_config, site.name),
         state_dir=required_state_dir(node_config, round_config.site_state_root, site.name), study=round_config.study_id,
         mirror=str(state[MIRROR_KEY]["json"]) if state is not None and MIRROR_KEY in state else None,
         server_copy=json.dumps(known) if known else None, keep_mirror=lambda text: _mirror(text, state))
-    privacy.check(round_config.phase, len(site.train))
+    privacy.check(round_config.phase)
     return privacy
 
 

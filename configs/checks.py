@@ -51,6 +51,10 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
     if cfg.train.device not in ("auto", "cpu", "cuda", "mps") and not cfg.train.device.startswith("cuda:"):
         raise ConfigError(f"'train.device' is {cfg.train.device!r}; use auto, cpu, cuda, cuda:N or mps")
     pc, fed = cfg.privacy, cfg.federation
+    if pc.unit == "patient" and pc.max_physical_batch_size < pc.records_per_patient:
+        raise ConfigError(f"'privacy.max_physical_batch_size' ({pc.max_physical_batch_size}) must be at least "
+                          f"'privacy.records_per_patient' ({pc.records_per_patient}): a patient's records stay in one "
+                          "physical batch (or set privacy.unit=record)")
     if pc.central_dp != "off" and fed.strategy not in ("fedavg", "fedprox"):
         raise ConfigError(f"'privacy.central_dp' ({pc.central_dp}) needs federation.strategy fedavg or fedprox: its noise is "
                           f"calibrated to the sensitivity of an average of clipped updates, not of {fed.strategy}")

@@ -153,12 +153,18 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Record-level DP-SGD at each site (consumed by the `privacy` package)."""
+    """DP-SGD at each site, per patient or per record (consumed by the `privacy` package)."""
 
     enabled: bool = _f(False, help="train with Opacus DP-SGD")
+    unit: str = _f("auto", help="what each site's guarantee protects: patient (all records of one patient; user-level "
+                               "DP-SGD), record (one image or slice), or auto (patient when some patient of the site has "
+                               "several records, else record)", choices=("auto", "patient", "record"))
+    records_per_patient: int = _f(4, help="k: records of a sampled patient used per step, drawn at random (patient unit)",
+                                  min=1)
     target_epsilon: float = _f(10.0, help="per-site epsilon budget", min_exclusive=0.0)
-    target_delta: Optional[float] = _f(None, help="delta; null = 1/(10*N_site)", min_exclusive=0.0, max=1.0)
-    max_grad_norm: float = _f(1.0, help="per-example clipping norm C", min_exclusive=0.0)
+    target_delta: Optional[float] = _f(None, help="delta; null = 1/(10*N_site), N = patients or records (the unit)",
+                                       min_exclusive=0.0, max=1.0)
+    max_grad_norm: float = _f(1.0, help="per-unit clipping norm C (one gradient per patient or per record)", min_exclusive=0.0)
     grad_sample_mode: str = _f("bk", help="per-sample gradients: bk (book-keeping: batched backward, per-layer "
                                           "per-example weight gradients), hooks (Opacus) or vmap (torch.func.vmap "
                                           "over the whole model)",

@@ -130,14 +130,18 @@ class LatentCodec:
 
 
 class LatentDataset(Dataset):
-    """Pre-encoded ``(z [L, *S/f], label)`` items, one per image of the source dataset (so a DP
-    sampler over it samples images, and record-level DP is unchanged)."""
+    """Pre-encoded ``(z [L, *S/f], label)`` items, one per image of the source dataset, with the
+    source's ``patient_ids`` (None: one patient per item), so a DP sampler over the latents samples
+    the same records and patients as over the images."""
 
-    def __init__(self, latents: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, latents: torch.Tensor, labels: torch.Tensor, patient_ids: Optional[list[str]] = None):
         if len(latents) != len(labels):
             raise ValueError(f"{len(latents)} latents but {len(labels)} labels")
+        if patient_ids is not None and len(patient_ids) != len(labels):
+            raise ValueError(f"{len(patient_ids)} patient ids but {len(labels)} latents")
         self.latents = latents.contiguous()
         self.labels = labels.long()
+        self.patient_ids = None if patient_ids is None else list(patient_ids)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -158,4 +162,4 @@ def encode_dataset(codec: LatentCodec, dataset: Dataset, *, batch_size: int = 32
         labels.append(torch.as_tensor(y).reshape(-1))
     if not latents:
         raise ValueError("cannot encode an empty dataset")
-    return LatentDataset(torch.cat(latents), torch.cat(labels))
+    return LatentDataset(torch.cat(latents), torch.cat(labels), getattr(dataset, "patient_ids", None))

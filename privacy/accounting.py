@@ -145,6 +145,12 @@ class PrivacyLedger:
     def steps(self) -> int:
         return total_steps(self.history)
 
+    @property
+    def unit(self) -> str:
+        """What the ledger's epsilon protects: one patient when every study in it was patient-level,
+        else one record (a patient-level guarantee implies the record-level one, not the reverse)."""
+        return "patient" if {c.get("unit", "record") for c in self.calibrations} == {"patient"} else "record"
+
     def calibration(self, study: str) -> Optional[dict]:
         """The calibration fixed at enrolment in ``study``, if the site enrolled in it."""
         return next((c for c in self.calibrations if c["study"] == study), None)
@@ -169,7 +175,7 @@ class PrivacyLedger:
 
     def to_dict(self) -> dict:
         return {"version": LEDGER_VERSION, "site": self.site, "delta": self.delta, "budget": self.budget,
-                "accountant": "rdp", "history": [list(h) for h in self.history], "epsilon": self.epsilon(),
+                "unit": self.unit, "accountant": "rdp", "history": [list(h) for h in self.history], "epsilon": self.epsilon(),
                 "calibrations": self.calibrations, "rounds": self.rounds}
 
     def to_json(self) -> str:

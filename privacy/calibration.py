@@ -25,7 +25,10 @@ class Calibration:
 
     ``sample_rate``, ``planned_steps`` and ``batch_size`` describe the study's final phase; ``phases``
     holds every DP phase of the study (``{"autoencoder": {...}, "diffusion": {...}}`` for latent
-    diffusion with a private first stage), all at the one ``noise_multiplier``.
+    diffusion with a private first stage), all at the one ``noise_multiplier``. ``unit`` is what
+    the study protects (``"patient"`` or ``"record"``); ``num_examples`` counts those units (the
+    site's patients, or its records), ``num_records`` its records, ``records_per_patient`` is k and
+    ``max_records_per_patient`` the most records of any one patient.
     """
 
     study: str
@@ -36,6 +39,10 @@ class Calibration:
     batch_size: int
     num_examples: int
     phases: dict = field(default_factory=dict, compare=False)
+    unit: str = "record"
+    num_records: Optional[int] = None
+    records_per_patient: int = 1
+    max_records_per_patient: int = 1
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
@@ -51,23 +58,28 @@ class Calibration:
                               "refusing to train outside its calibration", epsilon=math.nan)
 
 
-def site_delta(privacy_cfg: PrivacyConfig, num_examples: int, site: str) -> float:
-    """The configured delta, or ``1/(10 N)``; a delta of ``1/N`` or more means little and is refused."""
+def site_delta(privacy_cfg: PrivacyConfig, num_examples: int, site: str, unit: str = "record") -> float:
+    """The configured delta, or ``1/(10 N)`` for N units (patients, or records); a delta of ``1/N``
+    or more means little and is refused."""
     if privacy_cfg.target_delta is None:
         return default_delta(num_examples)
     if privacy_cfg.target_delta >= 1.0 / num_examples:
         raise ValueError(f"site {site}: privacy.target_delta={privacy_cfg.target_delta:g} is not below 1/N = "
-                         f"{1.0 / num_examples:g} for its {num_examples} records; use null for 1/(10N)")
+                         f"{1.0 / num_examples:g} for its {num_examples} {unit}s; use null for 1/(10N)")
     return float(privacy_cfg.target_delta)
 
 
 def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: PrivacyConfig, batch_size: int = 0,
-          planned_steps: int = 0, plan: Optional[dict[str, tuple[int, int]]] = None) -> Calibration:
+          planned_steps: int = 0, plan: Optional[dict[str, tuple[int, int]]] = None,
+          unit: Optional[dict] = None) -> Calibration:
     """The study's calibration: stored at the first round, reused after (sigma is never re-fitted per round).
 
     ``plan`` maps each DP phase of the study to ``(batch_size, planned_steps)``; without it the
     study has one phase, the final one, of ``batch_size`` and ``planned_steps``. One sigma covers
-    the composition of all phases within the budget.
+    the composition of all phases within the budget. ``num_examples`` is the number of privacy
+    units (patients at the patient unit: the sample rate is then ``q`` over patients, and batch
+    sizes count patients); ``unit`` (:meth:`privacy.patients.SiteUnits.describe`) is kept with the
+    calibration, by default one record per unit.
     """
     stored = ledger.calibration(study)
     if stored is not None:
@@ -80,14 +92,17 @@ def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: 
         raise BudgetExhausted(f"site {ledger.site}: cannot enrol in study {study!r}: {exc}", epsilon=ledger.epsilon(),
                               ledger=ledger) from None
     main = phases[FINAL_PHASE.name]
+    about = {k: v for k, v in (unit or {"unit": "record", "num_records": int(num_examples)}).items()
+             if k in Calibration.__dataclass_fields__}
     cal = Calibration(study=study, noise_multiplier=sigma, sample_rate=main["sample_rate"], planned_steps=main["planned_steps"],
                       max_grad_norm=privacy_cfg.max_grad_norm, batch_size=main["batch_size"], num_examples=int(num_examples),
-                      phases=phases)
+                      phases=phases, **about)
     ledger.calibrations.append({**cal.__dict__, "budget": ledger.budget, "delta": ledger.delta,
                                 "prior_epsilon": ledger.epsilon(), "enrolled_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     ledger.save()
-    log.info("site %s enrolled in %s: sigma %.4f for phases %s, budget %g", ledger.site, study, sigma,
-             {k: (round(v["sample_rate"], 5), v["planned_steps"]) for k, v in phases.items()}, ledger.budget)
+    log.info("site %s enrolled in %s: sigma %.4f for phases %s, budget %g per %s (%d)", ledger.site, study, sigma,
+             {k: (round(v["sample_rate"], 5), v["planned_steps"]) for k, v in phases.items()}, ledger.budget, cal.unit,
+             cal.num_examples)
     return cal
 
 

@@ -8,8 +8,11 @@ Noise multiplicity (Dockhorn et al. 2022, arXiv 2210.09929, Sec. 3.2): the diffu
 each image to K rows with ``repeat_interleave``. Opacus computes one gradient per *row*; before it
 clips, :func:`make_private` averages them back to one gradient per *image*
 (:func:`meddiff.diffusion.collapse_noise_multiplicity`), so each image contributes exactly one
-clipped gradient and the accountant's epsilon is correct. Hand-written as an instance hook on
-the ``DPOptimizer`` because Opacus has no notion of several rows per privacy unit.
+clipped gradient and the accountant's epsilon is correct. At the patient unit the records of one
+patient are averaged once more, to one clipped gradient per patient, and patients are
+Poisson-sampled instead of records (user-level DP-SGD, :mod:`privacy.patients`). Both are
+hand-written (:mod:`privacy.clipping`, an instance hook on the ``DPOptimizer``) because Opacus has
+no notion of several rows or records per privacy unit.
 
 Three per-sample-gradient modes, all validated against one-image-at-a-time autograd:
 
@@ -44,8 +47,10 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, row_mse
+from meddiff.diffusion import GaussianDiffusion, row_mse
 from meddiff.train import train_step
+from privacy.clipping import ClipStats, install_unit_clipping
+from privacy.patients import PatientSampler, patient_batches
 from privacy.per_sample import check_supported, per_example_gradients
 from privacy.wrapping import expose_attributes, unwrap, unwrap_state
 
@@ -63,19 +68,6 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 
 @dataclass
-class ClipStats:
-    """Clipping statistics: how many per-image gradients had a norm above C, of how many."""
-
-    clipped: int = 0
-    total: int = 0
-    rows: Optional[int] = None  # rows the model saw in its last forward (N*K), for the shape check
-
-    @property
-    def clip_fraction(self) -> float:
-        return self.clipped / self.total if self.total else 0.0
-
-
-@dataclass
 class PrivateTraining:
     model: nn.Module
     optimizer: DPOptimizer
@@ -83,6 +75,7 @@ class PrivateTraining:
     engine: PrivacyEngine
     stats: ClipStats
     grad_sample_mode: str = "hooks"
+    patients: Optional[PatientSampler] = None  # user-level sampling at the patient unit; None: records
 
     @property
     def step_fn(self) -> Callable[..., float]:
@@ -96,7 +89,12 @@ class PrivateTraining:
     def batches(self, max_physical_batch_size: int) -> Iterator:
         """Poisson batches forever (a fresh Poisson draw each pass), split by Opacus's
         ``BatchMemoryManager`` into physical batches of at most ``max_physical_batch_size``;
-        empty logical batches are yielded too, and still step."""
+        empty logical batches are yielded too, and still step. At the patient unit, patients are
+        Poisson-sampled and split at patient boundaries (:func:`privacy.patients.patient_batches`;
+        the sampler holds the physical batch size)."""
+        if self.patients is not None:
+            yield from patient_batches(self.loader, self.patients, self.optimizer, self.stats)
+            return
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 
         with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=max_physical_batch_size,
@@ -114,59 +112,6 @@ class PrivateTraining:
         return [tuple(h) for h in self.engine.accountant.history]
 
 
-def _install_collapse(optimizer: DPOptimizer, noise_multiplicity: int, stats: ClipStats) -> None:
-    """Replace the optimizer's clipping with one pass that collapses, clips and records.
-
-    Per parameter, ``[N*K, ...]`` per-row gradients are averaged to ``[N, ...]`` per-image ones;
-    per-image norms are computed once, both for clipping (Opacus's rule: factor
-    ``min(1, C / (norm + 1e-6))``) and for the clip fraction; the clipped sum is accumulated in
-    ``p.summed_grad`` exactly as ``DPOptimizer.clip_and_accumulate`` does. ``scale_grad`` is
-    replaced by the same division with the accumulated-iteration count computed once per step
-    (Opacus recomputes it for every parameter, which is quadratic in the parameter count: about
-    40 ms a step for the default ADM's 277 tensors on CPU). Hand-written because Opacus has no
-    notion of several rows per privacy unit.
-    """
-    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-
-    k = int(noise_multiplicity)
-
-    def clip_and_accumulate():
-        images = None
-        grads = []
-        for p in optimizer.params:
-            gs = p.grad_sample
-            _check_processed_flag(gs)
-            if isinstance(gs, list):
-                gs = torch.cat(gs, dim=0)
-            if stats.rows is not None and gs.shape[0] != stats.rows:
-                raise RuntimeError(f"per-sample gradients have {gs.shape[0]} rows but the model's last forward had "
-                                   f"{stats.rows}; refusing to clip (one clipped gradient per image)")
-            collapsed = collapse_noise_multiplicity(gs, k).to(p.dtype)
-            if images is None:
-                images = collapsed.shape[0]
-            if collapsed.shape[0] != images:
-                raise RuntimeError(f"per-sample gradients disagree on the number of images ({collapsed.shape[0]} vs {images})")
-            grads.append(collapsed)
-        if images:
-            norms = torch.stack([g.reshape(images, -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
-            factor = (optimizer.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            stats.clipped += int((norms > optimizer.max_grad_norm).sum())
-            stats.total += images
-        for p, g in zip(optimizer.params, grads):
-            summed = torch.einsum("i,i...", factor.to(g.dtype), g) if images else torch.zeros_like(p)
-            p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
-            _mark_as_processed(p.grad_sample)
-
-    def scale_grad():
-        if optimizer.loss_reduction == "mean":
-            divisor = optimizer.expected_batch_size * optimizer.accumulated_iterations
-            for p in optimizer.params:
-                p.grad /= divisor
-
-    optimizer.clip_and_accumulate = clip_and_accumulate
-    optimizer.scale_grad = scale_grad
-
-
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -178,12 +123,13 @@ def make_private(
     accountant_history: Sequence[tuple[float, float, int]] = (),
     grad_sample_mode: str = "hooks",
     noise_generator: Optional[torch.Generator] = None,
+    patients: Optional[PatientSampler] = None,
 ) -> PrivateTraining:
     """Wrap for DP-SGD with Poisson sampling on a restored RDP accountant.
 
     Args:
         noise_multiplier: sigma, calibrated once for the site's whole study (never per round).
-        max_grad_norm: per-image clipping norm C.
+        max_grad_norm: clipping norm C of each unit's gradient (a record's, or a patient's).
         noise_multiplicity: K rows per image in the loss (collapsed before clipping).
         accountant_history: the site's ledger so far; the new steps are appended to it.
         grad_sample_mode: ``bk`` (train with :func:`bk_train_step`), ``hooks`` (with
@@ -191,6 +137,10 @@ def make_private(
             ``PrivateTraining.step_fn`` picks the right one.
         noise_generator: source of the DP noise; pass an unpredictable one (the server knows
             the experiment seed).
+        patients: user-level sampling (the patient unit): ``loader`` then only supplies the
+            dataset, its collate function and workers; batches come from the sampler, the noisy
+            sum is divided by the expected patients ``q * P`` and the accountant steps at the
+            patient-level ``q``. None: Opacus's record-level Poisson sampling.
     Returns:
         The wrapped model, optimizer and (Poisson) loader, the engine and clipping statistics.
     """
@@ -206,19 +156,21 @@ def make_private(
     engine.accountant.history = [tuple(h) for h in accountant_history]
     private_model, private_opt, private_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=noise_generator,
+        max_grad_norm=max_grad_norm, poisson_sampling=patients is None, noise_generator=noise_generator,
         grad_sample_mode="hooks" if grad_sample_mode == "hooks" else "no_op",  # Opacus no_op: gradients supplied by us
     )
     expose_attributes(private_model, model)
-    if loader.num_workers:  # BatchMemoryManager's skip signal assumes batches are fetched when sampled
+    if patients is not None:  # Opacus took the loader's record rate; the patient-level rate replaces it
+        patients.attach(engine, private_opt, private_model if grad_sample_mode == "hooks" else None)
+    elif loader.num_workers:  # BatchMemoryManager's skip signal assumes batches are fetched when sampled
         private_loader = DataLoader(private_loader.dataset, batch_sampler=private_loader.batch_sampler,
                                     collate_fn=private_loader.collate_fn, generator=private_loader.generator)
     stats = ClipStats()
     if grad_sample_mode == "hooks":
         private_model.register_forward_pre_hook(lambda _module, args: setattr(stats, "rows", args[0].shape[0]))
     # vmap and book-keeping give per-image gradients already; hooks give per-row ones that must be collapsed
-    _install_collapse(private_opt, noise_multiplicity if grad_sample_mode == "hooks" else 1, stats)
-    return PrivateTraining(private_model, private_opt, private_loader, engine, stats, grad_sample_mode)
+    install_unit_clipping(private_opt, noise_multiplicity if grad_sample_mode == "hooks" else 1, stats)
+    return PrivateTraining(private_model, private_opt, private_loader, engine, stats, grad_sample_mode, patients)
 
 
 def per_image_gradients(

@@ -24,19 +24,14 @@ from meddiff.recipes.build import trainable_parameters
 from meddiff.recipes.initial import RECORD_FILE as INITIAL_RECORD
 from meddiff.recipes.phases import phase_named
 from privacy.accounting import epsilon_of, prv_epsilon_of, total_steps
+from privacy.guarantee import GROUP_CAVEAT, covered, guarantee_lines, unit_summary
 
 LEDGERS_FILE = Path("privacy") / "site_ledgers.json"
 CENTRAL_FILE = Path("privacy") / "central.json"
 PRV_TOLERANCE = 0.05
 
-COVERED = ("Record-level (epsilon, delta)-DP for each site's own training data: whatever the server, the other "
-           "sites or anyone holding the released weights or samples does, the distribution of what the site sent "
-           "changes by at most e^epsilon (plus delta) when any one training record (one image or slice) of that "
-           "site is added or removed. It holds for every round the site took part in, composed over its whole "
-           "ledger, including earlier studies on the same state directory.")
 NOT_COVERED = (
-    "A patient who contributes several records (slices, follow-up scans) is protected at group level only: "
-    "k records give roughly k x epsilon.",
+    GROUP_CAVEAT,
     "The held-out evaluation loss each site reports is computed without DP on records that are not in its "
     "training set.",
     "Anything trained without DP, for example an autoencoder pre-trained or trained as 'not private', and any "
@@ -103,6 +98,7 @@ def site_summary(ledger: dict) -> dict:
         "steps_by_phase": _steps_by_phase(rounds),
         "calibrations": cals,
         "history": [list(h) for h in history],
+        **unit_summary(ledger, rdp, delta),  # what the epsilon protects: unit, patients, k, the guarantee in words
     }
 
 
@@ -175,7 +171,7 @@ def privacy_report(run_dir: str | Path) -> dict:
     return {"run_dir": str(run_dir), "sites": sites, "central": central, "refused": refused,
             "phases": phase_statements(run_dir), "initial_weights": _initial_weights(run_dir),
             "trainable": _trainable(run_dir),
-            "guarantee": {"covers": COVERED, "does_not_cover": list(NOT_COVERED)},
+            "guarantee": {"covers": covered(sites), "does_not_cover": list(NOT_COVERED)},
             "audit": "epsilon = opacus.accountants.RDPAccountant with .history = the site's history, "
                      ".get_epsilon(delta); nothing else enters it"}
 
@@ -257,6 +253,7 @@ def _markdown(report: dict) -> str:
         for r in s["rounds"]:
             lines.append(f"| {s['site']} | {r['study']} | {r['phase']} | {r['round']} | {r['steps']} | {r['epsilon']:.4f} | "
                          f"{_fmt(r['clip_fraction'], '.3f')} |")
+    lines += ["", "## What each site's epsilon protects", "", *guarantee_lines(report["sites"])]
     lines += ["", "## What the guarantee covers", "", report["guarantee"]["covers"], "", "## What it does not cover", ""]
     lines += [f"- {item}" for item in report["guarantee"]["does_not_cover"]]
     lines += ["", "## Reproducing it", "", f"`{report['audit']}`; the histories are in `privacy_report.json`.", ""]

@@ -60,13 +60,17 @@ NOISE_MULTIPLIER = "noise_multiplier"
 SAMPLE_RATE = "sample_rate"
 CLIP_FRACTION = "clip_fraction"
 BUDGET_EXHAUSTED = "budget_exhausted"
+PRIVACY_UNIT = "privacy_unit"  # what the site's epsilon protects: 1 = one patient (all its records), 0 = one record
+PRIVACY_UNITS = "privacy_units"  # patients (or records) at the site: the N of delta = 1/(10 N)
+RECORDS_PER_PATIENT = "records_per_patient"  # k, records of a sampled patient per step (1 at the record unit)
 INSTALLED = "installed"
 COUNT = "count"
 TOTAL = "total"
 TOTAL_SQ = "total-sq"
 
 #: The privacy metrics of every train reply (a site without DP sends epsilon = inf).
-PRIVACY_METRIC_KEYS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, CLIP_FRACTION, BUDGET_EXHAUSTED)
+PRIVACY_METRIC_KEYS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, CLIP_FRACTION, BUDGET_EXHAUSTED, PRIVACY_UNIT,
+                       PRIVACY_UNITS, RECORDS_PER_PATIENT)
 #: Every train reply carries exactly these metric keys, from every site: Flower ends the run when
 #: the replies it aggregates differ in their keys, and it weights the average by "num-examples".
 TRAIN_METRIC_KEYS = (NUM_EXAMPLES, TRAIN_LOSS, STEPS, SITE_INDEX, SECONDS, *PRIVACY_METRIC_KEYS)

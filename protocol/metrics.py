@@ -8,8 +8,8 @@ from typing import Mapping
 from flwr.app import MessageType, MetricRecord
 
 from protocol.keys import (BUDGET_EXHAUSTED, CLIP_FRACTION, DELTA, EPSILON, EVAL_LOSS, EVALUATE_METRIC_KEYS, NOISE_MULTIPLIER,
-                           NUM_EXAMPLES, QUERY_METRIC_KEYS, SAMPLE_RATE, SECONDS, SITE_INDEX, STEPS, TRAIN_LOSS,
-                           TRAIN_METRIC_KEYS)
+                           NUM_EXAMPLES, PRIVACY_UNIT, PRIVACY_UNITS, QUERY_METRIC_KEYS, RECORDS_PER_PATIENT, SAMPLE_RATE,
+                           SECONDS, SITE_INDEX, STEPS, TRAIN_LOSS, TRAIN_METRIC_KEYS)
 
 #: The metric keys of the replies to each kind of message.
 METRIC_KEYS_BY_TYPE = {MessageType.TRAIN: TRAIN_METRIC_KEYS, MessageType.EVALUATE: EVALUATE_METRIC_KEYS,
@@ -25,10 +25,13 @@ def metric_record(values: Mapping[str, float], keys: tuple[str, ...]) -> MetricR
 
 
 def privacy_metrics(*, epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, clip_fraction: float,
-                    budget_exhausted: int = 0) -> dict[str, float]:
-    """The privacy metrics of a train reply."""
+                    budget_exhausted: int = 0, patient_unit: bool = False, units: int = 0,
+                    records_per_patient: int = 0) -> dict[str, float]:
+    """The privacy metrics of a train reply: the spending, and what it protects (``patient_unit``:
+    one patient rather than one record; ``units``: patients or records at the site; ``records_per_patient``: k)."""
     return {EPSILON: epsilon, DELTA: delta, NOISE_MULTIPLIER: noise_multiplier, SAMPLE_RATE: sample_rate,
-            CLIP_FRACTION: clip_fraction, BUDGET_EXHAUSTED: budget_exhausted}
+            CLIP_FRACTION: clip_fraction, BUDGET_EXHAUSTED: budget_exhausted, PRIVACY_UNIT: int(patient_unit),
+            PRIVACY_UNITS: int(units), RECORDS_PER_PATIENT: int(records_per_patient)}
 
 
 def non_private_metrics() -> dict[str, float]:

@@ -14,6 +14,7 @@ from meddiff.recipes.initial import load_initial_weights, start_from
 from meddiff.recipes.phases import private_plan, study_phases
 from meddiff.recipes.sites import phantom_site_plan, site_dataset
 from privacy.calibration import calibrate_study, site_delta
+from privacy.patients import site_units
 
 
 def check_federation(cfg: ExperimentConfig) -> None:
@@ -33,11 +34,13 @@ def check_federation(cfg: ExperimentConfig) -> None:
 
 
 def site_sizes(cfg: ExperimentConfig, manifest: Optional[dict]) -> dict[str, int]:
-    """Training records of every simulated site (what each site calibrates its DP on)."""
-    n = cfg.federation.num_sites
+    """Privacy units of every simulated site's training data, patients or records (what each site
+    calibrates its DP on; phantoms are one image per patient)."""
+    n, pc = cfg.federation.num_sites, cfg.privacy
     if manifest is None:
         return {f"site_{i}": phantom_site_plan(i, n, cfg)["num_train"] for i in range(n)}
-    return {s["name"]: len(site_dataset(manifest, i, cfg, split="train")) for i, s in enumerate(manifest["sites"])}
+    return {s["name"]: site_units(site_dataset(manifest, i, cfg, split="train"), pc.unit, pc.records_per_patient).count
+            for i, s in enumerate(manifest["sites"])}
 
 
 def check_privacy_plan(cfg: ExperimentConfig, sizes: dict[str, int]) -> dict[str, float]:
@@ -53,7 +56,7 @@ def check_privacy_plan(cfg: ExperimentConfig, sizes: dict[str, int]) -> dict[str
             sigmas[site], _ = calibrate_study(budget=cfg.privacy.target_epsilon, delta=delta, num_examples=n, plan=plan)
         except ValueError as exc:
             raise ConfigError(f"'privacy.target_epsilon' ({cfg.privacy.target_epsilon:g}) cannot cover the planned DP "
-                              f"steps ({steps}) of {site} ({n} records) at any noise level: {exc}; raise the budget, or "
+                              f"steps ({steps}) of {site} ({n} patients or records, its privacy units) at any noise level: {exc}; raise the budget, or "
                               "lower federation.num_rounds / federation.local_steps") from None
     return sigmas
 

@@ -192,8 +192,8 @@ def _prepare_study(cfg: ExperimentConfig, run_dir: Path, resume_from: str, say, 
     manifest_path, manifest = _manifest(cfg, run_dir, resume_from, say)
     sizes = site_sizes(cfg, manifest)
     for site, sigma in check_privacy_plan(cfg, sizes).items():
-        say(f"[meddiff] DP plan: {site}, {sizes[site]} records, noise multiplier {sigma:.3f} for epsilon "
-            f"{cfg.privacy.target_epsilon:g}")
+        say(f"[meddiff] DP plan: {site}, {sizes[site]} privacy units (patients or records), noise multiplier "
+            f"{sigma:.3f} for epsilon {cfg.privacy.target_epsilon:g}")
     return pretrain_on_public(cfg, manifest, run_dir, say=say, progress=progress), manifest_path
 
 

@@ -23,6 +23,7 @@ REGISTRIES = [
     (FederationConfig, "strategy", "server.strategy", "STRATEGIES"),
     (FederationConfig, "transport_dtype", "protocol.weights", "TRANSPORT_DTYPES"),
     (PrivacyConfig, "grad_sample_mode", "privacy.engine", "GRAD_SAMPLE_MODES"),
+    (PrivacyConfig, "unit", "privacy.patients", "PRIVACY_UNITS"),
     (DiffusionConfig, "prediction_type", "meddiff.diffusion.gaussian", "PREDICTION_TYPES"),
     (DiffusionConfig, "noise_schedule", "meddiff.diffusion", "NOISE_SCHEDULES"),
     (EvaluationConfig, "encoder", "meddiff.evaluate", "ENCODERS"),

@@ -103,11 +103,13 @@ class MedicalDataset(Dataset):
         self._chunks: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self.sample_ids: list[str] = []
+        self.patient_ids: list[str] = []  # the patient of each item: a volume's slices share their record's
         npz = [r for r in records if r.kind == "npz"]
         if npz:
             self._chunks.append(npz_images(npz, cfg.image_size))
             self._labels.append(np.asarray([r.label for r in npz], np.int64))
             self.sample_ids += [r.sample_id for r in npz]
+            self.patient_ids += [r.patient_id for r in npz]
         for r in records:
             if r.kind == "npz":
                 continue
@@ -122,6 +124,7 @@ class MedicalDataset(Dataset):
             self._chunks.append(images)
             self._labels.append(labels)
             self.sample_ids += [f"{r.sample_id}#{i}" for i in range(len(labels))]
+            self.patient_ids += [r.patient_id] * len(labels)
         counts = [len(lab) for lab in self._labels]
         self._offsets = np.cumsum([0] + counts)
         self.labels = torch.from_numpy(np.concatenate(self._labels)) if self._labels else torch.zeros(0, dtype=torch.long)

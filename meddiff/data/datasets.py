@@ -61,6 +61,8 @@ class PackedMasks(Dataset):
         self.dataset = dataset
         self.labels = getattr(dataset, "labels", None)
         self.mask_channels = tuple(getattr(dataset, "mask_channels", ()))
+        if getattr(dataset, "patient_ids", None) is not None:
+            self.patient_ids = dataset.patient_ids
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -68,3 +70,18 @@ class PackedMasks(Dataset):
     def __getitem__(self, i: int):
         image, label, mask = self.dataset[i]
         return torch.cat([image, mask.float().mul(2.0).sub(1.0)], dim=0), label
+
+
+def patient_ids(dataset: Dataset) -> list[str]:
+    """The patient of every item of ``dataset``, ``[len(dataset)]`` strings aligned with its indices.
+
+    A dataset that knows its patients says so in a ``patient_ids`` list (the slices of one volume,
+    the scans of one patient, their latents); any other dataset, such as generated phantoms or an
+    :class:`ArrayDataset`, holds one item per patient, and each item is its own patient.
+    """
+    ids = getattr(dataset, "patient_ids", None)
+    if ids is None:
+        return [f"#{i}" for i in range(len(dataset))]
+    if len(ids) != len(dataset):
+        raise ValueError(f"{type(dataset).__name__}: {len(ids)} patient ids for {len(dataset)} items")
+    return [str(p) for p in ids]

@@ -99,6 +99,7 @@ class ScannerShift(Dataset):
     def __init__(self, base: Dataset, acquisition: Acquisition, *, seed: int, site: int):
         self.base, self.acquisition, self.seed, self.site = base, acquisition, seed, site
         self.labels = getattr(base, "labels", None)
+        self.patient_ids = getattr(base, "patient_ids", None)
 
     def __len__(self) -> int:
         return len(self.base)

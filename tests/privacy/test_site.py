@@ -20,7 +20,7 @@ DP = ["privacy.enabled=true", "privacy.target_epsilon=8", "federation.num_rounds
 
 
 def _open(cfg, tmp_path: Path, data, mirrors: list, **kw) -> SitePrivacy:
-    return SitePrivacy.open(cfg, site="site_0", num_examples=len(data), state_dir=tmp_path, budget=8.0, study="s1",
+    return SitePrivacy.open(cfg, site="site_0", train_set=data, state_dir=tmp_path, budget=8.0, study="s1",
                             keep_mirror=mirrors.append, **kw)
 
 
@@ -43,9 +43,11 @@ def test_a_study_enrols_once_and_each_round_is_recorded_as_opacus_accounts_it(tm
     data, mirrors = phantom_site(0, 2, cfg), []
     privacy = _open(cfg, tmp_path, data, mirrors)
     sigma = privacy.calibration.noise_multiplier
-    privacy.check(DIFFUSION, len(data))
+    privacy.check(DIFFUSION)
     metrics = _round(privacy, cfg, data, 1)
-    assert set(metrics) == {"epsilon", "delta", "noise_multiplier", "sample_rate", "clip_fraction", "budget_exhausted"}
+    assert set(metrics) == {"epsilon", "delta", "noise_multiplier", "sample_rate", "clip_fraction", "budget_exhausted",
+                            "patient_unit", "units", "records_per_patient"}
+    assert not metrics["patient_unit"] and metrics["units"] == len(data)  # phantoms: one image per patient
     assert 0 < metrics["epsilon"] < 8 and metrics["noise_multiplier"] == pytest.approx(sigma)
     reference = RDPAccountant()
     reference.history = [(sigma, privacy.calibration.sample_rate, 2)]
@@ -62,7 +64,7 @@ def test_a_round_past_the_budget_is_refused_before_training(tmp_path):
     privacy = _open(cfg, tmp_path, data, [])
     privacy.ledger.record([(privacy.calibration.noise_multiplier, privacy.calibration.sample_rate, 4)])
     with pytest.raises(BudgetExhausted, match="site_0: 2 more steps would raise epsilon") as info:
-        privacy.check(DIFFUSION, len(data))
+        privacy.check(DIFFUSION)
     assert info.value.ledger is privacy.ledger and info.value.exhausted
 
 
