@@ -87,18 +87,13 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
+    from bench.common import domain_encoder
     from configs import load_config
-    from meddiff.recipes.build import build_image_dataset
-    from meddiff.evaluate.encoders import save_encoder, train_domain_encoder
     from meddiff.recipes.evaluation import evaluate_checkpoint
 
     t0 = time.perf_counter()
     cfg = load_config(None, base_overrides(args.data, out, "encoder"))
-    encoder_path = out / "domain_encoder.pt"
-    if not encoder_path.is_file():
-        model, info = train_domain_encoder(build_image_dataset(cfg), in_channels=1, num_classes=2,
-                                           steps=args.encoder_steps, progress=False)
-        save_encoder(encoder_path, model, image_size=28, dataset=f"pneumoniamnist:{args.data.name}", info=info)
+    encoder_path = domain_encoder(cfg, f"pneumoniamnist:{args.data.name}", out / "domain_encoder.pt", steps=args.encoder_steps)
 
     rows = {}
     for arm in [a for a in args.arms.split(",") if a]:
