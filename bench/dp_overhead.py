@@ -103,7 +103,7 @@ def main() -> None:
     ap = bench_parser(__doc__, reps=8, warmup=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--cohort-study", action="store_true", help="also train the patient- vs record-unit cohort study")
-    ap.add_argument("--study-steps", type=int, default=120, help="DP steps of each cohort study")
+    ap.add_argument("--study-steps", type=int, default=150, help="DP steps of each cohort study")
     args = ap.parse_args()
     device = bench_setup(args)
     if args.memory_of:

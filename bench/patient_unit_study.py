@@ -10,17 +10,26 @@ writes it), at one site.
 - ``nondp``: the same steps without DP, for reference.
 
 Each trains the default ADM for the same number of steps from the same start, then reports the
-held-out loss (fixed t and noise) on slices of held-out patients and writes a grid of samples.
+held-out loss (fixed t and noise) on slices of held-out patients and writes a grid of samples;
+the three grids side by side and the figures go to ``bench/results/patient_unit_study/``.
+
+    python bench/patient_unit_study.py [--steps 150] [--device auto]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import pick_device, side_by_side  # noqa: E402
 from client.local import local_evaluate, local_train
 from configs import load_config
 from meddiff.data.adapters import index_dataset
@@ -35,6 +44,7 @@ from privacy.site import SitePrivacy
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO.parent / "shared" / "data" / "mni152_t1_1mm.nii.gz"
 OUT = REPO / "runs" / "bench" / "patient_unit_study"
+RESULTS = REPO / "bench" / "results" / "patient_unit_study"
 EPSILON_PER_PATIENT = 10.0
 
 
@@ -100,4 +110,25 @@ def cohort_study(*, steps: int, device: torch.device, num_patients: int = 24, he
         result["patient"] = _run(base, "patient", train, test, epsilon=EPSILON_PER_PATIENT, batch=batch // 4, **common)
         result["record"] = _run(base, "record", train, test, epsilon=EPSILON_PER_PATIENT / k_max, batch=batch, **common)
         result["nondp"] = _run(base, "nondp", train, test, epsilon=0.0, batch=batch, **common)
+    write_results(result)
     return result
+
+
+def write_results(result: dict) -> None:
+    """The figures as JSON and the three sample grids side by side, in ``RESULTS``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cohort_study.json").write_text(json.dumps(result, indent=2) + "\n")
+    eps = result["epsilon_per_patient"]
+    labels = {"patient": f"patient unit, epsilon {eps:g} per patient",
+              "record": f"record unit, epsilon {eps / result['k_max']:.2f} per slice\n(group bound for {result['k_max']} slices)",
+              "nondp": "no DP"}
+    side_by_side({f"{text}\nheld-out loss {result[arm]['held_out_loss']:.3f}": result[arm]["samples"] for arm, text in labels.items()},
+                 RESULTS / "side_by_side.png", title=f"Template brain cohort, {result['slices']} slices of {result['patients']} patients, one site")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    print(json.dumps(cohort_study(steps=args.steps, device=pick_device(args.device)), indent=2))
