@@ -4,14 +4,14 @@ PneumoniaMNIST (real chest X-rays, 28x28), 3 IID pseudo-sites, the default ADM (
 ``partition.public_fraction=0.25`` carves public patients out before the sites are assigned
 (disjoint from every site and held-out set); every arm runs on that one split (checked), and one
 centralized non-private model trained on the public split with ``configs/dp.yaml``'s
-``pretraining`` settings (cost reported separately) starts the pre-trained arms (``train.init_from``):
+``pretraining`` settings but ``--pretrain-steps`` steps (1000; cost reported separately) starts the pre-trained arms (``train.init_from``):
 
 - ``nonprivate``: ``configs/default.yaml``, federated without DP, from scratch (batch 16);
 - ``dp_scratch``: the DP recipe ``configs/dp.yaml`` (logical batch 128, lr 2e-3, no warm-up,
   physical batches of 64, ``bk``, C = 1, delta = 1/(10 N_site)) without pre-training, epsilon 10;
 - ``dp_pretrained_full``: the same from the public model, every parameter trained, epsilon 10;
-- ``dp_pretrained_peft``: the same with ``train.trainable=lora`` (rank 8, FFA-LoRA): only the
-  adapters train and travel;
+- ``dp_pretrained_peft``: the same with ``train.trainable=lora`` (rank 8, FFA-LoRA, lr 5e-3): only
+  the adapters train and travel;
 - ``dp_pretrained_eps1``: from the public model at epsilon 1, in the mode (full or lora) whose
   epsilon-10 arm reached the lower domain-FID in this run.
 
@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 SITES, PUBLIC_FRACTION = 3, 0.25
-PEFT = ["train.trainable=lora", "train.lora_rank=8"]
+PEFT = ["train.trainable=lora", "train.lora_rank=8", "train.lr=0.005"]  # adapters take a larger step
 ARMS = {  # config file, start from the public model, overrides
     "nonprivate": ("default.yaml", False, []),
     "dp_scratch": ("dp.yaml", False, []),
@@ -200,7 +200,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--steps", type=int, default=256,
                     help="compute per site, in steps of configs/default.yaml (batch 16, K = 1); every arm gets the same")
-    ap.add_argument("--pretrain-steps", type=int, default=None, help="public pre-training steps (default: configs/dp.yaml)")
+    ap.add_argument("--pretrain-steps", type=int, default=1000,
+                    help="public pre-training steps (configs/dp.yaml's phantom pre-training takes 400)")
     ap.add_argument("--samples", type=int, default=256, help="generated images per evaluation")
     ap.add_argument("--encoder-steps", type=int, default=600)
     ap.add_argument("--threads", type=int, default=1,

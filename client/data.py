@@ -20,8 +20,7 @@ from torch.utils.data import Dataset
 
 from configs import ExperimentConfig, config_to_yaml, load_config_dict
 from meddiff.data.adapters import index_dataset
-from meddiff.data.cache import MedicalDataset
-from meddiff.recipes.sites import load_manifest, phantom_site, site_dataset
+from meddiff.recipes.sites import load_manifest, phantom_site, records_dataset, site_dataset
 
 
 def _held_out(patient_id: str) -> bool:
@@ -75,11 +74,10 @@ def _site_data(cfg_yaml: str, node_items: tuple, manifest_path: str) -> SiteData
         records = index_dataset(data_cfg).records
         train = [r for r in records if not _held_out(r.patient_id)]
         test = [r for r in records if _held_out(r.patient_id)] or records[:1]
-        dims = cfg.model.spatial_dims
         name = node.get("site-name", "site")
         return SiteData(name, int(node.get("site-index", -1)),
-                        lambda: MedicalDataset(train, data_cfg, spatial_dims=dims, train=True),
-                        lambda: MedicalDataset(test, data_cfg, spatial_dims=dims))
+                        lambda: records_dataset(train, cfg, data_cfg=data_cfg, train=True),
+                        lambda: records_dataset(test, cfg, data_cfg=data_cfg, train=False))
     if "partition-id" not in node:
         raise ValueError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
     pid, num = int(node["partition-id"]), int(node.get("num-partitions", cfg.federation.num_sites))

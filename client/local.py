@@ -161,4 +161,5 @@ def local_evaluate(cfg: ExperimentConfig, state: Mapping[str, torch.Tensor], dat
 def local_feature_stats(cfg: ExperimentConfig, dataset: Dataset):
     """The site's share of a federated FID: feature statistics of its held-out images (no images)."""
     ev = cfg.evaluation
-    return site_feature_stats(build_encoder(ev.encoder, ev.encoder_weights or None), dataset, max_examples=ev.max_real)
+    return site_feature_stats(build_encoder(ev.encoder, ev.encoder_weights or None), dataset, max_examples=ev.max_real,
+                              image_channels=cfg.image_channels)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from configs import PrivacyConfig
-from meddiff.recipes.phases import FINAL_PHASE
+from meddiff.recipes.phases import FINAL_PHASE, phase_named
 from privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, default_delta, poisson_sample_rate
 from privacy.refusals import BudgetExhausted
 
@@ -91,7 +91,7 @@ def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: 
     except ValueError as exc:
         raise BudgetExhausted(f"site {ledger.site}: cannot enrol in study {study!r}: {exc}", epsilon=ledger.epsilon(),
                               ledger=ledger) from None
-    main = phases[FINAL_PHASE.name]
+    main = phases[denoiser_in(plan)]
     about = {k: v for k, v in (unit or {"unit": "record", "num_records": int(num_examples)}).items()
              if k in Calibration.__dataclass_fields__}
     cal = Calibration(study=study, noise_multiplier=sigma, sample_rate=main["sample_rate"], planned_steps=main["planned_steps"],
@@ -106,16 +106,24 @@ def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: 
     return cal
 
 
+def denoiser_in(plan: dict) -> str:
+    """The plan's denoiser phase (the one a study samples from): its sample rate and steps are the
+    calibration's own; the other phases are extra segments of the same ledger."""
+    names = [n for n in plan if phase_named(n).draws_samples]
+    if len(names) != 1:
+        raise ValueError(f"a study's plan must include exactly one denoiser phase, got {sorted(plan)}")
+    return names[0]
+
+
 def calibrate_study(*, budget: float, delta: float, num_examples: int, plan: dict[str, tuple[int, int]],
                     prior_history=()) -> tuple[float, dict]:
     """One sigma for every DP phase of ``plan`` (``{phase: (batch_size, planned_steps)}``) within
     ``budget`` on top of ``prior_history``; ``(sigma, {phase: {batch_size, sample_rate,
     planned_steps}})``. Raises ``ValueError`` when no sigma fits."""
-    if FINAL_PHASE.name not in plan:
-        raise ValueError(f"a study's plan must include the {FINAL_PHASE.name} phase, got {sorted(plan)}")
+    main_name = denoiser_in(plan)
     phases = {name: {"batch_size": int(b), "sample_rate": poisson_sample_rate(num_examples, b), "planned_steps": int(n)}
               for name, (b, n) in plan.items()}
-    main = phases[FINAL_PHASE.name]
+    main = phases[main_name]
     extra = [(p["sample_rate"], p["planned_steps"]) for name, p in phases.items() if p is not main]
     sigma = calibrate_noise_multiplier(target_epsilon=budget, target_delta=delta, sample_rate=main["sample_rate"],
                                        steps=main["planned_steps"], prior_history=prior_history, extra_segments=extra)

@@ -18,6 +18,7 @@ from meddiff.ema import EMA
 from meddiff.evaluate import build_encoder, federated_fid
 from meddiff.latent import LatentCodec
 from meddiff.outputs import write_samples
+from meddiff.recipes.masks import study_masks
 from meddiff.recipes.sample import sample_images
 from protocol import NUM_EXAMPLES, EvaluateRes, Failure, ProtocolError, RoundConfig, decode_reply
 
@@ -50,7 +51,7 @@ class Evaluation:
         ev = self.cfg.evaluation
         ema.copy_to(model)
         samples = sample_images(model, self.cfg, num=ev.num_samples, device=torch.device("cpu"), seed=self.cfg.train.seed + 1,
-                                progress=False, codec=self.codec)
+                                progress=False, codec=self.codec, masks=study_masks(self.cfg, ev.num_samples))
         features = build_encoder(ev.encoder, ev.encoder_weights or None).encode(samples)
         result = federated_fid(features, site_stats)
         self.say(f"federated FID ({ev.encoder}) {result['fid_global']:.3f}; per site: "
@@ -60,8 +61,9 @@ class Evaluation:
     def draw(self, ema: EMA, model, stem: str) -> torch.Tensor:
         """EMA samples of the config's sampler, written as ``samples/<stem>.png`` (and .npy / NIfTI)."""
         ema.copy_to(model)
-        samples = sample_images(model, self.cfg, num=self.cfg.output.num_samples, device=torch.device("cpu"),
-                                seed=self.cfg.train.seed, progress=False, codec=self.codec)
+        num = self.cfg.output.num_samples
+        samples = sample_images(model, self.cfg, num=num, device=torch.device("cpu"), seed=self.cfg.train.seed,
+                                progress=False, codec=self.codec, masks=study_masks(self.cfg, num))
         write_samples(samples, self.run_dir / "samples", stem, spacing=sample_spacing(self.cfg))
         return samples
 

@@ -38,7 +38,7 @@ from meddiff.ema import EMA
 from meddiff.latent import LatentCodec
 from meddiff.recipes.first_stage import public_codec
 from meddiff.recipes.initial import load_initial_weights, start_from
-from meddiff.recipes.phases import FINAL_PHASE, TrainingPhase, phase_named, study_phases
+from meddiff.recipes.phases import TrainingPhase, denoiser_phase, phase_named, study_phases
 from meddiff.recipes.restore import codec_from_checkpoint
 from meddiff.train import seed_everything
 from privacy.report import save_central, save_site_ledgers
@@ -75,7 +75,7 @@ class _Federation:
         self.stop_reason, self.failed = "", False
         self.codec: Optional[LatentCodec] = None
         self.evaluation = Evaluation(grid, cfg, run_dir, say)
-        self.latent = LatentSetup(grid, cfg, lambda: self._round_config(FINAL_PHASE), say)
+        self.latent = LatentSetup(grid, cfg, lambda: self._round_config(denoiser_phase(cfg)), say)
         self.record: Optional[RunRecord] = None
         self.initial = load_initial_weights(cfg)  # train.init_from: weights that start each phase's round 1
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from configs import ExperimentConfig
 from meddiff.board import RunBoard
-from meddiff.recipes.phases import FINAL_PHASE, TrainingPhase, phase_named
+from meddiff.recipes.phases import TrainingPhase, denoiser_phase, phase_named
 from meddiff.recipes.runs import MetricsCSV
 from privacy.report import save_site_ledgers, write_privacy_report
 from protocol import NUM_EXAMPLES, SITE_INDEX
@@ -152,7 +152,7 @@ def build_summary(run_dir: Path, cfg: ExperimentConfig, state, *, stop_reason: s
                   weight_transfers: int) -> dict:
     """``summary.json``'s content; writes the server's site ledgers and the privacy report too."""
     rounds = state.history
-    final = [r for r in rounds if phase_named(r.get("phase")) is FINAL_PHASE]
+    final = [r for r in rounds if phase_named(r.get("phase")) is denoiser_phase(cfg)]
     last_round = final[-1]["round"] if final else 0
     summary = {"run_dir": str(run_dir), "rounds": rounds, "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
                "samples": str(run_dir / "samples" / f"round_{last_round:04d}.png") if final else None,

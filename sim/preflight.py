@@ -18,10 +18,7 @@ from privacy.patients import site_units
 
 
 def check_federation(cfg: ExperimentConfig) -> None:
-    """Site counts a simulation can never satisfy, and studies sites cannot train yet."""
-    if cfg.model.cond_channels:
-        raise ConfigError("'model.cond_channels' > 0 (mask-conditioned synthesis) trains centrally with `meddiff train` "
-                          "for now: sites do not load masks yet; set model.cond_channels=0 to simulate a federation")
+    """Site counts a simulation can never satisfy."""
     fed = cfg.federation
     if fed.min_train_nodes > fed.num_sites:
         raise ConfigError(f"'federation.min_train_nodes' ({fed.min_train_nodes}) is larger than 'federation.num_sites' "

@@ -47,6 +47,28 @@ class ArrayDataset(Dataset):
         return self.images[i], self.labels[i]
 
 
+class WithMasks(Dataset):
+    """``(image, label)`` items of ``dataset`` with their masks: ``(image, label, mask [K, *S])``.
+
+    Args:
+        dataset: any ``(image, label)`` dataset.
+        masks: ``[N, K, *S]`` uint8 in {0, 1}, aligned with ``dataset``'s items.
+        channels: the name of each of the ``K`` mask channels.
+    """
+
+    def __init__(self, dataset: Dataset, masks: torch.Tensor, channels: tuple[str, ...]):
+        if len(masks) != len(dataset) or masks.shape[1] != len(channels):
+            raise ValueError(f"{len(masks)} masks of {masks.shape[1]} channels for {len(dataset)} items and channels {channels}")
+        self.dataset, self.masks, self.mask_channels = dataset, masks, tuple(channels)
+        self.labels = getattr(dataset, "labels", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return (*self.dataset[i], self.masks[i])
+
+
 class PackedMasks(Dataset):
     """A dataset of ``(image [C, *S], label, mask [K, *S])`` triples seen as ``(x0, label)`` pairs
     with ``x0 = cat([image, 2 * mask - 1])`` of shape ``[C + K, *S]``: the packed form the

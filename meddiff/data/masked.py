@@ -89,6 +89,7 @@ class MaskedVolumeDataset(Dataset):
         self.images = torch.from_numpy(np.concatenate([x[0] for x in loaded]))
         self.labels = torch.from_numpy(np.concatenate([x[1] for x in loaded]))
         self.masks = torch.from_numpy(np.concatenate([x[2] for x in loaded]))
+        self.patient_ids = [r.patient_id for r, x in zip(records, loaded) for _ in range(len(x[1]))]  # slices share theirs
         self.augment: Optional[object] = paired_train_augmentation(spatial_dims) if train and cfg.augment else None
 
     def __len__(self) -> int:

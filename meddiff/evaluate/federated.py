@@ -39,10 +39,12 @@ def dataset_images(dataset: Dataset, max_examples: int | None = None, *, seed: i
     return torch.cat(xs), torch.cat(ys)
 
 
-def site_feature_stats(encoder: Encoder, dataset: Dataset, max_examples: int | None = None) -> FeatureStats:
-    """What a site sends: the statistics of its real images' features (no images)."""
+def site_feature_stats(encoder: Encoder, dataset: Dataset, max_examples: int | None = None, *,
+                       image_channels: int | None = None) -> FeatureStats:
+    """What a site sends: the statistics of its real images' features (no images). ``image_channels``:
+    the leading channels that are the image (the rest, e.g. a packed mask, is not encoded)."""
     images, _ = dataset_images(dataset, max_examples)
-    return FeatureStats.of(encoder.encode(images))
+    return FeatureStats.of(encoder.encode(images[:, :image_channels]))
 
 
 def federated_fid(generated: np.ndarray, site_stats: Mapping[str, FeatureStats]) -> dict:

@@ -146,6 +146,12 @@ def build_masked_dataset(cfg: ExperimentConfig, data_cfg: DataConfig | None = No
     pairs for the spatially conditioned objective; ``K`` must be ``model.cond_channels``."""
     data = build_dataset_from_section(data_cfg or cfg.data, spatial_dims=cfg.model.spatial_dims,
                                       channels=cfg.image_channels, masks=True)
+    return pack_masks(data, cfg)
+
+
+def pack_masks(data: Dataset, cfg: ExperimentConfig) -> PackedMasks:
+    """``(image, label, mask)`` triples as packed ``(x0, label)`` pairs; a clear error unless the
+    data's mask channels are the model's ``model.cond_channels``."""
     packed = PackedMasks(data)
     if len(packed.mask_channels) != cfg.model.cond_channels:
         raise ValueError(f"model.cond_channels={cfg.model.cond_channels}, but data.dataset={cfg.data.dataset!r} gives "

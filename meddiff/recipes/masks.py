@@ -61,3 +61,12 @@ def mask_bank(cfg: ExperimentConfig, num: int, *, seed: int = 0) -> torch.Tensor
     if masks.shape[1] != cfg.model.cond_channels:
         raise ValueError(f"the phantom mask bank has {masks.shape[1]} channels, model.cond_channels is {cfg.model.cond_channels}")
     return torch.from_numpy(masks.astype(np.float32))
+
+
+def study_masks(cfg: ExperimentConfig, num: int) -> torch.Tensor | None:
+    """The masks a federated study draws its sample grids and FID samples from: ``[num, K, S, S]``
+    from the held-out phantom bank, or None (the null condition: the model's unconditional samples)
+    where there is no bank, and for a model without mask conditioning."""
+    if not cfg.model.cond_channels or cfg.data.dataset != "phantoms":
+        return None
+    return mask_bank(cfg, num)

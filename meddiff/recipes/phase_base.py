@@ -22,6 +22,7 @@ class TrainingPhase:
         checkpoint_prefix: per-round checkpoints are ``<prefix>_<round>.pt``.
         draws_samples: the server draws sample grids and federated FID from it.
         produces_codec: its trained model is the frozen encoder later phases train on.
+        packs_masks: its examples are images packed with their masks (:class:`meddiff.data.PackedMasks`).
         metric_name: what its held-out loss is, in words.
         seed_salt: appended to (seed, round, site) so phases draw independent randomness.
     """
@@ -31,6 +32,7 @@ class TrainingPhase:
     checkpoint_prefix = ""
     draws_samples = False
     produces_codec = False
+    packs_masks = False
     metric_name = "held-out loss"
     seed_salt: tuple[int, ...] = ()
 

@@ -157,6 +157,7 @@ class MaskDiffusionPhase(DiffusionPhase):
     as ``(x0, y)`` pairs; everything else is the diffusion phase's."""
 
     name, checkpoint_prefix = "mask_diffusion", "mask_round"
+    packs_masks = True
 
     def federated(self, cfg: ExperimentConfig) -> bool:
         return cfg.model.cond_channels > 0

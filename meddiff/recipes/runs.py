@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import meddiff
 from configs import ExperimentConfig, OutputConfig, config_to_yaml
-from meddiff.recipes.phases import FINAL_PHASE, phase_named
+from meddiff.recipes.phases import phase_named
 
 
 def create_run_dir(output_cfg: OutputConfig, config: ExperimentConfig, *, kind: str) -> Path:
@@ -92,8 +92,8 @@ def plot_run(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    earlier = [r for r in rows if phase_named(r.get("phase")) is not FINAL_PHASE and r.get("scope") == "global"]
-    rows = [r for r in rows if phase_named(r.get("phase")) is FINAL_PHASE]
+    earlier = [r for r in rows if not phase_named(r.get("phase")).draws_samples and r.get("scope") == "global"]
+    rows = [r for r in rows if phase_named(r.get("phase")).draws_samples]
     glob = [r for r in rows if r.get("scope") == "global"]
     sites = sorted({r["scope"] for r in rows if r.get("scope", "").startswith("site_")})
     panels = [("loss", [("train", _floats(glob, "train_loss")), ("held-out", _floats(glob, "eval_loss"))])]

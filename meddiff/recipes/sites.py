@@ -18,8 +18,12 @@ from torch.utils.data import Dataset
 from configs import ExperimentConfig
 from meddiff.data.adapters import index_dataset
 from meddiff.data.cache import MedicalDataset, content_digest
-from meddiff.data.datasets import ArrayDataset
+from meddiff.data.datasets import ArrayDataset, WithMasks
+from meddiff.data.masked import MaskedVolumeDataset
+from meddiff.data.phantoms import MASK_CHANNELS
 from meddiff.data.phantoms import Acquisition, apply_acquisition, make_phantoms, site_acquisition
+from meddiff.recipes.build import pack_masks
+from meddiff.recipes.phases import denoiser_phase
 
 MANIFEST_VERSION = 1
 
@@ -100,17 +104,18 @@ class ScannerShift(Dataset):
         self.base, self.acquisition, self.seed, self.site = base, acquisition, seed, site
         self.labels = getattr(base, "labels", None)
         self.patient_ids = getattr(base, "patient_ids", None)
+        self.mask_channels = getattr(base, "mask_channels", ())
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int):
-        x, y = self.base[i]
+        x, *rest = self.base[i]  # (image, label) or (image, label, mask): anatomy, so masks, do not move
         rng = np.random.default_rng([self.seed, self.site, i])
         arr = (x.numpy() + 1.0) / 2.0  # [-1, 1] -> [0, 1]
         planes = arr.reshape(-1, *arr.shape[-2:])
         shifted = np.stack([apply_acquisition(p, self.acquisition, rng) for p in planes]).reshape(arr.shape)
-        return torch.from_numpy(shifted * 2.0 - 1.0).float(), y
+        return (torch.from_numpy(shifted * 2.0 - 1.0).float(), *rest)
 
 
 def site_dataset(manifest: dict[str, Any], site: int | str, cfg: ExperimentConfig, *, split: str = "train") -> Dataset:
@@ -124,7 +129,8 @@ def site_dataset(manifest: dict[str, Any], site: int | str, cfg: ExperimentConfi
     index, entry = _site_entry(manifest, site)
     acq = Acquisition(**entry["acquisition"]) if entry.get("acquisition") else None
     base = _manifest_data(manifest, entry[split]["samples"], cfg, train=split == "train", acquisition=acq)
-    return ScannerShift(base, acq, seed=manifest["seed"], site=index) if acq and manifest["dataset"] != "phantoms" else base
+    data = ScannerShift(base, acq, seed=manifest["seed"], site=index) if acq and manifest["dataset"] != "phantoms" else base
+    return _examples(data, cfg)
 
 
 def public_dataset(manifest: dict[str, Any], cfg: ExperimentConfig) -> Dataset:
@@ -134,23 +140,34 @@ def public_dataset(manifest: dict[str, Any], cfg: ExperimentConfig) -> Dataset:
     if not samples:
         raise ValueError("the manifest has no public split; build one with `meddiff data split ... "
                          "partition.public_fraction=0.2`")
-    return _manifest_data(manifest, samples, cfg, train=True, acquisition=None)
+    return _examples(_manifest_data(manifest, samples, cfg, train=True, acquisition=None), cfg)
+
+
+def _examples(data: Dataset, cfg: ExperimentConfig) -> Dataset:
+    """What the study's denoiser trains on: ``data`` as is, or its (image, mask) pairs packed."""
+    return pack_masks(data, cfg) if _with_masks(cfg) else data
+
+
+def _with_masks(cfg: ExperimentConfig) -> bool:
+    return denoiser_phase(cfg).packs_masks
 
 
 def _manifest_data(manifest: dict[str, Any], samples: list[dict], cfg: ExperimentConfig, *, train: bool,
                    acquisition: Optional[Acquisition]) -> Dataset:
     """The manifest's ``samples``, checked against their content hashes."""
-    d = cfg.data
+    d, masks = cfg.data, _with_masks(cfg)
     if manifest["dataset"] == "phantoms":
-        images, labels = [], []
+        images, labels, regions = [], [], []
         for s in samples:
             i = int(s["id"].split("_")[-1])
-            img, lab = make_phantoms(1, d.image_size, seed=d.seed, lesion_fraction=d.lesion_fraction, start=i,
-                                     **({"acquisition": acquisition} if acquisition else {}))
-            images.append(img[0])
-            labels.append(int(lab[0]))
+            made = make_phantoms(1, d.image_size, seed=d.seed, lesion_fraction=d.lesion_fraction, start=i, masks=masks,
+                                 **({"acquisition": acquisition} if acquisition else {}))
+            images.append(made[0][0])
+            labels.append(int(made[1][0]))
+            regions += [made[2][0]] if masks else []
         stacked = np.stack(images)[:, None] if images else np.zeros((0, 1, d.image_size, d.image_size), np.float32)
-        return ArrayDataset(stacked, np.asarray(labels, np.int64))
+        data = ArrayDataset(stacked, np.asarray(labels, np.int64))
+        return WithMasks(data, torch.from_numpy(np.stack(regions)), MASK_CHANNELS) if masks else data
     wanted = {s["id"]: s["sha256"] for s in samples}
     records = [r for r in index_dataset(d).records if r.sample_id in wanted]
     missing = sorted(set(wanted) - {r.sample_id for r in records})
@@ -159,7 +176,17 @@ def _manifest_data(manifest: dict[str, Any], samples: list[dict], cfg: Experimen
     for r in records:
         if r.kind != "npz" and content_digest(r) != wanted[r.sample_id]:
             raise ValueError(f"{r.files[0]}: content changed since the split (sample {r.sample_id}); re-run `meddiff data split`")
-    return MedicalDataset(records, d, spatial_dims=cfg.model.spatial_dims, train=train)
+    return records_dataset(records, cfg, train=train, packed=False)
+
+
+def records_dataset(records: list, cfg: ExperimentConfig, *, train: bool, data_cfg=None, packed: bool = True) -> Dataset:
+    """A site's records (``data_cfg``, default ``cfg.data``) as the study's examples: images, or
+    for a mask-conditioned study (image, label, mask) triples, ``packed`` for the denoiser."""
+    d, dims = data_cfg or cfg.data, cfg.model.spatial_dims
+    if not _with_masks(cfg):
+        return MedicalDataset(records, d, spatial_dims=dims, train=train)
+    data = MaskedVolumeDataset(records, d, spatial_dims=dims, train=train)
+    return pack_masks(data, cfg) if packed else data
 
 
 def phantom_site_plan(site: int, num_sites: int, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -187,6 +214,8 @@ def phantom_site(site: int, num_sites: int, cfg: ExperimentConfig, *, split: str
     plan = phantom_site_plan(site, num_sites, cfg)
     num, start = (plan["num_train"], 0) if split == "train" else (plan["num_test"], plan["num_train"])
     kwargs = {"acquisition": plan["acquisition"]} if plan["acquisition"] else {}
-    images, labels = make_phantoms(num, cfg.data.image_size, seed=plan["seed"], lesion_fraction=plan["lesion_fraction"],
-                                   start=start, **kwargs)
-    return ArrayDataset(images[:, None], labels)
+    masks = _with_masks(cfg)
+    made = make_phantoms(num, cfg.data.image_size, seed=plan["seed"], lesion_fraction=plan["lesion_fraction"],
+                         start=start, masks=masks, **kwargs)
+    data = ArrayDataset(made[0][:, None], made[1])
+    return _examples(WithMasks(data, torch.from_numpy(made[2]), MASK_CHANNELS), cfg) if masks else data

@@ -96,6 +96,8 @@ def test_initial_weights_that_do_not_fit_are_refused_before_anything_starts(tmp_
     check_initial_weights(tiny_config(extra=[f"train.init_from={path}"]))
 
 
-def test_a_mask_conditioned_study_is_refused_before_any_site_starts():
-    with pytest.raises(ConfigError, match=r"'model.cond_channels' > 0 .* sites do not load masks yet"):
-        check_federation(load_config(None, ["model.cond_channels=4"]))
+def test_a_mask_conditioned_study_passes_the_checks_and_plans_dp_on_its_sites():
+    cfg = load_config(None, ["model.cond_channels=4", "privacy.enabled=true"])
+    check_federation(cfg)
+    sigmas = check_privacy_plan(cfg, site_sizes(cfg, None))
+    assert set(sigmas) == {f"site_{i}" for i in range(cfg.federation.num_sites)} and all(s > 0 for s in sigmas.values())
