@@ -4,7 +4,7 @@ PneumoniaMNIST (real chest X-rays, 28x28), 3 IID pseudo-sites, the default ADM (
 ``partition.public_fraction=0.25`` carves public patients out before the sites are assigned
 (disjoint from every site and held-out set); every arm runs on that one split (checked), and one
 centralized non-private model trained on the public split with ``configs/dp.yaml``'s
-``pretraining`` settings but ``--pretrain-steps`` steps (1000; cost reported separately) starts the pre-trained arms (``train.init_from``):
+``pretraining`` settings (cost reported separately) starts the pre-trained arms (``train.init_from``):
 
 - ``nonprivate``: ``configs/default.yaml``, federated without DP, from scratch (batch 16);
 - ``dp_scratch``: the DP recipe ``configs/dp.yaml`` (logical batch 128, lr 2e-3, no warm-up,
@@ -200,12 +200,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--steps", type=int, default=256,
                     help="compute per site, in steps of configs/default.yaml (batch 16, K = 1); every arm gets the same")
-    ap.add_argument("--pretrain-steps", type=int, default=1000,
-                    help="public pre-training steps (configs/dp.yaml's phantom pre-training takes 400)")
+    ap.add_argument("--pretrain-steps", type=int, default=None,
+                    help="public pre-training steps (default: configs/dp.yaml's, 400)")
     ap.add_argument("--samples", type=int, default=256, help="generated images per evaluation")
     ap.add_argument("--encoder-steps", type=int, default=600)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads of this process (pre-training, evaluation); 0 = torch's default")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of this process (pre-training, evaluation, which run while no site trains); "
+                         "0 = torch's default, every core")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "dp_quality")
     ap.add_argument("--work", type=Path, default=None, help="run directories (default: runs/dp_quality-<time>)")
