@@ -63,6 +63,10 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
 def check_conditioning(cfg: ExperimentConfig) -> None:
     """Mask-conditioned synthesis (``model.cond_channels > 0``) needs data that carry masks."""
     if not cfg.model.cond_channels:
+        if cfg.train.lesion_weight != 1.0:
+            raise ConfigError(f"'train.lesion_weight' ({cfg.train.lesion_weight}) weights the loss inside the tumour mask of "
+                              "a mask-conditioned model, but 'model.cond_channels' is 0: set model.cond_channels (e.g. 4) "
+                              "or train.lesion_weight=1")
         return
     if cfg.autoencoder.enabled:
         raise ConfigError("'model.cond_channels' > 0 conditions the pixel-space UNet on masks; the latent variant "

@@ -96,6 +96,11 @@ class TrainConfig:
     label_dropout: float = _f(0.1, help="probability of the null label (classifier-free guidance)", min=0.0, max=1.0)
     cond_dropout: float = _f(0.1, help="probability of the null (all-zero) mask condition (classifier-free guidance; "
                              "model.cond_channels > 0)", min=0.0, max=1.0)
+    lesion_weight: float = _f(1.0, help="weight of the squared error inside the (dilated) tumour mask of the condition, 1 "
+                              "outside (lesion-focused loss, model.cond_channels > 0); 1 = the plain loss", min_exclusive=0.0,
+                              max=100.0)
+    lesion_dilation: int = _f(0, help="pixels (voxels) by which the tumour mask grows before train.lesion_weight applies",
+                              min=0, max=32)
     num_workers: int = _f(0, help="DataLoader worker processes", min=0)
     log_every: int = _f(50, help="steps between metric rows", min=1)
     threads: int = _f(0, help="torch CPU threads; 0 keeps torch's default", min=0)

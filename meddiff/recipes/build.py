@@ -153,10 +153,14 @@ def build_masked_dataset(cfg: ExperimentConfig, data_cfg: DataConfig | None = No
     return packed
 
 
-def build_conditioned_diffusion(cfg: ExperimentConfig, *, cond_dropout: float | None = None) -> SpatialConditioning:
-    """The denoising loss with the mask concatenated to ``x_t`` (``train.cond_dropout`` unless given)."""
+def build_conditioned_diffusion(cfg: ExperimentConfig, *, cond_dropout: float | None = None,
+                                lesion_weighted: bool = True) -> SpatialConditioning:
+    """The denoising loss with the mask concatenated to ``x_t`` (``train.cond_dropout`` unless given),
+    weighted inside the tumour by ``train.lesion_weight`` unless ``lesion_weighted`` is false."""
     p = cfg.train.cond_dropout if cond_dropout is None else cond_dropout
-    return SpatialConditioning(build_diffusion(cfg.diffusion), image_channels=cfg.model.in_channels, cond_dropout=p)
+    w = cfg.train.lesion_weight if lesion_weighted else 1.0
+    return SpatialConditioning(build_diffusion(cfg.diffusion), image_channels=cfg.model.in_channels, cond_dropout=p,
+                               lesion_weight=w, lesion_dilation=cfg.train.lesion_dilation)
 
 
 def check_labels(dataset: Dataset, model_cfg: ModelConfig) -> None:
