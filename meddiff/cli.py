@@ -131,6 +131,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_mask_args(p: argparse.ArgumentParser) -> None:
+    """``meddiff sample``'s options for mask-conditioned models: given masks, or rule-placed tumours."""
+    p.add_argument("--masks", type=Path, default=None,
+                   help="mask-conditioned models: .npz (array 'masks' [N, K, *S]) or folder of .npy masks; one image "
+                        "per mask, written with its mask (default: --num masks from the held-out phantom mask bank, "
+                        "or, for other datasets, tumours placed by rules)")
+    p.add_argument("--lesion-rules", action="store_true",
+                   help="place --num tumours by rules (brain, enhancing rim, necrotic core, oedema halo) even for phantoms")
+    p.add_argument("--lesion-radius", type=_radius, default=None, metavar="MIN,MAX",
+                   help="tumour-core radius range in pixels (voxels) of rule-placed tumours (default: side/20,side/10)")
+    p.add_argument("--brain-masks", type=Path, default=None, metavar="NPY",
+                   help="brain masks ([*S] or [B, *S] .npy) to place rule-made tumours in (default: the held-out "
+                        "phantom brains, or random ellipses)")
+
+
 def build_parser(extend=None) -> argparse.ArgumentParser:
     """The ``meddiff`` parser; ``extend(subparsers)`` lets higher packages (``sim``) add commands."""
     parser = argparse.ArgumentParser(prog="meddiff", description="Federated, private diffusion models for medical images.")
@@ -152,17 +167,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None, help="DDIM eta")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--class-label", type=int, default=None, help="class to generate (conditional models)")
-    p.add_argument("--masks", type=Path, default=None,
-                   help="mask-conditioned models: .npz (array 'masks' [N, K, *S]) or folder of .npy masks; one image "
-                        "per mask, written with its mask (default: --num masks from the held-out phantom mask bank, "
-                        "or, for other datasets, tumours placed by rules)")
-    p.add_argument("--lesion-rules", action="store_true",
-                   help="place --num tumours by rules (brain, enhancing rim, necrotic core, oedema halo) even for phantoms")
-    p.add_argument("--lesion-radius", type=_radius, default=None, metavar="MIN,MAX",
-                   help="tumour-core radius range in pixels (voxels) of rule-placed tumours (default: side/20,side/10)")
-    p.add_argument("--brain-masks", type=Path, default=None, metavar="NPY",
-                   help="brain masks ([*S] or [B, *S] .npy) to place rule-made tumours in (default: the held-out "
-                        "phantom brains, or random ellipses)")
+    _add_mask_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
