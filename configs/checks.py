@@ -71,10 +71,10 @@ def check_conditioning(cfg: ExperimentConfig) -> None:
     if cfg.autoencoder.enabled:
         raise ConfigError("'model.cond_channels' > 0 conditions the pixel-space UNet on masks; the latent variant "
                           "(masks on the latent grid) does not exist yet: set autoencoder.enabled=false")
-    if cfg.data.dataset not in ("phantoms", "brats"):
+    if cfg.data.dataset not in ("phantoms", "brats", "folder"):
         raise ConfigError(f"'model.cond_channels' > 0 trains on (image, mask) pairs, which data.dataset="
-                          f"{cfg.data.dataset!r} does not provide yet; use data.dataset=phantoms or brats (BraTS "
-                          "folders and `meddiff data from-template` cohorts)")
+                          f"{cfg.data.dataset!r} does not provide yet; use data.dataset=phantoms, brats (BraTS "
+                          "folders and `meddiff data from-template` cohorts) or folder (a CSV with a 'mask' column)")
 
 
 def check_autoencoder(cfg: ExperimentConfig) -> None:

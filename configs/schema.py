@@ -120,7 +120,8 @@ class DataConfig:
 
     dataset: str = _f("phantoms", help="data source / folder layout", choices=DATASETS)
     path: str = _f("", help="dataset file or folder (unused for phantoms)")
-    labels_csv: str = _f("", help="CSV of path,label[,patient_id][,site] (dataset 'folder'; optional elsewhere)")
+    labels_csv: str = _f("", help="CSV of path,label[,patient_id][,site][,mask] (dataset 'folder'; "
+                     "optional elsewhere); mask: the image's label map, for model.cond_channels > 0")
     split: str = _f("train", help="MedMNIST split to train on", choices=("train", "val", "test"))
     image_size: int = _f(32, help="side length the model sees (pixels)", min=4)
     num_samples: int = _f(2048, help="phantom slices to generate", min=1)
