@@ -63,14 +63,18 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
 def check_conditioning(cfg: ExperimentConfig) -> None:
     """Mask-conditioned synthesis (``model.cond_channels > 0``) needs data that carry masks."""
     if not cfg.model.cond_channels:
+        if cfg.train.lesion_weight != 1.0:
+            raise ConfigError(f"'train.lesion_weight' ({cfg.train.lesion_weight}) weights the loss inside the tumour mask of "
+                              "a mask-conditioned model, but 'model.cond_channels' is 0: set model.cond_channels (e.g. 4) "
+                              "or train.lesion_weight=1")
         return
     if cfg.autoencoder.enabled:
         raise ConfigError("'model.cond_channels' > 0 conditions the pixel-space UNet on masks; the latent variant "
                           "(masks on the latent grid) does not exist yet: set autoencoder.enabled=false")
-    if cfg.data.dataset not in ("phantoms", "brats"):
+    if cfg.data.dataset not in ("phantoms", "brats", "folder"):
         raise ConfigError(f"'model.cond_channels' > 0 trains on (image, mask) pairs, which data.dataset="
-                          f"{cfg.data.dataset!r} does not provide yet; use data.dataset=phantoms or brats (BraTS "
-                          "folders and `meddiff data from-template` cohorts)")
+                          f"{cfg.data.dataset!r} does not provide yet; use data.dataset=phantoms, brats (BraTS "
+                          "folders and `meddiff data from-template` cohorts) or folder (a CSV with a 'mask' column)")
 
 
 def check_autoencoder(cfg: ExperimentConfig) -> None:

@@ -96,6 +96,11 @@ class TrainConfig:
     label_dropout: float = _f(0.1, help="probability of the null label (classifier-free guidance)", min=0.0, max=1.0)
     cond_dropout: float = _f(0.1, help="probability of the null (all-zero) mask condition (classifier-free guidance; "
                              "model.cond_channels > 0)", min=0.0, max=1.0)
+    lesion_weight: float = _f(1.0, help="weight of the squared error inside the (dilated) tumour mask of the condition, 1 "
+                              "outside (lesion-focused loss, model.cond_channels > 0); 1 = the plain loss", min_exclusive=0.0,
+                              max=100.0)
+    lesion_dilation: int = _f(0, help="pixels (voxels) by which the tumour mask grows before train.lesion_weight applies",
+                              min=0, max=32)
     num_workers: int = _f(0, help="DataLoader worker processes", min=0)
     log_every: int = _f(50, help="steps between metric rows", min=1)
     threads: int = _f(0, help="torch CPU threads; 0 keeps torch's default", min=0)
@@ -115,7 +120,8 @@ class DataConfig:
 
     dataset: str = _f("phantoms", help="data source / folder layout", choices=DATASETS)
     path: str = _f("", help="dataset file or folder (unused for phantoms)")
-    labels_csv: str = _f("", help="CSV of path,label[,patient_id][,site] (dataset 'folder'; optional elsewhere)")
+    labels_csv: str = _f("", help="CSV of path,label[,patient_id][,site][,mask] (dataset 'folder'; "
+                     "optional elsewhere); mask: the image's label map, for model.cond_channels > 0")
     split: str = _f("train", help="MedMNIST split to train on", choices=("train", "val", "test"))
     image_size: int = _f(32, help="side length the model sees (pixels)", min=4)
     num_samples: int = _f(2048, help="phantom slices to generate", min=1)

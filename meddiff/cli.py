@@ -21,6 +21,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
 
 
+def _radius(text: str) -> tuple[float, float]:
+    """``--lesion-radius MIN,MAX`` (pixels) as a pair of floats."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX in pixels, e.g. 2,5; got {text!r}") from None
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 0 < MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     # loaded on demand: the CLI parses arguments and answers --help without importing torch
     from meddiff.recipes.centralized import train_centralized
@@ -40,7 +51,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from meddiff.recipes.restore import codec_from_checkpoint, model_from_checkpoint
     from meddiff.device import resolve_device
     from meddiff.outputs import write_pairs, write_samples
-    from meddiff.recipes.masks import load_masks, mask_bank
+    from meddiff.recipes.masks import masks_to_sample
     from meddiff.recipes.sample import sample_images
 
     device = resolve_device(args.device)
@@ -57,11 +68,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not 0 <= args.class_label < cfg.model.num_classes:
             raise ConfigError(f"--class-label must be in 0..{cfg.model.num_classes - 1}")
         y = torch.full((args.num,), args.class_label, dtype=torch.long)
-    if args.masks is not None and not cfg.model.cond_channels:
-        raise ConfigError("--masks needs a mask-conditioned checkpoint (model.cond_channels > 0)")
+    asked = [f for f, v in (("--masks", args.masks), ("--lesion-rules", args.lesion_rules or None),
+                            ("--lesion-radius", args.lesion_radius), ("--brain-masks", args.brain_masks)) if v is not None]
+    if asked and not cfg.model.cond_channels:
+        raise ConfigError(f"{', '.join(asked)} need(s) a mask-conditioned checkpoint (model.cond_channels > 0)")
     masks = None
-    if cfg.model.cond_channels:  # one image per given mask, or per mask of the held-out bank
-        masks = load_masks(args.masks, cfg) if args.masks is not None else mask_bank(cfg, args.num, seed=args.seed)
+    if cfg.model.cond_channels:  # one image per given mask, per mask of the held-out bank, or per rule-placed tumour
+        masks = masks_to_sample(cfg, args.num, seed=args.seed, path=args.masks, rules=args.lesion_rules,
+                                radius=args.lesion_radius, brain_path=args.brain_masks)
         y = None if y is None else y[:1].expand(len(masks))
     num = args.num if masks is None else len(masks)
     samples = sample_images(model, cfg, num=num, device=device, seed=args.seed, y=y, progress=not args.no_progress,
@@ -117,6 +131,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_mask_args(p: argparse.ArgumentParser) -> None:
+    """``meddiff sample``'s options for mask-conditioned models: given masks, or rule-placed tumours."""
+    p.add_argument("--masks", type=Path, default=None,
+                   help="mask-conditioned models: .npz (array 'masks' [N, K, *S]) or folder of .npy masks; one image "
+                        "per mask, written with its mask (default: --num masks from the held-out phantom mask bank, "
+                        "or, for other datasets, tumours placed by rules)")
+    p.add_argument("--lesion-rules", action="store_true",
+                   help="place --num tumours by rules (brain, enhancing rim, necrotic core, oedema halo) even for phantoms")
+    p.add_argument("--lesion-radius", type=_radius, default=None, metavar="MIN,MAX",
+                   help="tumour-core radius range in pixels (voxels) of rule-placed tumours (default: side/20,side/10)")
+    p.add_argument("--brain-masks", type=Path, default=None, metavar="NPY",
+                   help="brain masks ([*S] or [B, *S] .npy) to place rule-made tumours in (default: the held-out "
+                        "phantom brains, or random ellipses)")
+
+
 def build_parser(extend=None) -> argparse.ArgumentParser:
     """The ``meddiff`` parser; ``extend(subparsers)`` lets higher packages (``sim``) add commands."""
     parser = argparse.ArgumentParser(prog="meddiff", description="Federated, private diffusion models for medical images.")
@@ -138,9 +167,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None, help="DDIM eta")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--class-label", type=int, default=None, help="class to generate (conditional models)")
-    p.add_argument("--masks", type=Path, default=None,
-                   help="mask-conditioned models: .npz (array 'masks' [N, K, *S]) or folder of .npy masks; one image "
-                        "per mask, written with its mask (default: --num masks from the held-out mask bank)")
+    _add_mask_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")

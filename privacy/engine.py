@@ -184,7 +184,8 @@ def per_image_gradients(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-image gradients of each image's loss (its mean over K draws), by ``vmap`` over images.
 
-    The (t, noise) draws are those of ``diffusion.training_losses`` with the same generator.
+    The (t, noise) draws are those of ``diffusion.training_losses`` with the same generator, and
+    its per-pixel weights (``diffusion.loss_weights``, e.g. a lesion-weighted loss) are applied.
     Shapes: ``x0 [N, C, *S]``, ``y [N]``; returns ``({name: [N, *param.shape]}, losses [N])``.
     """
     k, n = int(noise_multiplicity), x0.shape[0]
@@ -194,12 +195,14 @@ def per_image_gradients(
     if n == 0:
         return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}, x0.new_zeros(0)
 
-    def image_loss(p, x_t, t, target, y=None):  # one image: its K rows
+    def image_loss(p, x_t, t, target, extra):  # one image: its K rows (extra: its labels, loss weights)
+        y = extra.get("y")
         args = (x_t, t) if y is None else (x_t, t, y)
-        return row_mse(functional_call(module, (p, buffers), args), target).mean()
+        return row_mse(functional_call(module, (p, buffers), args), target, extra.get("weight")).mean()
 
     group = lambda a: a.reshape(n, k, *a.shape[1:])  # noqa: E731
-    args = [params, group(x_t), group(t), group(target)] + ([] if y_rows is None else [group(y_rows)])
+    extra = {name: group(a) for name, a in (("y", y_rows), ("weight", diffusion.loss_weights(x_t))) if a is not None}
+    args = [params, group(x_t), group(t), group(target), extra]
     in_dims = (None,) + (0,) * (len(args) - 1)
     with sdpa_kernel(SDPBackend.MATH):  # composite attention math, which vmap batches (the fused CPU kernel it loops over)
         grads, losses = vmap(grad_and_value(image_loss), in_dims=in_dims, randomness="error")(*args)

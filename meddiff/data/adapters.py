@@ -16,7 +16,8 @@ Supported layouts (see the README's "Datasets" section):
 - ``chexpert``: ``train.csv``/``valid.csv`` with a ``Path`` column and finding columns; JPEGs.
 - ``covid_ct``: ``CT_COVID/`` (label 1) and ``CT_NonCOVID/`` (label 0) image folders.
 - ``lidc``: ``LIDC-IDRI-xxxx/<study>/<series>/*.dcm`` DICOM series, in HU.
-- ``folder``: any NIfTI or image files named in a CSV ``path,label[,patient_id][,site]``.
+- ``folder``: any NIfTI or image files named in a CSV ``path,label[,patient_id][,site][,mask]``; a
+  ``mask`` is the image's label map (BraTS labels), read for mask-conditioned synthesis.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def index_lidc(cfg: DataConfig) -> IndexResult:
 
 
 def _labels_from_csv(cfg: DataConfig, result: IndexResult) -> dict[str, tuple]:
-    """``{path: (label, patient_id, site, row)}``; a row with an unusable label is a problem of
+    """``{path: (label, patient_id, site, row, mask)}``; a row with an unusable label is a problem of
     ``result`` (an error, or with ``data.skip_bad`` a logged, counted skip)."""
     if not cfg.labels_csv:
         raise DataError(f"data.labels_csv is empty: data.dataset={cfg.dataset!r} needs a CSV of path,label[,patient_id][,site]")
@@ -213,7 +214,7 @@ def _labels_from_csv(cfg: DataConfig, result: IndexResult) -> dict[str, tuple]:
             except (TypeError, ValueError):
                 _problem(result, cfg, f"{table}:{row_no}: unknown label value {row['label']!r} (expected an integer)")
                 continue
-            out[row["path"]] = (label, row.get("patient_id") or "", row.get("site") or "", row_no)
+            out[row["path"]] = (label, row.get("patient_id") or "", row.get("site") or "", row_no, row.get("mask") or "")
     return out
 
 
@@ -221,7 +222,7 @@ def index_folder(cfg: DataConfig) -> IndexResult:
     root = _root(cfg)
     table = Path(cfg.labels_csv)
     result = IndexResult([])
-    for rel, (label, patient, site, row_no) in _labels_from_csv(cfg, result).items():
+    for rel, (label, patient, site, row_no, mask) in _labels_from_csv(cfg, result).items():
         f = root / rel
         if not f.is_file():
             _problem(result, cfg, f"{table}:{row_no}: file {rel!r} not found under {root}")
@@ -234,10 +235,27 @@ def index_folder(cfg: DataConfig) -> IndexResult:
             _problem(result, cfg, f"{table}:{row_no}: {rel!r} is neither NIfTI nor PNG/JPEG")
             continue
         meta = {"site": site} if site else {}
+        if mask:
+            problem = _mask_problem(root / mask, kind)
+            if problem:
+                _problem(result, cfg, f"{table}:{row_no}: mask {mask!r} {problem}")
+                continue
+            meta.update(mask=str(root / mask), row=f"{table}:{row_no}")
         result.records.append(Record(rel, patient or rel, label, (str(f),), kind, meta))
     if not result.records and not result.bad:
         raise DataError(f"{table}: lists no files")
     return result
+
+
+def _mask_problem(path: Path, kind: str) -> str:
+    """Why a folder CSV's mask file cannot go with an image of ``kind`` ('' when it can)."""
+    if not path.is_file():
+        return f"not found ({path})"
+    if kind == "volume" and not _is_nifti(path):
+        return "must be a NIfTI label map, as its image is a volume"
+    if kind == "image" and path.suffix.lower() not in (".png", ".npy"):
+        return "must be a PNG or NPY label map, as its image is 2-D"
+    return ""
 
 
 INDEXERS: dict[str, Callable[[DataConfig], IndexResult]] = {

@@ -12,6 +12,13 @@ unconditional score: with probability ``cond_dropout`` an example's condition is
 null condition (all zeros; a real condition is in {-1, +1}). The drop is per example and drawn
 from the same generator as ``(t, eps)``, after them, so per-example losses stay independent of
 each other and per-example gradients under DP-SGD remain exact.
+
+A lesion-focused loss (after the lesion-focused objective of Zhang et al. 2025, LeFusion,
+arXiv 2403.14066, whose lesion-focused loss regresses only inside the lesion) weights each pixel's squared
+error by ``w`` inside the example's own, dilated tumour mask and by 1 elsewhere:
+``L = mean_pixels((1 + (w - 1) * M_dil) * (out - target)^2)``, so ``w = 1`` is ``L_simple``
+exactly. The weight map of a row is read from that row's (possibly dropped) condition only: a
+null condition has no tumour and weight 1 everywhere, and the loss stays per example.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from meddiff.diffusion.gaussian import Denoiser, GaussianDiffusion, _gen_device, collapse_noise_multiplicity, row_mse
 
@@ -28,6 +36,23 @@ def mask_to_condition(mask: torch.Tensor) -> torch.Tensor:
     return mask.float().mul(2.0).sub(1.0)
 
 
+def lesion_weight_map(cond: torch.Tensor, *, weight: float, dilation: int = 0,
+                      lesion_channels: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """Per-pixel loss weights ``[R, 1, *S]`` from conditions ``[R, C_cond, *S]`` (in {-1, +1}; a
+    null condition is all zeros): ``1 + (weight - 1) * M``, with ``M`` the union of the lesion
+    channels (``> 0``) dilated by ``dilation`` pixels per side (max-pooling, a (2d+1)-wide square
+    or cube). ``lesion_channels`` index ``cond``'s channels; None = all but the first (the brain)
+    when there are several, else channel 0. Each row's map depends on that row alone.
+    """
+    if lesion_channels is None:
+        lesion_channels = tuple(range(1, cond.shape[1])) if cond.shape[1] > 1 else (0,)
+    lesion = (cond[:, list(lesion_channels)] > 0).any(dim=1, keepdim=True).float()
+    if dilation > 0:
+        pool = F.max_pool2d if lesion.ndim == 4 else F.max_pool3d
+        lesion = pool(lesion, kernel_size=2 * dilation + 1, stride=1, padding=dilation)
+    return 1.0 + (float(weight) - 1.0) * lesion
+
+
 class SpatialConditioning:
     """The denoising loss of :class:`GaussianDiffusion` with a concatenated conditioning image.
 
@@ -35,14 +60,23 @@ class SpatialConditioning:
         diffusion: the forward process and parameterisation.
         image_channels: ``C_img``, the leading channels of a packed example; the rest is the condition.
         cond_dropout: probability that an example trains with the null condition.
+        lesion_weight: ``w``, the weight of squared errors inside the (dilated) tumour mask; 1 = ``L_simple``.
+        lesion_dilation: pixels (voxels) by which the tumour mask grows before weighting.
+        lesion_channels: condition channels whose union is the tumour (see :func:`lesion_weight_map`).
     """
 
-    def __init__(self, diffusion: GaussianDiffusion, *, image_channels: int, cond_dropout: float = 0.0):
+    def __init__(self, diffusion: GaussianDiffusion, *, image_channels: int, cond_dropout: float = 0.0,
+                 lesion_weight: float = 1.0, lesion_dilation: int = 0,
+                 lesion_channels: Optional[tuple[int, ...]] = None):
         if not 0.0 <= cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
         if image_channels < 1:
             raise ValueError(f"image_channels must be >= 1, got {image_channels}")
+        if not lesion_weight > 0.0 or lesion_dilation < 0:
+            raise ValueError(f"lesion_weight must be > 0 and lesion_dilation >= 0, got {lesion_weight} and {lesion_dilation}")
         self.diffusion, self.image_channels, self.cond_dropout = diffusion, image_channels, cond_dropout
+        self.lesion_weight, self.lesion_dilation = float(lesion_weight), int(lesion_dilation)
+        self.lesion_channels = lesion_channels
 
     def split(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x0 [N, C_img + C_cond, *S] -> (image [N, C_img, *S], cond [N, C_cond, *S])``."""
@@ -73,8 +107,17 @@ class SpatialConditioning:
 
     def training_losses(self, model: Denoiser, x0: torch.Tensor, *, y: Optional[torch.Tensor] = None,
                         noise_multiplicity: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Per-example ``L_simple`` (Ho et al. 2020, eq. 14) of the conditioned denoiser, averaged
-        over K draws. ``x0``: ``[N, C_img + C_cond, *S]`` packed; returns ``[N]`` float32."""
+        """Per-example ``L_simple`` (Ho et al. 2020, eq. 14) of the conditioned denoiser, lesion-weighted
+        when ``lesion_weight != 1``, averaged over K draws. ``x0``: ``[N, C_img + C_cond, *S]``
+        packed; returns ``[N]`` float32."""
         x_in, t, y_rows, target = self.training_inputs(x0, y=y, noise_multiplicity=noise_multiplicity, generator=generator)
         out = model(x_in, t, y_rows) if y_rows is not None else model(x_in, t)
-        return collapse_noise_multiplicity(row_mse(out, target), noise_multiplicity)
+        return collapse_noise_multiplicity(row_mse(out, target, self.loss_weights(x_in)), noise_multiplicity)
+
+    def loss_weights(self, x_in: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-pixel weights ``[R, 1, *S]`` of the regression from the rows' own (possibly dropped)
+        conditions in ``x_in [R, C_img + C_cond, *S]``; None (unweighted) when ``lesion_weight`` is 1."""
+        if self.lesion_weight == 1.0:
+            return None
+        return lesion_weight_map(x_in[:, self.image_channels:].detach(), weight=self.lesion_weight,
+                                 dilation=self.lesion_dilation, lesion_channels=self.lesion_channels)

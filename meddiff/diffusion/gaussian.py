@@ -163,10 +163,20 @@ class GaussianDiffusion:
         t, noise = t.to(x0.device), noise.to(x0.device)
         return self.q_sample(rows, t, noise), t, y_rows, self.training_target(rows, t, noise)
 
+    def loss_weights(self, x_in: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-pixel weights of the regression for the network input ``x_in`` of
+        :meth:`training_inputs`: None, every pixel counts the same (``L_simple``)."""
+        return None
 
-def row_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row mean squared error in float32: ``[R, C, *S] -> [R]`` (R = 0 works)."""
-    return (out.float() - target.float()).pow(2).flatten(1).mean(1)
+
+def row_mse(out: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row mean squared error in float32: ``[R, C, *S] -> [R]`` (R = 0 works).
+
+    ``weight`` (``[R, 1, *S]``, broadcast over channels) weights each pixel's squared error
+    before the mean; None is the plain mean, computed exactly as without weights.
+    """
+    sq = (out.float() - target.float()).pow(2)
+    return (sq if weight is None else sq * weight.float()).flatten(1).mean(1)
 
 
 def _gen_device(generator: Optional[torch.Generator], like: torch.Tensor) -> torch.device:

@@ -107,8 +107,8 @@ def build_sampler(sampler_cfg: SamplerConfig, diffusion: GaussianDiffusion) -> S
 def build_dataset_from_section(data_cfg: DataConfig, *, spatial_dims: int = 2, channels: int = 1,
                                masks: bool = False) -> Dataset:
     """The training images named by ``data.dataset``: ``(x [channels, *S] in [-1, 1], label)`` items;
-    with ``masks``, ``(x, label, mask [K, *S])`` triples (phantoms, and BraTS-layout folders such as
-    ``meddiff data from-template`` cohorts)."""
+    with ``masks``, ``(x, label, mask [K, *S])`` triples (phantoms, BraTS-layout folders such as
+    ``meddiff data from-template`` cohorts, and folder CSVs with a ``mask`` column)."""
     if data_cfg.dataset == "phantoms":
         if spatial_dims != 2 or channels != 1:
             raise ValueError("data.dataset='phantoms' gives 1-channel 2-D slices: set model.spatial_dims=2 and 1 image channel")
@@ -117,8 +117,9 @@ def build_dataset_from_section(data_cfg: DataConfig, *, spatial_dims: int = 2, c
             with_masks=masks,
         )
     if masks:
-        if data_cfg.dataset != "brats":
-            raise ValueError(f"data.dataset={data_cfg.dataset!r} does not provide masks yet; use phantoms or brats")
+        if data_cfg.dataset not in ("brats", "folder"):
+            raise ValueError(f"data.dataset={data_cfg.dataset!r} does not provide masks yet; use phantoms, brats or a "
+                             "folder CSV with a 'mask' column")
         return MaskedVolumeDataset(index_dataset(data_cfg).records, data_cfg, spatial_dims=spatial_dims, train=True)
     if data_cfg.dataset == "medmnist":
         if not data_cfg.path:
@@ -159,10 +160,14 @@ def pack_masks(data: Dataset, cfg: ExperimentConfig) -> PackedMasks:
     return packed
 
 
-def build_conditioned_diffusion(cfg: ExperimentConfig, *, cond_dropout: float | None = None) -> SpatialConditioning:
-    """The denoising loss with the mask concatenated to ``x_t`` (``train.cond_dropout`` unless given)."""
+def build_conditioned_diffusion(cfg: ExperimentConfig, *, cond_dropout: float | None = None,
+                                lesion_weighted: bool = True) -> SpatialConditioning:
+    """The denoising loss with the mask concatenated to ``x_t`` (``train.cond_dropout`` unless given),
+    weighted inside the tumour by ``train.lesion_weight`` unless ``lesion_weighted`` is false."""
     p = cfg.train.cond_dropout if cond_dropout is None else cond_dropout
-    return SpatialConditioning(build_diffusion(cfg.diffusion), image_channels=cfg.model.in_channels, cond_dropout=p)
+    w = cfg.train.lesion_weight if lesion_weighted else 1.0
+    return SpatialConditioning(build_diffusion(cfg.diffusion), image_channels=cfg.model.in_channels, cond_dropout=p,
+                               lesion_weight=w, lesion_dilation=cfg.train.lesion_dilation)
 
 
 def check_labels(dataset: Dataset, model_cfg: ModelConfig) -> None:

@@ -1,4 +1,5 @@
-"""Masks to generate from: given ones (``meddiff sample --masks``) or a held-out mask bank.
+"""Masks to generate from: given ones (``meddiff sample --masks``), a held-out mask bank, or
+tumours placed by rules (:mod:`meddiff.data.lesions`) in a given, held-out or elliptical brain.
 
 A mask set is ``[N, K, *S]`` in {0, 1}, one channel per region, in the channel order the model
 was trained with (``model.cond_channels``; the phantoms': brain, necrotic, oedema, enhancing).
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from configs import ExperimentConfig
+from meddiff.data.lesions import rule_masks
 from meddiff.data.phantoms import make_phantoms
 from meddiff.data.transforms import fit_mask_to_size
 
@@ -63,10 +65,62 @@ def mask_bank(cfg: ExperimentConfig, num: int, *, seed: int = 0) -> torch.Tensor
     return torch.from_numpy(masks.astype(np.float32))
 
 
+def default_lesion_radius(size: int) -> tuple[float, float]:
+    """Tumour-core radii ``(min, max)`` in pixels when none are given: 1/20 to 1/10 of the side."""
+    return max(1.0, size / 20), max(1.0, size / 10)
+
+
+def load_brains(path: str | Path, cfg: ExperimentConfig) -> np.ndarray:
+    """Brain masks from an ``.npy`` (``[*S]`` or ``[B, *S]`` in {0, 1}), resized by nearest neighbour
+    to ``data.image_size``; returns ``[B, *S]`` uint8."""
+    path, dims = Path(path), cfg.model.spatial_dims
+    if path.suffix != ".npy" or not path.is_file():
+        raise ValueError(f"--brain-masks {path}: expected an existing .npy file ([*S] or [B, *S] in {{0, 1}})")
+    arr = np.load(path)
+    arr = arr[None] if arr.ndim == dims else arr
+    if arr.ndim != dims + 1 or not np.isin(arr, (0, 1)).all():
+        raise ValueError(f"--brain-masks {path}: shape {arr.shape}, expected {dims}-D masks in {{0, 1}} "
+                         f"(model.spatial_dims={dims})")
+    return fit_mask_to_size(arr.astype(np.uint8), cfg.data.image_size)
+
+
+def lesion_rule_masks(cfg: ExperimentConfig, num: int, *, seed: int = 0, radius: tuple[float, float] | None = None,
+                      brains: np.ndarray | None = None) -> torch.Tensor:
+    """``num`` rule-placed tumour masks ``[num, 4, *S]`` float32 in {0, 1}, in ``brains`` (``[B, *S]``)
+    if given, else in the held-out phantom brains (phantoms), else in random ellipses."""
+    size, dims = cfg.data.image_size, cfg.model.spatial_dims
+    if cfg.model.cond_channels != 4:
+        raise ValueError(f"rule-placed masks have 4 channels (brain, necrotic, oedema, enhancing); "
+                         f"model.cond_channels is {cfg.model.cond_channels}: pass --masks")
+    if brains is None and cfg.data.dataset == "phantoms" and dims == 2:
+        _, _, bank = make_phantoms(num, size, seed=cfg.data.seed + HELD_OUT_SEED_OFFSET, lesion_fraction=0.0,
+                                   start=seed * num, masks=True)
+        brains = bank[:, 0]
+    masks = rule_masks(num, size=size, spatial_dims=dims, radius=radius or default_lesion_radius(size), brains=brains,
+                       seed=seed)
+    return torch.from_numpy(masks.astype(np.float32))
+
+
+def masks_to_sample(cfg: ExperimentConfig, num: int, *, seed: int = 0, path: str | Path | None = None,
+                    rules: bool = False, radius: tuple[float, float] | None = None,
+                    brain_path: str | Path | None = None) -> torch.Tensor:
+    """The masks ``meddiff sample`` generates from: ``path`` (``--masks``) if given; else the held-out
+    phantom bank for phantoms, unless ``rules`` (``--lesion-rules``); else rule-placed tumours."""
+    if path is not None:
+        return load_masks(path, cfg)
+    if cfg.data.dataset == "phantoms" and not rules and radius is None and brain_path is None:
+        return mask_bank(cfg, num, seed=seed)
+    brains = load_brains(brain_path, cfg) if brain_path is not None else None
+    return lesion_rule_masks(cfg, num, seed=seed, radius=radius, brains=brains)
+
+
 def study_masks(cfg: ExperimentConfig, num: int) -> torch.Tensor | None:
-    """The masks a federated study draws its sample grids and FID samples from: ``[num, K, S, S]``
-    from the held-out phantom bank, or None (the null condition: the model's unconditional samples)
-    where there is no bank, and for a model without mask conditioning."""
-    if not cfg.model.cond_channels or cfg.data.dataset != "phantoms":
+    """The masks a federated study draws its sample grids and FID samples from: ``[num, K, *S]``
+    from the held-out phantom bank, rule-placed tumours for other 4-channel data, or None (the
+    null condition: the model's unconditional samples) for other channel layouts and for a model
+    without mask conditioning."""
+    if not cfg.model.cond_channels:
         return None
-    return mask_bank(cfg, num)
+    if cfg.data.dataset == "phantoms":
+        return mask_bank(cfg, num)
+    return lesion_rule_masks(cfg, num) if cfg.model.cond_channels == 4 else None

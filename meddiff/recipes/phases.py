@@ -169,7 +169,8 @@ class MaskDiffusionPhase(DiffusionPhase):
         return build_conditioned_diffusion(cfg)
 
     def held_out_objective(self, cfg: ExperimentConfig):
-        return build_conditioned_diffusion(cfg, cond_dropout=0.0)  # held-out loss of the model given the mask
+        # held-out loss of the model given the mask, unweighted: comparable across train.lesion_weight
+        return build_conditioned_diffusion(cfg, cond_dropout=0.0, lesion_weighted=False)
 
     def training_data(self, cfg: ExperimentConfig):
         return build_masked_dataset(cfg)

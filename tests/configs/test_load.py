@@ -234,3 +234,12 @@ def test_parameter_efficient_training_from_scratch_is_refused():
     with pytest.raises(ConfigError, match="'train.trainable' 'attention' fine-tunes pre-trained weights"):
         load_config(None, ["train.trainable=attention"])
     assert load_config(None, ["train.trainable=attention", "pretraining.steps=10"]).train.trainable == "attention"
+
+
+def test_a_lesion_weight_without_mask_conditioning_is_refused_naming_the_fields():
+    with pytest.raises(ConfigError, match="'train.lesion_weight' \\(5.0\\).*'model.cond_channels' is 0"):
+        load_config(None, ["train.lesion_weight=5"])
+    cfg = load_config(None, ["train.lesion_weight=5", "train.lesion_dilation=2", "model.cond_channels=4"])
+    assert (cfg.train.lesion_weight, cfg.train.lesion_dilation) == (5.0, 2)
+    with pytest.raises(ConfigError, match="train.lesion_dilation"):
+        load_config(None, ["train.lesion_dilation=-1"])

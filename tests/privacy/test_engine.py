@@ -31,8 +31,8 @@ def _reference_per_image(reference, diffusion, x0, y, k, seed):
     x_t, t, y_rows, target = diffusion.training_inputs(x0, y=y, noise_multiplicity=k, generator=torch.Generator().manual_seed(seed))
     grads = []
     for i in range(len(x0)):
-        rows = slice(i * k, (i + 1) * k)
-        loss = row_mse(reference(x_t[rows], t[rows], y_rows[rows]), target[rows]).mean()
+        rows = slice(i * k, (i + 1) * k)  # the image's own rows, and its loss weights from them alone
+        loss = row_mse(reference(x_t[rows], t[rows], y_rows[rows]), target[rows], diffusion.loss_weights(x_t[rows])).mean()
         grads.append(torch.autograd.grad(loss, list(reference.parameters())))
     return [torch.stack(g) for g in zip(*grads)]  # per parameter: [N, *shape]
 
@@ -222,9 +222,10 @@ def test_book_keeping_under_bf16_autocast_stays_close_to_fp32():
 
 
 @pytest.mark.parametrize("mode", ["hooks", "vmap", "bk"])
-@pytest.mark.parametrize("k", [1, 3])
-def test_mask_conditioned_per_image_gradients_equal_one_image_at_a_time_autograd(k, mode):
-    """Packed (image, mask) examples with per-example condition dropout: still one exact gradient per image."""
+@pytest.mark.parametrize("k, lesion_weight", [(1, 1.0), (3, 1.0), (3, 5.0)])
+def test_mask_conditioned_per_image_gradients_equal_one_image_at_a_time_autograd(k, lesion_weight, mode):
+    """Packed (image, mask) examples with per-example condition dropout, with and without the
+    lesion-weighted loss: still one exact gradient per image."""
     from meddiff.diffusion import SpatialConditioning, mask_to_condition
 
     torch.manual_seed(0)
@@ -235,12 +236,12 @@ def test_mask_conditioned_per_image_gradients_equal_one_image_at_a_time_autograd
     reference = tiny_unet(num_classes=2, cond_channels=2)
     reference.load_state_dict(model.state_dict())
     n = 6
-    masks = (torch.rand(n, 2, 16, 16) > 0.5).float()
+    masks = (torch.rand(n, 2, 16, 16) > torch.tensor([0.5, 0.9]).view(1, 2, 1, 1)).float()  # channel 1: sparse lesions
     x0, y = torch.cat([torch.randn(n, 1, 16, 16), mask_to_condition(masks)], dim=1), torch.arange(n) % 2
     private = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), DataLoader(TensorDataset(x0, y), batch_size=n),
                            noise_multiplier=0.0, max_grad_norm=1e6, noise_multiplicity=k, grad_sample_mode=mode)
     objective = SpatialConditioning(GaussianDiffusion(make_noise_schedule("cosine", 100), prediction_type="v"),
-                                    image_channels=1, cond_dropout=0.5)
+                                    image_channels=1, cond_dropout=0.5, lesion_weight=lesion_weight, lesion_dilation=1)
     x_in, _, _, _ = objective.training_inputs(x0, y=y, noise_multiplicity=k, generator=torch.Generator().manual_seed(6))
     dropped = (x_in[::k, 1:] == 0).flatten(1).all(1)
     assert 0 < int(dropped.sum()) < n  # both kinds of example are in the batch

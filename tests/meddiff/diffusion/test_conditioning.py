@@ -68,3 +68,68 @@ def test_bad_arguments_are_refused():
         _objective(1.5)
     with pytest.raises(ValueError, match="image \\+ condition"):
         _objective(0.0).training_losses(_model(), torch.randn(2, 1, 16, 16))
+
+
+def _lesion_objective(w, dilation=0):
+    return SpatialConditioning(GaussianDiffusion(make_noise_schedule("cosine", 100)), image_channels=1, cond_dropout=0.0,
+                               lesion_weight=w, lesion_dilation=dilation)
+
+
+def _lesion_masks():
+    masks = torch.zeros(4, 2, 16, 16)
+    masks[:, 0, 2:14, 2:14] = 1  # brain
+    masks[:, 1, 6:9, 6:9] = 1  # lesion
+    return masks
+
+
+class _Shift(torch.nn.Module):
+    """A dummy denoiser: the image channel of its input plus a fixed perturbation."""
+
+    def __init__(self, delta):
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, x, t):
+        return x[:, :1] + self.delta
+
+
+def _loss(objective, delta, x0):
+    return objective.training_losses(_Shift(delta), x0, noise_multiplicity=2, generator=torch.Generator().manual_seed(4))
+
+
+def test_lesion_weight_changes_the_loss_only_inside_the_dilated_mask():
+    x0, zero = _packed(_lesion_masks()), torch.zeros(1, 1, 16, 16)
+    outside, ring = zero.clone(), zero.clone()
+    outside[..., 0, 0] = 0.5  # far from the lesion (rows and columns 6..8)
+    ring[..., 5, 5] = 0.5  # in the lesion dilated by 1, not in the lesion itself
+
+    def change(w, dilation, delta):
+        objective = _lesion_objective(w, dilation)
+        return _loss(objective, delta, x0) - _loss(objective, zero, x0)
+
+    assert float(change(1.0, 1, outside).abs().min()) > 0
+    torch.testing.assert_close(change(5.0, 1, outside), change(1.0, 1, outside), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(change(5.0, 1, ring), 5.0 * change(1.0, 1, ring), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(change(5.0, 0, ring), change(1.0, 0, ring), rtol=1e-5, atol=1e-7)  # undilated
+
+
+def test_lesion_weight_one_reproduces_the_plain_loss_bit_for_bit():
+    model, x0 = _model(), _packed(_lesion_masks())
+    for p in (0.0, 0.5):
+        plain = _objective(p).training_losses(model, x0, noise_multiplicity=2, generator=torch.Generator().manual_seed(3))
+        weighted = SpatialConditioning(GaussianDiffusion(make_noise_schedule("cosine", 100)), image_channels=1, cond_dropout=p,
+                                       lesion_weight=1.0, lesion_dilation=3).training_losses(
+            model, x0, noise_multiplicity=2, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(plain, weighted)
+
+
+def test_a_dropped_condition_is_weighted_one_everywhere():
+    from meddiff.diffusion.conditioning import lesion_weight_map
+
+    cond = mask_to_condition(_lesion_masks())
+    cond[1] = 0  # the null condition
+    w = lesion_weight_map(cond, weight=5.0, dilation=1)
+    assert w.shape == (4, 1, 16, 16) and torch.equal(w[1], torch.ones(1, 16, 16))
+    assert int((w[0] == 5.0).sum()) == 25 and set(torch.unique(w[0]).tolist()) == {1.0, 5.0}  # 3x3 grown to 5x5
+    w3 = lesion_weight_map(torch.zeros(2, 4, 6, 6, 6).sub(1).index_fill(1, torch.tensor([2]), 1.0), weight=2.0)
+    assert w3.shape == (2, 1, 6, 6, 6) and torch.equal(w3, torch.full_like(w3, 2.0))  # 3-D, oedema channel

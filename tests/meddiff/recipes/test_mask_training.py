@@ -1,5 +1,5 @@
 """Mask-conditioned synthesis end to end: `meddiff train` on images packed with their masks (the
-mask_diffusion phase), then `meddiff sample` from given masks or the held-out mask bank."""
+mask_diffusion phase), then `meddiff sample` from given masks, the held-out mask bank or rule-placed tumours."""
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +13,7 @@ from meddiff.data import make_phantoms
 from meddiff.outputs import label_map, write_pairs
 from meddiff.recipes.build import build_unet
 from meddiff.recipes.centralized import train_centralized
-from meddiff.recipes.masks import load_masks, mask_bank
+from meddiff.recipes.masks import lesion_rule_masks, load_masks, mask_bank, masks_to_sample
 from meddiff.sampling.guidance import classifier_free_output
 from tests.conftest import tiny_config, tiny_unet
 
@@ -40,6 +40,9 @@ def test_train_on_masks_then_generate_one_image_per_mask(tmp_path, capsys):
     assert main(args + ["--num", "2", "--out", str(tmp_path / "bank")]) == 0  # no masks: the held-out bank
     bank = np.load(next((tmp_path / "bank").glob("*_pairs.npz")))
     assert np.array_equal(bank["masks"], mask_bank(cfg, 2).numpy().astype(np.uint8))
+    assert main(args + ["--num", "2", "--lesion-rules", "--lesion-radius", "1,2", "--out", str(tmp_path / "rules")]) == 0
+    rules = np.load(next((tmp_path / "rules").glob("*_pairs.npz")))
+    assert np.array_equal(rules["masks"], lesion_rule_masks(cfg, 2, radius=(1.0, 2.0)).numpy().astype(np.uint8))
     assert main(["sample", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--masks", str(tmp_path / "nope.txt")]) == 2
     assert "expected an .npz file" in capsys.readouterr().err
 
@@ -65,6 +68,29 @@ def test_given_masks_are_checked(tmp_path):
     for i in range(2):
         np.save(tmp_path / "dir" / f"m{i}.npy", np.ones((4, 16, 16), np.uint8) * i)
     assert torch.equal(load_masks(tmp_path / "dir", cfg)[:, 0, 0, 0], torch.tensor([0.0, 1.0]))
+
+
+def test_sampling_masks_come_from_the_bank_or_from_rules(tmp_path):
+    phantoms = tiny_config(extra=["model.cond_channels=4"])
+    assert torch.equal(masks_to_sample(phantoms, 3, seed=1), mask_bank(phantoms, 3, seed=1))
+    ruled = masks_to_sample(phantoms, 3, seed=1, rules=True, radius=(1.0, 2.0))
+    _, _, held_out = make_phantoms(3, 16, seed=phantoms.data.seed + 7919, lesion_fraction=0.0, start=3, masks=True)
+    assert ruled.shape == (3, 4, 16, 16) and torch.equal(ruled, lesion_rule_masks(phantoms, 3, seed=1, radius=(1.0, 2.0)))
+    assert np.array_equal(ruled[:, 0].numpy(), held_out[:, 0])  # in the held-out stream's brains
+    assert not ((ruled[:, 1:].amax(1) > 0) & (ruled[:, 0] == 0)).any()
+    volumes = tiny_config(extra=["model.cond_channels=4", "model.spatial_dims=3", "data.dataset=brats", "data.path=x"])
+    assert masks_to_sample(volumes, 2, seed=0).shape == (2, 4, 16, 16, 16)  # not phantoms: rules, in an ellipsoid
+    brain = np.zeros((32, 32, 32), np.uint8)
+    brain[4:28, 4:28, 4:28] = 1  # resized to the model's 16
+    np.save(tmp_path / "brain.npy", brain)
+    given = masks_to_sample(volumes, 2, brain_path=tmp_path / "brain.npy")
+    assert torch.equal(given[:, 0], torch.from_numpy(brain[None, ::2, ::2, ::2]).float().expand(2, -1, -1, -1))
+    with pytest.raises(ValueError, match="--brain-masks"):
+        masks_to_sample(volumes, 2, brain_path=tmp_path / "brain.png")
+    with pytest.raises(ValueError, match="model.cond_channels is 2"):
+        masks_to_sample(tiny_config(extra=["model.cond_channels=2"]), 2, rules=True)
+    with pytest.raises(SystemExit):
+        main(["sample", "--checkpoint", "x.pt", "--lesion-radius", "3"])
 
 
 def test_3d_pairs_are_nifti_with_one_affine(tmp_path):

@@ -102,6 +102,10 @@ def test_a_mask_conditioned_study_trains_mask_diffusion_on_packed_image_mask_pai
     model = MASK_DIFFUSION.build_model(cfg).eval()
     assert model.cond_channels == 4 and MASK_DIFFUSION.build_objective(cfg).cond_dropout == cfg.train.cond_dropout
     assert MASK_DIFFUSION.held_out_objective(cfg).cond_dropout == 0.0
+    weighted = tiny_config(extra=MASKS + ["train.lesion_weight=3", "train.lesion_dilation=1"])
+    objective = MASK_DIFFUSION.build_objective(weighted)
+    assert (objective.lesion_weight, objective.lesion_dilation) == (3.0, 1)
+    assert MASK_DIFFUSION.held_out_objective(weighted).lesion_weight == 1.0  # held-out losses stay comparable
     batch = torch.stack([data[i][0] for i in range(3)])
     losses = MASK_DIFFUSION.held_out_losses(model, MASK_DIFFUSION.held_out_objective(cfg), batch, torch.tensor([0, 1, 0]),
                                             torch.Generator().manual_seed(0), cfg)
