@@ -10,12 +10,16 @@ import torch
 
 from configs import config_to_dict
 from meddiff.checkpoint import save_checkpoint
+from meddiff.data.adapters import index_dataset
+from meddiff.data.masked import MaskedVolumeDataset
 from meddiff.cli import main
 from meddiff.data.phantoms import make_phantoms
 from meddiff.evaluate.segmentation import (SegmenterSettings, check_pairs, load_segmenter, region_dice, save_segmenter,
                                            segmentation_utility, train_segmenter)
 from meddiff.recipes.build import build_unet
+from meddiff.recipes.segmentation import real_mask_pairs
 from tests.conftest import tiny_config
+from tests.fixtures import make_brats
 
 STEPS = 150
 
@@ -160,3 +164,18 @@ def test_cli_generates_from_a_mask_conditioned_checkpoint(tmp_path, capsys):
     assert main(["evaluate", "--task", "segmentation", "--checkpoint", str(plain), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "model.cond_channels=0" in err and str(plain) in err
+
+
+def test_a_brats_folder_splits_into_training_and_held_out_patients(tmp_path):
+    make_brats(tmp_path / "brats", n_cases=5, sequences=("t1c",))
+    cfg = tiny_config(extra=["data.dataset=brats", f"data.path={tmp_path / 'brats'}", "model.cond_channels=4",
+                             "data.min_foreground=0.05"])
+    (train_x, train_m), (test_x, test_m) = real_mask_pairs(cfg, num_test=8, seed=0)
+    per_patient = len(MaskedVolumeDataset(index_dataset(cfg.data).records[:1], cfg.data).images)
+    assert len(test_x) == per_patient and len(train_x) == 4 * per_patient  # 1 of 5 patients held out, equal cases
+    assert train_x.shape[1:] == (1, 16, 16) and test_m.shape[1:] == train_m.shape[1:] == (4, 16, 16)
+    assert set(torch.unique(train_m).tolist()) <= {0.0, 1.0}
+    one = tiny_config(extra=["data.dataset=brats", f"data.path={tmp_path / 'one'}", "model.cond_channels=4"])
+    make_brats(tmp_path / "one", n_cases=1, sequences=("t1c",))
+    with pytest.raises(ValueError, match="at least 2 patients"):
+        real_mask_pairs(one, num_test=8)
