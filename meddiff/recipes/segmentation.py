@@ -137,8 +137,9 @@ def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic:
                           out_dir: Optional[str | Path] = None, data_path: Optional[str] = None, real_fraction: float = 1.0,
                           steps: int = 300, num_samples: int = 256, num_test: int = 256, segmenter: Optional[str] = None,
                           device: str = "auto", seed: int = 0, progress: bool = True) -> dict:
-    """Score synthetic pairs by segmentation utility; writes ``segmentation.json``, ``segmentation.md``
-    and the real-data segmenter (``segmenter_real.pt``, for mask fidelity) to ``out_dir``.
+    """Score synthetic pairs by segmentation utility; writes ``segmentation.json``, ``segmentation.md``,
+    the real-data segmenter (``segmenter_real.pt``, for mask fidelity) and, when it generates them,
+    the pairs (``generated_pairs.npz``, as ``meddiff sample --masks`` writes) to ``out_dir``.
 
     ``real_fraction`` of the real training pairs trains the real-only and real + synthetic arms;
     mask fidelity uses ``segmenter`` (a file from :func:`save_segmenter`) or one trained on all of
@@ -147,10 +148,14 @@ def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic:
     dev = resolve_device(device)
     cfg, model = _config_and_model(checkpoint, synthetic, data_path, dev)
     real_train, real_test = real_mask_pairs(cfg, num_test=num_test, seed=seed)
+    out = Path(out_dir) if out_dir else (Path(checkpoint).resolve().parent.parent / "eval" if checkpoint
+                                         else Path(synthetic).resolve().parent)
+    out.mkdir(parents=True, exist_ok=True)
     if synthetic is not None:
         syn = load_synthetic_npz(synthetic, real_masks=real_train[1])
-    else:
+    else:  # kept, so other settings (--real-fraction, --seg-steps) can rescore them with --synthetic
         syn = generated_pairs(model, cfg, real_masks=real_train[1], num=num_samples, device=dev, seed=seed, progress=progress)
+        np.savez_compressed(out / "generated_pairs.npz", images=syn[0].numpy(), masks=syn[1].numpy().astype(np.uint8))
     scarce = real_subset(real_train, real_fraction, seed)
     settings = SegmenterSettings(steps=steps, seed=seed)
     reference = None
@@ -164,9 +169,6 @@ def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic:
     report, segmenters = segmentation_utility(scarce, syn, real_test, settings=settings, channel_names=MASK_CHANNELS,
                                               reference=reference, device=dev)
     report["fidelity_segmenter"] = str(segmenter) if segmenter else "real (all training pairs)"
-    out = Path(out_dir) if out_dir else (Path(checkpoint).resolve().parent.parent / "eval" if checkpoint
-                                         else Path(synthetic).resolve().parent)
-    out.mkdir(parents=True, exist_ok=True)
     if segmenter is None:
         report["segmenter_file"] = str(save_segmenter(out / "segmenter_real.pt", reference or segmenters["real_only"]))
     report.update(checkpoint=str(checkpoint) if checkpoint else None, synthetic=str(synthetic) if synthetic else None,

@@ -138,6 +138,8 @@ def test_cli_scores_an_npz_of_pairs_and_names_bad_inputs(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and name in err, err
     assert main(["evaluate", "--task", "segmentation"]) == 2 and "--checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", "--synthetic", str(tmp_path / "pairs.npz")]) == 2  # the quality report needs a checkpoint
+    assert "--task quality" in capsys.readouterr().err
 
 
 def _checkpoint(tmp_path, extra):
@@ -155,6 +157,8 @@ def test_cli_generates_from_a_mask_conditioned_checkpoint(tmp_path, capsys):
     report = json.loads((tmp_path / "run" / "eval" / "segmentation.json").read_text())  # default: <run>/eval
     assert report["num_synthetic"] == 4 and report["num_real_train"] == 4 and report["num_real_available"] == 16
     assert report["mask_fidelity"]["whole_tumour"]["cases"] == 4  # the mask bank: a tumour in every mask
+    pairs = np.load(tmp_path / "run" / "eval" / "generated_pairs.npz")  # kept for rescoring with --synthetic
+    assert pairs["images"].shape == (4, 1, 16, 16) and pairs["masks"].shape == (4, 4, 16, 16)
     saved = report["segmenter_file"]
     assert main(args + ["--segmenter", saved, "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "segmentation.json").read_text())["fidelity_segmenter"] == saved
