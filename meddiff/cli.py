@@ -109,6 +109,10 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.task == "segmentation":
+        return _evaluate_segmentation(args)
+    if args.checkpoint is None or args.synthetic is not None:
+        raise ConfigError("--task quality scores a checkpoint: give --checkpoint (--synthetic is for --task segmentation)")
     # loaded on demand: the CLI parses arguments and answers --help without importing torch
     from meddiff.recipes.evaluation import evaluate_checkpoint
 
@@ -119,6 +123,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"[meddiff] FID {report['fid']:.3f}, precision {report['precision']:.3f}, recall {report['recall']:.3f}, "
           f"MIA AUC {report['membership_inference']['mia_auc']:.3f}, near-duplicates "
           f"{report['memorization']['near_duplicates']}; wrote {out / 'eval.md'}")
+    return 0
+
+
+def _evaluate_segmentation(args: argparse.Namespace) -> int:
+    # loaded on demand: the CLI parses arguments and answers --help without importing torch
+    from meddiff.recipes.segmentation import evaluate_segmentation, segmentation_table
+
+    report = evaluate_segmentation(checkpoint=args.checkpoint, synthetic=args.synthetic, out_dir=args.out, data_path=args.data,
+                                   real_fraction=args.real_fraction, steps=args.seg_steps, num_samples=args.num,
+                                   num_test=args.num_real_test, segmenter=args.segmenter, device=args.device, seed=args.seed,
+                                   progress=not args.no_progress)
+    print(segmentation_table(report))
+    print(f"[meddiff] wrote {Path(report['out_dir']) / 'segmentation.json'}")
     return 0
 
 
@@ -144,6 +161,31 @@ def _add_mask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--brain-masks", type=Path, default=None, metavar="NPY",
                    help="brain masks ([*S] or [B, *S] .npy) to place rule-made tumours in (default: the held-out "
                         "phantom brains, or random ellipses)")
+
+
+def _add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="quality, diversity, memorization and membership-inference report of a checkpoint, "
+                                        "or (--task segmentation) the segmentation utility of generated image+mask pairs")
+    p.add_argument("--task", choices=("quality", "segmentation"), default="quality",
+                   help="quality: FID, precision/recall, memorization, MIA; segmentation: Dice of segmenters trained on "
+                        "real, synthetic and real + synthetic pairs, and mask fidelity")
+    p.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint (segmentation: a mask-conditioned one)")
+    p.add_argument("--synthetic", type=Path, default=None, metavar="NPZ",
+                   help="segmentation: generated pairs (arrays 'images', 'masks', as `meddiff sample --masks` writes) "
+                        "instead of generating from --checkpoint")
+    p.add_argument("--real-fraction", type=float, default=1.0, help="segmentation: share of the real training pairs used")
+    p.add_argument("--seg-steps", type=int, default=300, help="segmentation: training steps of every segmenter")
+    p.add_argument("--num-real-test", type=int, default=256, help="segmentation: held-out real phantom pairs to test on (BraTS-layout data: 20%% of patients)")
+    p.add_argument("--segmenter", default=None, help="segmentation: a saved real-data segmenter for mask fidelity")
+    p.add_argument("--data", default=None, help="dataset file (default: the checkpoint's data.path)")
+    p.add_argument("--encoder", default="domain", help="domain | inception | pixels | random_projection")
+    p.add_argument("--encoder-weights", default=None, help="encoder file (domain: from train-encoder; inception: a local .pth)")
+    p.add_argument("--num", type=int, default=256, help="samples to generate")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval, or the --synthetic file's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
 
 def build_parser(extend=None) -> argparse.ArgumentParser:
@@ -174,17 +216,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("evaluate", help="quality, diversity, memorization and membership-inference report of a checkpoint")
-    p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--data", default=None, help="dataset file (default: the checkpoint's data.path)")
-    p.add_argument("--encoder", default="domain", help="domain | inception | pixels | random_projection")
-    p.add_argument("--encoder-weights", default=None, help="encoder file (domain: from train-encoder; inception: a local .pth)")
-    p.add_argument("--num", type=int, default=256, help="samples to generate")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
+    _add_evaluate_parser(sub)
 
     p = sub.add_parser("train-encoder", help="train the domain encoder (a small classifier) on a dataset's real images")
     _add_config_args(p)
