@@ -67,7 +67,13 @@ def check_conditioning(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"'train.lesion_weight' ({cfg.train.lesion_weight}) weights the loss inside the tumour mask of "
                               "a mask-conditioned model, but 'model.cond_channels' is 0: set model.cond_channels (e.g. 4) "
                               "or train.lesion_weight=1")
+        if cfg.train.anatomy_weight:
+            raise ConfigError(f"'train.anatomy_weight' ({cfg.train.anatomy_weight}) constrains a mask-conditioned model, but "
+                              "'model.cond_channels' is 0: set model.cond_channels (e.g. 4) or train.anatomy_weight=0")
         return
+    if cfg.train.anatomy_weight and not cfg.train.anatomy_segmenter:
+        raise ConfigError("'train.anatomy_weight' > 0 needs 'train.anatomy_segmenter': a segmenter file, e.g. the "
+                          "segmenter_real.pt that `meddiff evaluate --task segmentation` writes")
     if cfg.autoencoder.enabled:
         raise ConfigError("'model.cond_channels' > 0 conditions the pixel-space UNet on masks; the latent variant "
                           "(masks on the latent grid) does not exist yet: set autoencoder.enabled=false")

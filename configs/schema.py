@@ -101,6 +101,12 @@ class TrainConfig:
                               max=100.0)
     lesion_dilation: int = _f(0, help="pixels (voxels) by which the tumour mask grows before train.lesion_weight applies",
                               min=0, max=32)
+    anatomy_weight: float = _f(0.0, help="weight of the anatomy constraint: a frozen segmenter's soft Dice on the predicted "
+                               "x0 against the conditioning mask (model.cond_channels > 0); 0 = off", min=0.0, max=100.0)
+    anatomy_segmenter: str = _f("", help="the frozen segmenter of the anatomy constraint: a file of `meddiff evaluate --task "
+                                "segmentation` (segmenter_real.pt), one output per mask channel; never downloaded")
+    anatomy_max_t: int = _f(200, help="the anatomy constraint applies to timesteps t < anatomy_max_t (low noise, where "
+                            "the predicted x0 is an image)", min=1)
     num_workers: int = _f(0, help="DataLoader worker processes", min=0)
     log_every: int = _f(50, help="steps between metric rows", min=1)
     threads: int = _f(0, help="torch CPU threads; 0 keeps torch's default", min=0)

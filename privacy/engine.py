@@ -47,7 +47,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from meddiff.diffusion import GaussianDiffusion, row_mse
+from meddiff.diffusion import GaussianDiffusion
 from meddiff.train import train_step
 from privacy.clipping import ClipStats, install_unit_clipping
 from privacy.patients import PatientSampler, patient_batches
@@ -185,7 +185,7 @@ def per_image_gradients(
     """Per-image gradients of each image's loss (its mean over K draws), by ``vmap`` over images.
 
     The (t, noise) draws are those of ``diffusion.training_losses`` with the same generator, and
-    its per-pixel weights (``diffusion.loss_weights``, e.g. a lesion-weighted loss) are applied.
+    each row's loss is the objective's own (``diffusion.row_losses``: lesion weights, anatomy term).
     Shapes: ``x0 [N, C, *S]``, ``y [N]``; returns ``({name: [N, *param.shape]}, losses [N])``.
     """
     k, n = int(noise_multiplicity), x0.shape[0]
@@ -195,13 +195,13 @@ def per_image_gradients(
     if n == 0:
         return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}, x0.new_zeros(0)
 
-    def image_loss(p, x_t, t, target, extra):  # one image: its K rows (extra: its labels, loss weights)
+    def image_loss(p, x_t, t, target, extra):  # one image: its K rows (extra: its labels)
         y = extra.get("y")
         args = (x_t, t) if y is None else (x_t, t, y)
-        return row_mse(functional_call(module, (p, buffers), args), target, extra.get("weight")).mean()
+        return diffusion.row_losses(functional_call(module, (p, buffers), args), x_t, t, target).mean()
 
     group = lambda a: a.reshape(n, k, *a.shape[1:])  # noqa: E731
-    extra = {name: group(a) for name, a in (("y", y_rows), ("weight", diffusion.loss_weights(x_t))) if a is not None}
+    extra = {"y": group(y_rows)} if y_rows is not None else {}
     args = [params, group(x_t), group(t), group(target), extra]
     in_dims = (None,) + (0,) * (len(args) - 1)
     with sdpa_kernel(SDPBackend.MATH):  # composite attention math, which vmap batches (the fused CPU kernel it loops over)

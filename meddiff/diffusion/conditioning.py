@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from meddiff.diffusion.anatomy import AnatomyConstraint
 from meddiff.diffusion.gaussian import Denoiser, GaussianDiffusion, _gen_device, collapse_noise_multiplicity, row_mse
 
 
@@ -63,11 +64,13 @@ class SpatialConditioning:
         lesion_weight: ``w``, the weight of squared errors inside the (dilated) tumour mask; 1 = ``L_simple``.
         lesion_dilation: pixels (voxels) by which the tumour mask grows before weighting.
         lesion_channels: condition channels whose union is the tumour (see :func:`lesion_weight_map`).
+        anatomy: a frozen segmenter's Dice on the predicted ``x0`` against the condition, added to
+            each row's loss (:class:`~meddiff.diffusion.anatomy.AnatomyConstraint`); None = off.
     """
 
     def __init__(self, diffusion: GaussianDiffusion, *, image_channels: int, cond_dropout: float = 0.0,
                  lesion_weight: float = 1.0, lesion_dilation: int = 0,
-                 lesion_channels: Optional[tuple[int, ...]] = None):
+                 lesion_channels: Optional[tuple[int, ...]] = None, anatomy: Optional[AnatomyConstraint] = None):
         if not 0.0 <= cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
         if image_channels < 1:
@@ -76,7 +79,7 @@ class SpatialConditioning:
             raise ValueError(f"lesion_weight must be > 0 and lesion_dilation >= 0, got {lesion_weight} and {lesion_dilation}")
         self.diffusion, self.image_channels, self.cond_dropout = diffusion, image_channels, cond_dropout
         self.lesion_weight, self.lesion_dilation = float(lesion_weight), int(lesion_dilation)
-        self.lesion_channels = lesion_channels
+        self.lesion_channels, self.anatomy = lesion_channels, anatomy
 
     def split(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x0 [N, C_img + C_cond, *S] -> (image [N, C_img, *S], cond [N, C_cond, *S])``."""
@@ -112,7 +115,17 @@ class SpatialConditioning:
         packed; returns ``[N]`` float32."""
         x_in, t, y_rows, target = self.training_inputs(x0, y=y, noise_multiplicity=noise_multiplicity, generator=generator)
         out = model(x_in, t, y_rows) if y_rows is not None else model(x_in, t)
-        return collapse_noise_multiplicity(row_mse(out, target, self.loss_weights(x_in)), noise_multiplicity)
+        return collapse_noise_multiplicity(self.row_losses(out, x_in, t, target), noise_multiplicity)
+
+    def row_losses(self, out: torch.Tensor, x_in: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Each row's (lesion-weighted) MSE, plus the anatomy term (:class:`AnatomyConstraint`) when
+        there is one. ``out``, ``target``: ``[R, C_img, *S]``; ``x_in [R, C_img + C_cond, *S]``; ``[R]``."""
+        rows = row_mse(out, target, self.loss_weights(x_in))
+        if self.anatomy is None:
+            return rows
+        x_t, cond = x_in[:, :self.image_channels], x_in[:, self.image_channels:]
+        x0_hat, _ = self.diffusion.split_model_output(out, x_t, t)
+        return rows + self.anatomy.row_losses(x0_hat, cond, t)
 
     def loss_weights(self, x_in: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-pixel weights ``[R, 1, *S]`` of the regression from the rows' own (possibly dropped)

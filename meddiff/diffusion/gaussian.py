@@ -139,7 +139,7 @@ class GaussianDiffusion:
         """
         x_t, t, y_rows, target = self.training_inputs(x0, y=y, noise_multiplicity=noise_multiplicity, generator=generator)
         out = model(x_t, t, y_rows) if y_rows is not None else model(x_t, t)
-        return collapse_noise_multiplicity(row_mse(out, target), noise_multiplicity)
+        return collapse_noise_multiplicity(self.row_losses(out, x_t, t, target), noise_multiplicity)
 
     def training_inputs(
         self,
@@ -167,6 +167,11 @@ class GaussianDiffusion:
         """Per-pixel weights of the regression for the network input ``x_in`` of
         :meth:`training_inputs`: None, every pixel counts the same (``L_simple``)."""
         return None
+
+    def row_losses(self, out: torch.Tensor, x_in: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of each row ``[R]`` from the network output ``out``, its input ``x_in``, ``t [R]``
+        and the regression target (:meth:`training_inputs`): the (weighted) per-row MSE."""
+        return row_mse(out, target, self.loss_weights(x_in))
 
 
 def row_mse(out: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:

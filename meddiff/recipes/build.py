@@ -16,8 +16,9 @@ from meddiff.data import ArrayDataset, PackedMasks, PhantomDataset, read_medmnis
 from meddiff.data.adapters import index_dataset
 from meddiff.data.cache import MedicalDataset
 from meddiff.data.masked import MaskedVolumeDataset
-from meddiff.diffusion import GaussianDiffusion, SpatialConditioning, make_noise_schedule
+from meddiff.diffusion import AnatomyConstraint, GaussianDiffusion, SpatialConditioning, make_noise_schedule
 from meddiff.evaluate.encoders import load_domain_encoder
+from meddiff.evaluate.segmentation import load_segmenter
 from meddiff.nets import ADMUNet
 from meddiff.nets.autoencoder import AutoencoderObjective, KLAutoencoder
 from meddiff.nets.trainable import adapter_keys, select_trainable, trainable_summary, update_keys
@@ -161,13 +162,32 @@ def pack_masks(data: Dataset, cfg: ExperimentConfig) -> PackedMasks:
 
 
 def build_conditioned_diffusion(cfg: ExperimentConfig, *, cond_dropout: float | None = None,
-                                lesion_weighted: bool = True) -> SpatialConditioning:
+                                plain: bool = False) -> SpatialConditioning:
     """The denoising loss with the mask concatenated to ``x_t`` (``train.cond_dropout`` unless given),
-    weighted inside the tumour by ``train.lesion_weight`` unless ``lesion_weighted`` is false."""
-    p = cfg.train.cond_dropout if cond_dropout is None else cond_dropout
-    w = cfg.train.lesion_weight if lesion_weighted else 1.0
+    weighted inside the tumour by ``train.lesion_weight`` and with the anatomy constraint of
+    ``train.anatomy_weight``, unless ``plain`` (the held-out loss, comparable across settings)."""
+    t = cfg.train
+    p = t.cond_dropout if cond_dropout is None else cond_dropout
+    anatomy = build_anatomy_constraint(cfg) if t.anatomy_weight and not plain else None
     return SpatialConditioning(build_diffusion(cfg.diffusion), image_channels=cfg.model.in_channels, cond_dropout=p,
-                               lesion_weight=w, lesion_dilation=cfg.train.lesion_dilation)
+                               lesion_weight=1.0 if plain else t.lesion_weight, lesion_dilation=t.lesion_dilation,
+                               anatomy=anatomy)
+
+
+def build_anatomy_constraint(cfg: ExperimentConfig) -> AnatomyConstraint:
+    """The frozen segmenter of ``train.anatomy_segmenter`` as an anatomy constraint; a clear error
+    naming the field when it does not fit the model (mask channels, spatial dims)."""
+    t = cfg.train
+    try:
+        segmenter = load_segmenter(t.anatomy_segmenter)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"train.anatomy_segmenter: {exc}") from None
+    s = segmenter.settings
+    if s.out_channels != cfg.model.cond_channels or s.spatial_dims != cfg.model.spatial_dims:
+        raise ValueError(f"train.anatomy_segmenter {t.anatomy_segmenter}: a {s.spatial_dims}-D segmenter of "
+                         f"{s.out_channels} mask channels, but the model has model.spatial_dims={cfg.model.spatial_dims} "
+                         f"and model.cond_channels={cfg.model.cond_channels}")
+    return AnatomyConstraint(segmenter.model, weight=t.anatomy_weight, max_t=t.anatomy_max_t)
 
 
 def check_labels(dataset: Dataset, model_cfg: ModelConfig) -> None:

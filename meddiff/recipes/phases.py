@@ -170,7 +170,7 @@ class MaskDiffusionPhase(DiffusionPhase):
 
     def held_out_objective(self, cfg: ExperimentConfig):
         # held-out loss of the model given the mask, unweighted: comparable across train.lesion_weight
-        return build_conditioned_diffusion(cfg, cond_dropout=0.0, lesion_weighted=False)
+        return build_conditioned_diffusion(cfg, cond_dropout=0.0, plain=True)
 
     def training_data(self, cfg: ExperimentConfig):
         return build_masked_dataset(cfg)

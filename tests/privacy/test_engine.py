@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, make_noise_schedule, row_mse
+from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, make_noise_schedule
 from meddiff.train import train_loop
 from privacy.engine import make_private, per_image_gradients
 from privacy.per_sample import per_example_gradients
@@ -31,8 +31,8 @@ def _reference_per_image(reference, diffusion, x0, y, k, seed):
     x_t, t, y_rows, target = diffusion.training_inputs(x0, y=y, noise_multiplicity=k, generator=torch.Generator().manual_seed(seed))
     grads = []
     for i in range(len(x0)):
-        rows = slice(i * k, (i + 1) * k)  # the image's own rows, and its loss weights from them alone
-        loss = row_mse(reference(x_t[rows], t[rows], y_rows[rows]), target[rows], diffusion.loss_weights(x_t[rows])).mean()
+        rows = slice(i * k, (i + 1) * k)  # the image's own rows: its loss (weights, anatomy term) from them alone
+        loss = diffusion.row_losses(reference(x_t[rows], t[rows], y_rows[rows]), x_t[rows], t[rows], target[rows]).mean()
         grads.append(torch.autograd.grad(loss, list(reference.parameters())))
     return [torch.stack(g) for g in zip(*grads)]  # per parameter: [N, *shape]
 
@@ -222,11 +222,12 @@ def test_book_keeping_under_bf16_autocast_stays_close_to_fp32():
 
 
 @pytest.mark.parametrize("mode", ["hooks", "vmap", "bk"])
-@pytest.mark.parametrize("k, lesion_weight", [(1, 1.0), (3, 1.0), (3, 5.0)])
-def test_mask_conditioned_per_image_gradients_equal_one_image_at_a_time_autograd(k, lesion_weight, mode):
+@pytest.mark.parametrize("k, lesion_weight, anatomy", [(1, 1.0, False), (3, 1.0, False), (3, 5.0, False), (2, 1.0, True)])
+def test_mask_conditioned_per_image_gradients_equal_one_image_at_a_time_autograd(k, lesion_weight, anatomy, mode):
     """Packed (image, mask) examples with per-example condition dropout, with and without the
-    lesion-weighted loss: still one exact gradient per image."""
-    from meddiff.diffusion import SpatialConditioning, mask_to_condition
+    lesion-weighted loss and the anatomy constraint: still one exact gradient per image."""
+    from meddiff.diffusion import AnatomyConstraint, SpatialConditioning, mask_to_condition
+    from meddiff.evaluate.segmentation import SegmenterSettings, build_segmenter
 
     torch.manual_seed(0)
     model = tiny_unet(num_classes=2, cond_channels=2)
@@ -242,6 +243,9 @@ def test_mask_conditioned_per_image_gradients_equal_one_image_at_a_time_autograd
                            noise_multiplier=0.0, max_grad_norm=1e6, noise_multiplicity=k, grad_sample_mode=mode)
     objective = SpatialConditioning(GaussianDiffusion(make_noise_schedule("cosine", 100), prediction_type="v"),
                                     image_channels=1, cond_dropout=0.5, lesion_weight=lesion_weight, lesion_dilation=1)
+    if anatomy:  # a frozen segmenter on every row's predicted x0 (max_t = T: no row is exempt)
+        segmenter = build_segmenter(SegmenterSettings(out_channels=2, channels=(4, 8), strides=(2,), num_res_units=0))
+        objective.anatomy = AnatomyConstraint(segmenter, weight=2.0, max_t=100)
     x_in, _, _, _ = objective.training_inputs(x0, y=y, noise_multiplicity=k, generator=torch.Generator().manual_seed(6))
     dropped = (x_in[::k, 1:] == 0).flatten(1).all(1)
     assert 0 < int(dropped.sum()) < n  # both kinds of example are in the batch
