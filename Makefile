@@ -13,7 +13,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: run run-dp train-centralized test test-fast bench bench-dp-quality setup clean
+.PHONY: run run-dp train-centralized test test-fast bench bench-dp-quality bench-segmentation setup clean
 
 # uv installs the rest in seconds (pip's byte-compilation of Ray alone takes a minute); pip is the fallback.
 $(STAMP): pyproject.toml
@@ -55,6 +55,9 @@ bench: $(STAMP)
 # DP quality on real PneumoniaMNIST (../shared/data/pneumoniamnist.npz): 5 federated arms, about 25 min on 2 CPU cores.
 bench-dp-quality: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/dp_quality.py
+
+bench-segmentation: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/segmentation_utility.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -97,13 +97,20 @@ def save_encoder(path: str | Path, model: DomainCNN, *, image_size: int, dataset
     return path
 
 
-def load_domain_encoder(path: str | Path) -> tuple[DomainCNN, dict]:
+def read_model_file(path: str | Path, file_format: str, what: str, hint: str = "") -> dict:
+    """The dict saved in a project model file of ``file_format`` (``weights_only=True``: no code is
+    unpickled); a clear error naming the file when it is missing or of another kind."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"encoder file not found: {path} (train one with `meddiff evaluate train-encoder`)")
+        raise FileNotFoundError(f"{what} file not found: {path}{hint}")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
-        raise ValueError(f"{path}: not a meddiff encoder file (format {blob.get('format') if isinstance(blob, dict) else None!r})")
+    if not isinstance(blob, dict) or blob.get("format") != file_format:
+        raise ValueError(f"{path}: not a meddiff {what} file (format {blob.get('format') if isinstance(blob, dict) else None!r})")
+    return blob
+
+
+def load_domain_encoder(path: str | Path) -> tuple[DomainCNN, dict]:
+    blob = read_model_file(path, ENCODER_FORMAT, "encoder", " (train one with `meddiff evaluate train-encoder`)")
     model = DomainCNN(**blob["config"])
     model.load_state_dict(blob["state_dict"])
     return model.eval(), blob

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from meddiff.data.phantoms import MASK_CHANNELS
+from meddiff.evaluate.encoders import read_model_file
 
 SEGMENTER_FORMAT = "meddiff-segmenter-v1"
 #: Channels whose union is the whole tumour, and the BraTS tumour core (necrotic + enhancing).
@@ -223,12 +224,7 @@ def save_segmenter(path: str | Path, segmenter: Segmenter) -> Path:
 
 def load_segmenter(path: str | Path, *, device: str | torch.device = "cpu") -> Segmenter:
     """A frozen segmenter from :func:`save_segmenter`'s file (``weights_only=True``: no code is unpickled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"segmenter file not found: {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != SEGMENTER_FORMAT:
-        raise ValueError(f"{path}: not a meddiff segmenter file (format {blob.get('format') if isinstance(blob, dict) else None!r})")
+    blob = read_model_file(path, SEGMENTER_FORMAT, "segmenter")
     try:
         settings = SegmenterSettings.from_dict(blob["settings"])
         model = build_segmenter(settings)
