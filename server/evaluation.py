@@ -29,6 +29,13 @@ class Evaluation:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, run_dir: Path, say: Callable[[str], None]):
         self.grid, self.cfg, self.run_dir, self.say = grid, cfg, run_dir, say
         self.codec: Optional[LatentCodec] = None
+        self._masks: dict[int, Optional[torch.Tensor]] = {}  # the same study masks every round, built once
+
+    def masks(self, num: int) -> Optional[torch.Tensor]:
+        """``num`` masks to draw samples from (:func:`study_masks`), or None."""
+        if num not in self._masks:
+            self._masks[num] = study_masks(self.cfg, num)
+        return self._masks[num]
 
     def held_out(self, strategy, rnd: int, global_state, round_config: RoundConfig, *,
                  with_fid: bool) -> tuple[list[dict], dict]:
@@ -51,7 +58,7 @@ class Evaluation:
         ev = self.cfg.evaluation
         ema.copy_to(model)
         samples = sample_images(model, self.cfg, num=ev.num_samples, device=torch.device("cpu"), seed=self.cfg.train.seed + 1,
-                                progress=False, codec=self.codec, masks=study_masks(self.cfg, ev.num_samples))
+                                progress=False, codec=self.codec, masks=self.masks(ev.num_samples))
         features = build_encoder(ev.encoder, ev.encoder_weights or None).encode(samples)
         result = federated_fid(features, site_stats)
         self.say(f"federated FID ({ev.encoder}) {result['fid_global']:.3f}; per site: "
@@ -63,7 +70,7 @@ class Evaluation:
         ema.copy_to(model)
         num = self.cfg.output.num_samples
         samples = sample_images(model, self.cfg, num=num, device=torch.device("cpu"), seed=self.cfg.train.seed,
-                                progress=False, codec=self.codec, masks=study_masks(self.cfg, num))
+                                progress=False, codec=self.codec, masks=self.masks(num))
         write_samples(samples, self.run_dir / "samples", stem, spacing=sample_spacing(self.cfg))
         return samples
 

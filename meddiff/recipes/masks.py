@@ -119,8 +119,6 @@ def study_masks(cfg: ExperimentConfig, num: int) -> torch.Tensor | None:
     from the held-out phantom bank, rule-placed tumours for other 4-channel data, or None (the
     null condition: the model's unconditional samples) for other channel layouts and for a model
     without mask conditioning."""
-    if not cfg.model.cond_channels:
+    if not cfg.model.cond_channels or (cfg.data.dataset != "phantoms" and cfg.model.cond_channels != 4):
         return None
-    if cfg.data.dataset == "phantoms":
-        return mask_bank(cfg, num)
-    return lesion_rule_masks(cfg, num) if cfg.model.cond_channels == 4 else None
+    return masks_to_sample(cfg, num)

@@ -176,17 +176,19 @@ def _manifest_data(manifest: dict[str, Any], samples: list[dict], cfg: Experimen
     for r in records:
         if r.kind != "npz" and content_digest(r) != wanted[r.sample_id]:
             raise ValueError(f"{r.files[0]}: content changed since the split (sample {r.sample_id}); re-run `meddiff data split`")
-    return records_dataset(records, cfg, train=train, packed=False)
+    return _records_data(records, d, cfg, train=train)
 
 
-def records_dataset(records: list, cfg: ExperimentConfig, *, train: bool, data_cfg=None, packed: bool = True) -> Dataset:
+def _records_data(records: list, data_cfg, cfg: ExperimentConfig, *, train: bool) -> Dataset:
+    """Records as images, or for a mask-conditioned study as (image, label, mask) triples."""
+    dataset = MaskedVolumeDataset if _with_masks(cfg) else MedicalDataset
+    return dataset(records, data_cfg, spatial_dims=cfg.model.spatial_dims, train=train)
+
+
+def records_dataset(records: list, cfg: ExperimentConfig, *, train: bool, data_cfg=None) -> Dataset:
     """A site's records (``data_cfg``, default ``cfg.data``) as the study's examples: images, or
-    for a mask-conditioned study (image, label, mask) triples, ``packed`` for the denoiser."""
-    d, dims = data_cfg or cfg.data, cfg.model.spatial_dims
-    if not _with_masks(cfg):
-        return MedicalDataset(records, d, spatial_dims=dims, train=train)
-    data = MaskedVolumeDataset(records, d, spatial_dims=dims, train=train)
-    return pack_masks(data, cfg) if packed else data
+    for a mask-conditioned study images packed with their masks."""
+    return _examples(_records_data(records, data_cfg or cfg.data, cfg, train=train), cfg)
 
 
 def phantom_site_plan(site: int, num_sites: int, cfg: ExperimentConfig) -> dict[str, Any]:
