@@ -24,8 +24,8 @@ from meddiff.data.adapters import index_dataset
 from meddiff.data.masked import MaskedVolumeDataset
 from meddiff.data.phantoms import MASK_CHANNELS, PhantomDataset, make_phantoms
 from meddiff.device import resolve_device
-from meddiff.evaluate.segmentation import (SegmenterSettings, load_segmenter, save_segmenter, segmentation_utility,
-                                           train_segmenter)
+from meddiff.evaluate.segmentation import (SegmenterSettings, load_segmenter, region_channels, save_segmenter,
+                                           segmentation_utility, train_segmenter)
 from meddiff.recipes.masks import HELD_OUT_SEED_OFFSET, mask_bank
 from meddiff.recipes.restore import model_from_checkpoint
 from meddiff.recipes.sample import sample_images
@@ -92,14 +92,26 @@ def load_synthetic_npz(path: str | Path, *, real_masks: torch.Tensor) -> Pairs:
 def generated_pairs(model, cfg: ExperimentConfig, *, real_masks: torch.Tensor, num: int, device, seed: int,
                     progress: bool, batch: int = 64) -> Pairs:
     """One generated image per mask: ``num`` masks of the held-out phantom bank, or for other data
-    the real training masks (``real_masks``) in order, cycled; generated ``batch`` at a time."""
+    the real training masks (``real_masks``, tumour-bearing ones first: :func:`tumours_first`),
+    cycled; generated ``batch`` at a time."""
     if cfg.data.dataset == "phantoms":
         masks = mask_bank(cfg, num, seed=seed)
     else:
-        masks = real_masks[torch.arange(num) % len(real_masks)]
+        ordered = tumours_first(real_masks, seed)
+        masks = ordered[torch.arange(num) % len(ordered)]
     images = [sample_images(model, cfg, num=len(chunk), device=device, seed=seed + i, progress=progress,
                             masks=chunk).cpu() for i, chunk in enumerate(masks.split(batch))]
     return torch.cat(images).clamp(-1.0, 1.0), masks
+
+
+def tumours_first(masks: torch.Tensor, seed: int) -> torch.Tensor:
+    """``masks [N, K, *S]`` in a seeded random order with every mask that holds tumour before the
+    tumour-free ones (slices above and below a tumour), so a few hundred generated pairs are
+    mostly lesion examples, the ones augmentation is for."""
+    order = torch.randperm(len(masks), generator=torch.Generator().manual_seed(seed))
+    tumour = list(region_channels(MASK_CHANNELS)["whole_tumour"])
+    has_tumour = masks[order][:, tumour].flatten(1).any(1)
+    return masks[order[torch.argsort((~has_tumour).to(torch.uint8), stable=True)]]
 
 
 def real_subset(pairs: Pairs, fraction: float, seed: int) -> Pairs:

@@ -183,3 +183,17 @@ def test_a_brats_folder_splits_into_training_and_held_out_patients(tmp_path):
     make_brats(tmp_path / "one", n_cases=1, sequences=("t1c",))
     with pytest.raises(ValueError, match="at least 2 patients"):
         real_mask_pairs(one, num_test=8)
+
+
+def test_generation_masks_put_tumour_bearing_masks_first_in_a_seeded_order():
+    from meddiff.recipes.segmentation import tumours_first
+
+    masks = torch.zeros(6, 4, 8, 8)
+    masks[:, 0, 2:6, 2:6] = 1  # every mask has brain
+    masks[[1, 4], 2, 3:5, 3:5] = 1  # oedema in two
+    masks[3, 3, 4, 4] = 1  # enhancing in one
+    ordered = tumours_first(masks, seed=0)
+    assert ordered.shape == masks.shape
+    assert ordered[:3, 1:].flatten(1).any(1).all() and not ordered[3:, 1:].any()
+    assert torch.equal(ordered, tumours_first(masks, seed=0))
+    assert sorted(m.sum().item() for m in ordered) == sorted(m.sum().item() for m in masks)
