@@ -32,8 +32,9 @@ def cmd_data_from_template(args: argparse.Namespace) -> int:
     from meddiff.data.template import write_template_cohort
 
     cases = write_template_cohort(args.template, args.out, num_patients=args.num_patients, spacing=args.spacing,
-                                  lesion_fraction=args.lesion_fraction, seed=args.seed)
-    print(f"[meddiff] wrote {len(cases)} pseudo-patients (BraTS layout, t1n/t1c/seg at {args.spacing:g} mm) to {args.out}")
+                                  lesion_fraction=args.lesion_fraction, seed=args.seed, t2w=args.t2w)
+    files = "t1n/t1c/t2w/seg" if args.t2w else "t1n/t1c/seg"
+    print(f"[meddiff] wrote {len(cases)} pseudo-patients (BraTS layout, {files} at {args.spacing:g} mm) to {args.out}")
     print(f"[meddiff] train on them with: data.dataset=brats data.path={args.out}")
     return 0
 
@@ -98,6 +99,8 @@ def _extend(sub) -> None:
     p.add_argument("--spacing", type=float, default=2.0, help="voxel size of the written volumes in mm")
     p.add_argument("--lesion-fraction", type=float, default=0.5, help="share of patients with a synthetic tumour")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--t2w", action="store_true",
+                   help="also write a T2-like sequence (-t2w.nii.gz, same grid) from a 3-class k-means of the T1")
     p.set_defaults(func=cmd_data_from_template)
 
     privacy = sub.add_parser("privacy", help="privacy tools")

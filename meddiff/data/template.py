@@ -6,7 +6,8 @@ gamma and gain, and, for a share of the cohort, a synthetic tumour (enhancing ri
 surrounding oedema) with its segmentation. The cohort is written as
 ``BraTS-GLI-xxxxx-000/BraTS-GLI-xxxxx-000-{t1n,t1c,seg}.nii.gz`` at the requested spacing with a
 RAS affine, so the real BraTS adapter, resampling, patient-level splits and per-site scanner shift
-all apply to it unchanged.
+all apply to it unchanged. Optionally a second sequence, ``-t2w.nii.gz``, is derived from tissue
+classes of the T1 (:func:`t2_from_t1`), giving T1/T2 pairs on one grid for translation.
 
 Hand-written because no library makes a labelled multi-subject cohort out of a single template;
 it lets 3-D latent diffusion be developed and tested on real brain anatomy without a data
@@ -23,6 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
+from meddiff.data.phantom_anatomy import CONTRASTS
 from meddiff.data.readers import Volume, read_nifti
 
 
@@ -60,8 +62,9 @@ def output_grid(template: Volume, spacing: float) -> tuple[tuple[int, int, int],
 
 
 def pseudo_patient(template: Volume, *, spacing: float, seed: int, lesion: bool,
-                   variation: Variation = Variation()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One pseudo-patient: ``(t1n [X, Y, Z], t1c [X, Y, Z], seg [X, Y, Z] uint8, affine [4, 4])``.
+                   variation: Variation = Variation(), t2w: bool = False) -> tuple[np.ndarray, ...]:
+    """One pseudo-patient: ``(t1n [X, Y, Z], t1c [X, Y, Z], seg [X, Y, Z] uint8, affine [4, 4])``,
+    and with ``t2w`` a T2-like ``t2w [X, Y, Z]`` last (:func:`t2_from_t1`; the others unchanged).
 
     Intensities keep the template's range; ``seg`` is 1 (necrotic core), 2 (oedema) and 3
     (enhancing rim), BraTS's labels, and all 0 without a lesion.
@@ -89,11 +92,49 @@ def pseudo_patient(template: Volume, *, spacing: float, seed: int, lesion: bool,
     norm = np.clip(image / peak, 0.0, None)
     norm = norm ** (1.0 + rng.uniform(-v.gamma, v.gamma)) * (1.0 + rng.uniform(-v.gain, v.gain))
     t1n = (norm * peak).astype(np.float32)
+    t2 = t2_from_t1(t1n, peak) if t2w else None  # from the healthy anatomy; draws nothing from rng
     t1c = t1n.copy()
     seg = np.zeros(shape, np.uint8)
     if lesion:
         t1n, t1c, seg = _add_tumour(t1n, t1c, seg, rng, spacing=spacing, peak=peak)
-    return t1n, t1c, seg, out_affine
+    if t2 is None:
+        return t1n, t1c, seg, out_affine
+    return t1n, t1c, seg, out_affine, _t2_tumour(t2, seg, peak)
+
+
+def t2_from_t1(t1: np.ndarray, peak: float) -> np.ndarray:
+    """A T2-like volume ``[X, Y, Z]`` float32 (``peak`` = the T1's bright end) from tissue classes
+    of a skull-stripped brain T1 such as the MNI152 template.
+
+    The brain (T1 above 0.2 * peak) is split into three intensity classes by 1-D k-means (scipy
+    ``kmeans2``, deterministic start at the 15th/50th/85th percentiles): CSF < grey < white matter on
+    T1. Each class takes the phantoms' T2 intensity (:data:`meddiff.data.phantom_anatomy.CONTRASTS`:
+    CSF bright, grey above white matter) times ``peak``; a voxel between two class centres (partial
+    volume) mixes their T2 values linearly, one darker than the CSF centre is CSF down to 0.1 * peak
+    and fades to the background below that (the brain's outer fringe).
+    """
+    from scipy.cluster.vq import kmeans2
+
+    brain = t1[t1 > 0.2 * peak].astype(np.float64)
+    if brain.size < 3:
+        return np.zeros_like(t1, dtype=np.float32)
+    start = np.percentile(brain, [15, 50, 85])[:, None]
+    centres, _ = kmeans2(brain[:, None], start, minit="matrix", iter=30)
+    centres = np.sort(centres.ravel()) + np.arange(3) * 1e-6  # strictly increasing, as np.interp needs
+    t2 = CONTRASTS["t2"].tissue
+    anchors = [0.0, t2["csf"] * peak, t2["csf"] * peak, t2["gm"] * peak, t2["wm"] * peak]
+    return np.interp(t1, np.concatenate([[0.0, 0.1 * peak], centres]), anchors).astype(np.float32)
+
+
+def _t2_tumour(t2: np.ndarray, seg: np.ndarray, peak: float) -> np.ndarray:
+    """Paint BraTS labels on a T2-like volume as the phantoms' T2 contrast does: bright oedema (2)
+    over its tissue, an intermediate enhancing rim (3), a bright fluid necrotic core (1)."""
+    c = CONTRASTS["t2"]
+    oedema = seg == 2
+    t2[oedema] = t2[oedema] * c.oedema[0] + c.oedema[1] * peak
+    t2[seg == 3] = c.enhancing * peak
+    t2[seg == 1] = c.necrotic * peak
+    return t2
 
 
 def _add_tumour(t1n, t1c, seg, rng, *, spacing: float, peak: float):
@@ -120,8 +161,10 @@ def _add_tumour(t1n, t1c, seg, rng, *, spacing: float, peak: float):
 
 
 def write_template_cohort(template_path: str | Path, out_dir: str | Path, *, num_patients: int, spacing: float = 2.0,
-                          lesion_fraction: float = 0.5, seed: int = 0, variation: Variation = Variation()) -> list[Path]:
-    """Write ``num_patients`` pseudo-patients of ``template_path`` in BraTS layout; returns the case folders."""
+                          lesion_fraction: float = 0.5, seed: int = 0, variation: Variation = Variation(),
+                          t2w: bool = False) -> list[Path]:
+    """Write ``num_patients`` pseudo-patients of ``template_path`` in BraTS layout (``t1n``, ``t1c``,
+    ``seg``, and with ``t2w`` the T2-like ``t2w`` on the same grid and affine); returns the case folders."""
     import nibabel as nib
 
     if num_patients < 1:
@@ -134,11 +177,11 @@ def write_template_cohort(template_path: str | Path, out_dir: str | Path, *, num
     out_dir = Path(out_dir)
     cases = []
     lesions = np.random.default_rng([seed, 7]).random(num_patients) < lesion_fraction
-    for i, (t1n, t1c, seg, affine) in enumerate(_cohort(template, num_patients, spacing, lesions, seed, variation)):
+    for i, (t1n, t1c, seg, affine, *t2) in enumerate(_cohort(template, num_patients, spacing, lesions, seed, variation, t2w)):
         name = f"BraTS-GLI-{i:05d}-000"
         case = out_dir / name
         case.mkdir(parents=True, exist_ok=True)
-        for suffix, arr in (("t1n", t1n), ("t1c", t1c), ("seg", seg)):
+        for suffix, arr in (("t1n", t1n), ("t1c", t1c), ("seg", seg), *(("t2w", a) for a in t2)):
             img = nib.Nifti1Image(arr, affine)
             img.header.set_xyzt_units("mm")
             nib.save(img, str(case / f"{name}-{suffix}.nii.gz"))
@@ -146,6 +189,8 @@ def write_template_cohort(template_path: str | Path, out_dir: str | Path, *, num
     return cases
 
 
-def _cohort(template: Volume, n: int, spacing: float, lesions: np.ndarray, seed: int, variation: Variation) -> Iterator:
+def _cohort(template: Volume, n: int, spacing: float, lesions: np.ndarray, seed: int, variation: Variation,
+            t2w: bool) -> Iterator:
     for i in range(n):
-        yield pseudo_patient(template, spacing=spacing, seed=seed * 100_003 + i, lesion=bool(lesions[i]), variation=variation)
+        yield pseudo_patient(template, spacing=spacing, seed=seed * 100_003 + i, lesion=bool(lesions[i]),
+                             variation=variation, t2w=t2w)

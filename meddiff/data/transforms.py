@@ -48,6 +48,13 @@ def window_by_name(x, name: str):
     return hu_window(x, center=center, width=width)
 
 
+def hu_display(x: np.ndarray | torch.Tensor, window: str = "brain"):
+    """A CT image in HU as a display image in [0, 1] through a preset window of :data:`HU_WINDOWS`
+    (``brain`` = center 40, width 80 HU: CSF dark, grey matter brighter than white, bone white).
+    For viewing only; CT images and their metrics stay in HU."""
+    return (window_by_name(x, window) + 1.0) / 2.0
+
+
 def percentile_normalise(x, *, lower: float = 0.5, upper: float = 99.5):
     """MRI intensities: map the ``[lower, upper]`` percentiles to [-1, 1] and clip (MONAI)."""
     from monai.transforms import ScaleIntensityRangePercentiles
@@ -212,17 +219,22 @@ def fit_mask_to_size(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(t).astype(mask.dtype)
 
 
-def paired_train_augmentation(spatial_dims: int = 2):
-    """:func:`train_augmentation` applied identically to an image and its mask (MONAI dictionary
-    transforms on keys ``image`` and ``mask`` share one random draw): the image is interpolated
-    bilinearly, the mask by nearest neighbour with zero (background) padding."""
+def paired_train_augmentation(spatial_dims: int = 2, *, image_keys: Sequence[str] = ("image",),
+                              mask_keys: Sequence[str] = ("mask",)):
+    """:func:`train_augmentation` applied identically to images and masks (MONAI dictionary
+    transforms share one random draw across their keys), e.g. a source image, its translation
+    target (``image_keys=("image", "target")``) and their mask: images are interpolated bilinearly
+    with border padding (so a CT's air stays air), masks by nearest neighbour with zero (background)
+    padding."""
     from monai.transforms import Compose, RandAffined, RandFlipd
 
-    keys = ("image", "mask")
+    keys = tuple(image_keys) + tuple(mask_keys)
     return Compose([
         RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
         RandAffined(keys=keys, prob=0.5, rotate_range=(0.1,) * (1 if spatial_dims == 2 else 3),
-                    scale_range=(0.05,) * spatial_dims, padding_mode=("border", "zeros"), mode=("bilinear", "nearest")),
+                    scale_range=(0.05,) * spatial_dims,
+                    padding_mode=("border",) * len(image_keys) + ("zeros",) * len(mask_keys),
+                    mode=("bilinear",) * len(image_keys) + ("nearest",) * len(mask_keys)),
     ])
 
 

@@ -1,5 +1,7 @@
 """3-D volumes: crop/pad at a target spacing and pseudo-patient cohorts from a template NIfTI."""
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -80,3 +82,41 @@ def test_grids_show_volumes_by_their_middle_axial_slice_anterior_up():
     grid = image_grid(vol, pad=0)
     assert grid.shape == (6, 4)  # Y up the page, X across
     assert np.argwhere(grid == 255).tolist() == [[0, 1]]  # anterior at the top
+
+
+def _t1_and_t2(case):
+    t1, t2 = (nib.load(case / f"{case.name}-{s}.nii.gz") for s in ("t1n", "t2w"))
+    return t1, t2
+
+
+def test_template_cohort_writes_a_t2w_sequence_on_the_t1_grid_when_asked(tmp_path):
+    img, _ = head_volume(shape=(40, 48, 36), seed=0, lesion=False)
+    template = write_nifti(tmp_path / "template.nii.gz", img, spacing=(2.0, 2.0, 2.0))
+    plain = write_template_cohort(template, tmp_path / "plain", num_patients=2, spacing=4.0, lesion_fraction=1.0, seed=3)
+    cases = write_template_cohort(template, tmp_path / "cohort", num_patients=2, spacing=4.0, lesion_fraction=1.0,
+                                  seed=3, t2w=True)
+    assert not (plain[0] / f"{plain[0].name}-t2w.nii.gz").exists()
+    for case, before in zip(cases, plain):
+        t1, t2 = _t1_and_t2(case)
+        assert t2.shape == t1.shape and np.array_equal(t2.affine, t1.affine)
+        for s in ("t1n", "t1c", "seg"):  # asking for t2w changes none of the other files
+            same = [nib.load(c / f"{c.name}-{s}.nii.gz").get_fdata() for c in (case, before)]
+            assert np.array_equal(*same)
+    # the BraTS adapter finds the second sequence by its BraTS name
+    cfg = load_config(None, ["data.dataset=brats", f"data.path={tmp_path / 'cohort'}", "data.sequence=t2w"]).data
+    assert [Path(r.files[0]).name for r in index_dataset(cfg).records] == [f"{c.name}-t2w.nii.gz" for c in cases]
+
+
+def test_mni152_cohort_t2w_has_the_t1_affine_and_shape_and_inverted_contrast(tmp_path):
+    template = shared_file("mni152_t1_1mm.nii.gz")  # skips, naming the path, when ../shared/data is absent
+    case = write_template_cohort(template, tmp_path / "mni", num_patients=1, spacing=6.0, lesion_fraction=1.0, seed=0,
+                                 t2w=True)[0]
+    t1, t2 = _t1_and_t2(case)
+    assert t2.shape == t1.shape == (34, 40, 33) and np.array_equal(t2.affine, t1.affine)
+    a, b = t1.get_fdata(), t2.get_fdata()
+    seg = nib.load(case / f"{case.name}-seg.nii.gz").get_fdata()
+    peak = np.percentile(a, 99.5)
+    brain = (seg == 0) & (a > 0.2 * peak)
+    assert np.corrcoef(a[brain], b[brain])[0, 1] < -0.5  # bright T1 white matter is dark on T2, dark CSF bright
+    assert b[seg == 2].mean() > b[brain].mean() and b[seg == 1].mean() > b[brain].mean()  # bright oedema and core
+    assert (b[a == 0] == 0).all()  # outside the head stays background
