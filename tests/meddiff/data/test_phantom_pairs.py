@@ -1,6 +1,6 @@
 """Paired phantoms: one anatomy in T1, T2 and CT, aligned pixel for pixel, with T1 unchanged."""
 
-import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +14,13 @@ from meddiff.data.transforms import hu_display, paired_train_augmentation
 CSF, BONE, WM, GM = (TISSUES.index(t) for t in ("csf", "bone", "wm", "gm"))
 
 
-def test_t1_phantoms_are_bit_identical_to_before_the_label_map():
-    # sha256 of make_phantoms(16, 32, seed=0, masks=True) taken before the anatomy became a label map
-    images, labels, masks = make_phantoms(16, 32, seed=0, masks=True)
-    assert hashlib.sha256(images.tobytes()).hexdigest() == "de6b0cb609150345f4c4c027ae8263c34d90cf5466761e715c75ac2cc69bf481"
-    assert hashlib.sha256(masks.tobytes()).hexdigest() == "74239c5778f20de123480bb20ec33bf1786c98198d663864d96d03b6159a5f8f"
-    assert labels.tolist() == [0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0]
+def test_t1_phantoms_match_the_reference_drawn_before_the_label_map():
+    # make_phantoms(8, 32, seed=0, masks=True) saved before the anatomy became a label map; a
+    # tolerance, not bytes, so another CPU's last-bit rounding cannot fail it
+    with np.load(Path(__file__).with_name("t1_phantoms_reference.npz")) as ref:
+        images, labels, masks = make_phantoms(8, 32, seed=0, masks=True)
+        np.testing.assert_allclose(images, ref["images"], rtol=0, atol=1e-5)
+        assert np.array_equal(labels, ref["labels"]) and np.array_equal(masks, ref["masks"])
 
 
 @pytest.mark.parametrize("target", ["t2", "ct"])
