@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=60)
     ap.add_argument("--epsilon", type=float, default=10.0)
     ap.add_argument("--samples", type=int, default=256, help="generated pairs per arm")
-    ap.add_argument("--seg-steps", type=int, default=300, help="steps of every segmenter")
+    ap.add_argument("--seg-steps", type=int, default=1000, help="steps of every segmenter")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "segmentation_utility")
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()

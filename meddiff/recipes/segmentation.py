@@ -147,7 +147,7 @@ def _config_and_model(checkpoint, synthetic, data_path, device):
 
 def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic: Optional[str | Path] = None,
                           out_dir: Optional[str | Path] = None, data_path: Optional[str] = None, real_fraction: float = 1.0,
-                          steps: int = 300, num_samples: int = 256, num_test: int = 256, segmenter: Optional[str] = None,
+                          steps: int = 1000, num_samples: int = 256, num_test: int = 256, segmenter: Optional[str] = None,
                           device: str = "auto", seed: int = 0, progress: bool = True) -> dict:
     """Score synthetic pairs by segmentation utility; writes ``segmentation.json``, ``segmentation.md``,
     the real-data segmenter (``segmenter_real.pt``, for mask fidelity) and, when it generates them,
