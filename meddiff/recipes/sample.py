@@ -24,6 +24,8 @@ def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: 
     decodes them into images. For a mask-conditioned model (``model.cond_channels``), ``masks``
     ``[num, K, *S]`` in {0, 1} give one image per mask (None: the null condition, unconditional);
     a latent denoiser sees them area-pooled to its grid (:func:`~meddiff.diffusion.condition_on_grid`).
+    Without ``y``, a class-conditional model samples the classes in turn, or with ``masks`` the
+    null label (the mask alone conditions; Ho & Salimans 2022: the label dropped as in training).
     """
     if cfg.autoencoder.enabled and codec is None:
         raise ValueError("a latent-diffusion model samples latents: pass the autoencoder (codec) to decode them")
@@ -37,7 +39,9 @@ def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: 
         raise ValueError(f"masks of shape {tuple(masks.shape)} do not fit {num} samples of a model with "
                          f"model.cond_channels={cfg.model.cond_channels} at data.image_size={cfg.data.image_size}")
     if y is None and cfg.model.num_classes:
-        y = torch.arange(num) % cfg.model.num_classes
+        # with masks, the null label (index num_classes): the mask says whether there is a tumour, and an alternating
+        # label would contradict it (a "healthy" label with a tumour mask) for half the images
+        y = torch.full((num,), cfg.model.num_classes) if masks is not None else torch.arange(num) % cfg.model.num_classes
     shape = sample_shape(cfg, num)
     cond = None if masks is None else condition_on_grid(mask_to_condition(masks), shape[2:])
     out = generate(

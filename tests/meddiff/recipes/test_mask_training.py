@@ -13,6 +13,7 @@ from meddiff.data import make_phantoms
 from meddiff.outputs import label_map, write_pairs
 from meddiff.recipes.build import build_unet
 from meddiff.recipes.centralized import train_centralized
+from meddiff.recipes.sample import sample_images
 from meddiff.recipes.masks import lesion_rule_masks, load_masks, mask_bank, masks_to_sample
 from meddiff.sampling.guidance import classifier_free_output
 from tests.conftest import tiny_config, tiny_unet
@@ -113,3 +114,18 @@ def test_guidance_on_masks_mixes_the_conditional_and_null_mask_outputs():
         torch.testing.assert_close(guided, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(classifier_free_output(model, x, t, None, guidance_scale=1.0, null_label=0, cond=cond), c)
         torch.testing.assert_close(classifier_free_output(model, x, t, None, guidance_scale=0.0, null_label=0, cond=cond), u)
+
+
+def test_a_class_conditional_mask_model_samples_masks_with_the_null_label():
+    """The mask says whether there is a tumour; alternating labels would call half the tumour masks healthy."""
+    cfg = tiny_config(extra=["model.cond_channels=4", "model.num_classes=2"])
+    torch.manual_seed(0)
+    model = build_unet(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    masks = mask_bank(cfg, 4)
+    draw = lambda **kw: sample_images(model, cfg, num=4, device=torch.device("cpu"), masks=masks, progress=False, **kw)
+    default, null, alternating = draw(), draw(y=torch.full((4,), 2)), draw(y=torch.arange(4) % 2)
+    assert torch.equal(default, null) and not torch.allclose(default, alternating)
+    plain = sample_images(model, cfg, num=4, device=torch.device("cpu"), progress=False)  # no masks: the classes in turn
+    assert torch.equal(plain, sample_images(model, cfg, num=4, device=torch.device("cpu"), progress=False, y=torch.arange(4) % 2))
