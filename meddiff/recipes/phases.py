@@ -10,7 +10,9 @@ training is one new entry in :data:`PHASES`.
 Latent diffusion (Rombach et al. 2022) is two phases: ``autoencoder`` (the KL first stage) and
 ``diffusion`` (the UNet, on the frozen autoencoder's latents). A pixel-space study is ``diffusion``
 alone. Mask-conditioned synthesis (``model.cond_channels > 0``) is ``mask_diffusion`` alone: the
-same UNet objective with the mask concatenated to ``x_t``.
+same UNet objective with the mask concatenated to ``x_t``. A translation study
+(``data.target_sequence`` set) is ``translation`` (the denoiser of the target given the source) or
+``translation_regression`` (the L1 baseline), chosen by ``train.translation_objective``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from meddiff.recipes.build import (build_autoencoder, build_autoencoder_objectiv
                                    build_diffusion, build_lr_schedule, build_masked_dataset, build_optimizer, build_unet)
 from meddiff.nets.autoencoder import AutoencoderObjective
 from meddiff.recipes.phase_base import TrainingPhase
+from meddiff.recipes.translation_data import (build_paired_dataset, build_translation_diffusion, build_translation_regression,
+                                              build_translation_unet, translating)
 
 
 class AutoencoderPhase(TrainingPhase):
@@ -88,10 +92,11 @@ class DiffusionPhase(TrainingPhase):
     images, or on the first stage's latents for latent diffusion."""
 
     name, order, checkpoint_prefix = "diffusion", 1, "round"
-    draws_samples = True
+    draws_samples = trains_study_model = True
 
     def federated(self, cfg: ExperimentConfig) -> bool:
-        return not cfg.model.cond_channels  # a mask-conditioned study trains mask_diffusion instead
+        # a mask-conditioned study trains mask_diffusion instead, a translation study a translation phase
+        return not cfg.model.cond_channels and not translating(cfg)
 
     def num_rounds(self, cfg: ExperimentConfig) -> int:
         return cfg.federation.num_rounds
@@ -179,11 +184,67 @@ class MaskDiffusionPhase(DiffusionPhase):
         return f"mask-conditioned diffusion ({cfg.model.cond_channels} mask channels): " + super().banner(cfg)
 
 
+class TranslationPhase(DiffusionPhase):
+    """Cross-modality translation by conditional diffusion: the denoiser of the target image sees
+    ``cat([x_t, source])`` (Saharia et al. 2022, Palette; Dorjsembe et al. 2024 for the
+    concatenation). Examples are targets packed with their sources
+    (:class:`meddiff.data.paired.PackedSource`); sampling is DDIM from noise given the source.
+    Rounds, steps, DP and the schedule are the diffusion phase's."""
+
+    name, checkpoint_prefix = "translation", "translation_round"
+    draws_samples = False  # no unconditional sample grids or FID: `meddiff evaluate --task translation` scores it
+    packs_source = True
+    objective = "diffusion"  # its train.translation_objective
+
+    def federated(self, cfg: ExperimentConfig) -> bool:
+        return translating(cfg) and cfg.train.translation_objective == self.objective
+
+    def trains_on_latents(self, cfg: ExperimentConfig) -> bool:
+        return False  # configs refuse autoencoder.enabled for translation
+
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+        return build_translation_unet(cfg)
+
+    def build_objective(self, cfg: ExperimentConfig):
+        return build_translation_diffusion(cfg)
+
+    def training_data(self, cfg: ExperimentConfig):
+        return build_paired_dataset(cfg)
+
+    def banner(self, cfg: ExperimentConfig) -> str:
+        d = cfg.data
+        return f"translation {d.source_sequence} -> {d.target_sequence} ({self.objective}): " + super().banner(cfg)
+
+
+class TranslationRegressionPhase(TranslationPhase):
+    """The translation baseline: the same conditioned UNet predicting the target from the source in
+    one pass (t fixed at 0), trained with L1 (:class:`meddiff.diffusion.DirectRegression`, Pix2Pix
+    without the GAN)."""
+
+    name, checkpoint_prefix = "translation_regression", "regression_round"
+    metric_name = "held-out L1"
+    objective = "regression"
+
+    def build_objective(self, cfg: ExperimentConfig):
+        return build_translation_regression(cfg)
+
+    def noise_multiplicity(self, cfg: ExperimentConfig) -> int:
+        return 1  # the loss is deterministic
+
+    def held_out_losses(self, model, objective, x0, y, generator, cfg) -> torch.Tensor:
+        """The L1 of the one-pass translation."""
+        return objective.training_losses(model, x0)
+
+
 AUTOENCODER, DIFFUSION, MASK_DIFFUSION = AutoencoderPhase(), DiffusionPhase(), MaskDiffusionPhase()
+TRANSLATION, TRANSLATION_REGRESSION = TranslationPhase(), TranslationRegressionPhase()
 
 #: Every kind of training, in study order.
-PHASES: dict[str, TrainingPhase] = {p.name: p for p in sorted((AUTOENCODER, DIFFUSION, MASK_DIFFUSION),
-                                                              key=lambda p: p.order)}
+PHASES: dict[str, TrainingPhase] = {p.name: p for p in sorted(
+    (AUTOENCODER, DIFFUSION, MASK_DIFFUSION, TRANSLATION, TRANSLATION_REGRESSION), key=lambda p: p.order)}
+
+#: The translation phase of each ``train.translation_objective``.
+TRANSLATION_OBJECTIVES: dict[str, TrainingPhase] = {p.objective: p for p in (TRANSLATION, TRANSLATION_REGRESSION)}
 
 #: The phase that produces the study's final model (a record without a phase belongs to it).
 FINAL_PHASE = DIFFUSION
@@ -211,8 +272,8 @@ def study_phases(cfg: ExperimentConfig) -> list[TrainingPhase]:
 
 
 def denoiser_phase(cfg: ExperimentConfig) -> TrainingPhase:
-    """The phase that trains ``cfg``'s denoiser (the one whose samples a study draws)."""
-    return next(p for p in study_phases(cfg) if p.draws_samples)
+    """The phase that trains ``cfg``'s model (its denoiser, or its translation model)."""
+    return next(p for p in study_phases(cfg) if p.trains_study_model)
 
 
 def private_plan(cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:
