@@ -27,6 +27,7 @@ from meddiff.recipes.build import (build_autoencoder, build_autoencoder_objectiv
                                    build_diffusion, build_lr_schedule, build_masked_dataset, build_optimizer, build_unet)
 from meddiff.nets.autoencoder import AutoencoderObjective
 from meddiff.recipes.phase_base import TrainingPhase
+from meddiff.recipes.translation_infer import sample_translation
 from meddiff.recipes.translation_data import (build_paired_dataset, build_translation_diffusion, build_translation_regression,
                                               build_translation_unet, translating)
 
@@ -193,6 +194,7 @@ class TranslationPhase(DiffusionPhase):
 
     name, checkpoint_prefix = "translation", "translation_round"
     draws_samples = False  # no unconditional sample grids or FID: `meddiff evaluate --task translation` scores it
+    stochastic = True  # a translation is a draw (several may be averaged)
     packs_source = True
     objective = "diffusion"  # its train.translation_objective
 
@@ -211,6 +213,11 @@ class TranslationPhase(DiffusionPhase):
     def training_data(self, cfg: ExperimentConfig):
         return build_paired_dataset(cfg)
 
+    def translate(self, model, cfg: ExperimentConfig, source: torch.Tensor, *, samples: int = 1, seed: int = 0,
+                  device="cpu") -> torch.Tensor:
+        """``source [N, C_s, *S]`` in [-1, 1] to targets ``[N, C, *S]``: the mean of ``samples`` DDIM draws."""
+        return sample_translation(model, cfg, source, samples=samples, seed=seed, device=device)
+
     def banner(self, cfg: ExperimentConfig) -> str:
         d = cfg.data
         return f"translation {d.source_sequence} -> {d.target_sequence} ({self.objective}): " + super().banner(cfg)
@@ -224,12 +231,19 @@ class TranslationRegressionPhase(TranslationPhase):
     name, checkpoint_prefix = "translation_regression", "regression_round"
     metric_name = "held-out L1"
     objective = "regression"
+    stochastic = False
 
     def build_objective(self, cfg: ExperimentConfig):
         return build_translation_regression(cfg)
 
     def noise_multiplicity(self, cfg: ExperimentConfig) -> int:
         return 1  # the loss is deterministic
+
+    @torch.no_grad()
+    def translate(self, model, cfg: ExperimentConfig, source: torch.Tensor, *, samples: int = 1, seed: int = 0,
+                  device="cpu") -> torch.Tensor:
+        """One forward pass (``samples`` and ``seed`` do not apply: the baseline is deterministic)."""
+        return self.build_objective(cfg).predict(model.eval(), source.to(device)).clamp(-1.0, 1.0).cpu()
 
     def held_out_losses(self, model, objective, x0, y, generator, cfg) -> torch.Tensor:
         """The L1 of the one-pass translation."""
