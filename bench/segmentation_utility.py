@@ -85,29 +85,31 @@ def anatomy_segmenter(args: argparse.Namespace, work: Path) -> Path:
 
 
 def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
-    """Train one arm federated, then score its generated pairs with all and with 10% of the real pairs."""
+    """Train one arm federated (unless ``--reuse`` finds it trained), then score its generated pairs
+    with all and with 10% of the real pairs. ``train_seconds`` sums the run's rounds."""
     from configs import load_config
     from meddiff.recipes.segmentation import evaluate_segmentation
     from sim.processes import free_port
     from sim.run import simulate
 
-    extra = ARMS[arm] + ([f"train.anatomy_segmenter={anatomy_segmenter(args, work)}"] if arm == "anatomy" else [])
-    cfg = load_config(REPO / "configs" / "default.yaml", base_overrides(args, work, arm) + extra)
-    t0 = time.perf_counter()
-    run_dir = simulate(cfg, run_dir=work / arm, flwr_home=work / "flwr_home", timeout=7200, http_port=free_port(),
-                       control_port=free_port(), log_path=work / f"{arm}.flower.log")
-    train_s = time.perf_counter() - t0
+    run_dir = work / arm
+    if not (args.reuse and (run_dir / "checkpoints" / "last.pt").is_file()):
+        extra = ARMS[arm] + ([f"train.anatomy_segmenter={anatomy_segmenter(args, work)}"] if arm == "anatomy" else [])
+        cfg = load_config(REPO / "configs" / "default.yaml", base_overrides(args, work, arm) + extra)
+        simulate(cfg, run_dir=run_dir, flwr_home=work / "flwr_home", timeout=7200, http_port=free_port(),
+                 control_port=free_port(), log_path=work / f"{arm}.flower.log")
     summary = json.loads((run_dir / "summary.json").read_text())
+    epsilons = [r["max_epsilon"] for r in summary["rounds"] if r.get("max_epsilon") not in (None, float("inf"))]
     ckpt, out = run_dir / "checkpoints" / "last.pt", run_dir / "eval"
     common = dict(steps=args.seg_steps, num_samples=args.samples, progress=False,
                   data_path=str(args.eval_cohort) if args.eval_cohort else None)
-    full = evaluate_segmentation(checkpoint=ckpt, out_dir=out / "all_real", **common)
-    scarce = evaluate_segmentation(checkpoint=ckpt, synthetic=out / "all_real" / "generated_pairs.npz",
-                                   out_dir=out / "real_10pct", real_fraction=0.1, **common)
+    pairs = out / "all_real" / "generated_pairs.npz"
+    kept = dict(synthetic=pairs) if args.reuse and pairs.is_file() else {}
+    full = evaluate_segmentation(checkpoint=ckpt, out_dir=out / "all_real", **kept, **common)
+    scarce = evaluate_segmentation(checkpoint=ckpt, synthetic=pairs, out_dir=out / "real_10pct", real_fraction=0.1, **common)
     dice = lambda r, a: r["arms"][a][REGION]["dice"]  # noqa: E731
-    eps = summary.get("epsilon", {})
-    return {"train_seconds": round(train_s, 1), "status": summary.get("status"),
-            "epsilon_max": max(eps.values()) if eps else None,
+    return {"train_seconds": round(sum(r["seconds"] for r in summary["rounds"]), 1), "status": summary.get("status"),
+            "epsilon_max": max(epsilons) if epsilons else None,
             "all_real": {a: dice(full, a) for a in full["arms"]}, "real_10pct": {a: dice(scarce, a) for a in scarce["arms"]},
             "mask_fidelity": full["mask_fidelity"][REGION]["dice"],
             "mask_fidelity_per_region": {k: v["dice"] for k, v in full["mask_fidelity"].items()},
@@ -147,9 +149,11 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=60)
     ap.add_argument("--epsilon", type=float, default=10.0)
     ap.add_argument("--samples", type=int, default=256, help="generated pairs per arm")
-    ap.add_argument("--seg-steps", type=int, default=300, help="steps of every segmenter")
+    ap.add_argument("--seg-steps", type=int, default=1000, help="steps of every segmenter")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "segmentation_utility")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="keep the arms already trained in --work (and their generated "
+                    "pairs) and only rescore them, e.g. with other --seg-steps")
     args = ap.parse_args()
     for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
         os.environ.setdefault(key, value)

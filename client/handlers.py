@@ -75,10 +75,11 @@ def _codec_of(round_config: RoundConfig, state: Optional[RecordDict], node_confi
 
 def round_data(round_config: RoundConfig, state: Optional[RecordDict], node_config: Mapping, site: SiteData,
                split: str) -> Optional[Dataset]:
-    """What this round trains or evaluates on: the site's images of ``split``, or in phase 2 of
-    latent diffusion their latents (None when the site lacks the autoencoder the server names)."""
+    """What this round trains or evaluates on: the phase's share of the site's examples of
+    ``split`` (:meth:`~meddiff.recipes.phase_base.TrainingPhase.examples`), or in phase 2 of latent
+    diffusion their latents (None when the site lacks the autoencoder the server names)."""
     cfg = round_config.experiment
-    data = site.train if split == "train" else site.test
+    data = round_config.phase.examples(cfg, site.train if split == "train" else site.test)
     if not round_config.phase.trains_on_latents(cfg):
         return data
     key = tuple(sorted((k, str(v)) for k, v in node_config.items())) + (round_config.manifest_path, split)

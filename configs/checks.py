@@ -62,7 +62,8 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
 
 
 def check_conditioning(cfg: ExperimentConfig) -> None:
-    """Mask-conditioned synthesis (``model.cond_channels > 0``) needs data that carry masks."""
+    """Mask-conditioned synthesis (``model.cond_channels > 0``) needs data that carry masks; its
+    latent variant (``autoencoder.enabled``) has no anatomy constraint."""
     if not cfg.model.cond_channels:
         if cfg.train.lesion_weight != 1.0:
             raise ConfigError(f"'train.lesion_weight' ({cfg.train.lesion_weight}) weights the loss inside the tumour mask of "
@@ -75,9 +76,11 @@ def check_conditioning(cfg: ExperimentConfig) -> None:
     if cfg.train.anatomy_weight and not cfg.train.anatomy_segmenter:
         raise ConfigError("'train.anatomy_weight' > 0 needs 'train.anatomy_segmenter': a segmenter file, e.g. the "
                           "segmenter_real.pt that `meddiff evaluate --task segmentation` writes")
-    if cfg.autoencoder.enabled:
-        raise ConfigError("'model.cond_channels' > 0 conditions the pixel-space UNet on masks; the latent variant "
-                          "(masks on the latent grid) does not exist yet: set autoencoder.enabled=false")
+    if cfg.autoencoder.enabled and cfg.train.anatomy_weight:
+        raise ConfigError(f"'train.anatomy_weight' ({cfg.train.anatomy_weight}) segments the predicted x0 image, but with "
+                          "'autoencoder.enabled' the mask-conditioned UNet (the latent variant) predicts latents, and "
+                          "decoding them at every step is not supported: set train.anatomy_weight=0 or "
+                          "autoencoder.enabled=false")
     if cfg.data.dataset not in ("phantoms", "brats", "folder"):
         raise ConfigError(f"'model.cond_channels' > 0 trains on (image, mask) pairs, which data.dataset="
                           f"{cfg.data.dataset!r} does not provide yet; use data.dataset=phantoms, brats (BraTS "

@@ -44,7 +44,8 @@ class ModelConfig:
     resblock_updown: bool = _f(True, help="BigGAN-style residual up/down-sampling")
     norm_groups: int = _f(32, help="GroupNorm groups (reduced to a divisor of each width)", min=1)
     cond_channels: int = _f(0, help="mask channels concatenated to x_t (mask-conditioned synthesis, the mask_diffusion "
-                            "phase; phantoms and brats: 4 = brain, necrotic, oedema, enhancing); 0 = no spatial conditioning",
+                            "phase; phantoms and brats: 4 = brain, necrotic, oedema, enhancing; with autoencoder.enabled the mask "
+                            "is area-pooled to the latent grid); 0 = no spatial conditioning",
                             min=0, max=64)
 
 
@@ -99,7 +100,8 @@ class TrainConfig:
     lesion_weight: float = _f(1.0, help="weight of the squared error inside the (dilated) tumour mask of the condition, 1 "
                               "outside (lesion-focused loss, model.cond_channels > 0); 1 = the plain loss", min_exclusive=0.0,
                               max=100.0)
-    lesion_dilation: int = _f(0, help="pixels (voxels) by which the tumour mask grows before train.lesion_weight applies",
+    lesion_dilation: int = _f(0, help="pixels (voxels; latent cells with autoencoder.enabled) by which the tumour mask grows "
+                              "before train.lesion_weight applies",
                               min=0, max=32)
     anatomy_weight: float = _f(0.0, help="weight of the anatomy constraint: a frozen segmenter's soft Dice on the predicted "
                                "x0 against the conditioning mask (model.cond_channels > 0); 0 = off", min=0.0, max=100.0)

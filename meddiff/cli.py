@@ -212,7 +212,7 @@ def _add_evaluate_parser(sub) -> None:
                    help="segmentation: generated pairs (arrays 'images', 'masks', as `meddiff sample --masks` writes) "
                         "instead of generating from --checkpoint")
     p.add_argument("--real-fraction", type=float, default=1.0, help="segmentation: share of the real training pairs used")
-    p.add_argument("--seg-steps", type=int, default=300, help="segmentation: training steps of every segmenter")
+    p.add_argument("--seg-steps", type=int, default=1000, help="segmentation: training steps of every segmenter")
     p.add_argument("--num-real-test", type=int, default=256, help="segmentation/translation: held-out phantom pairs to test on (BraTS-layout data: 20%% of patients)")
     p.add_argument("--segmenter", default=None, help="segmentation: a saved real-data segmenter for mask fidelity")
     p.add_argument("--data", default=None, help="dataset file (default: the checkpoint's data.path)")

@@ -8,6 +8,12 @@ decodes ``decoder(z / s)``.
 :class:`LatentStats` are mergeable sufficient statistics (count, sum, sum of squares), so a
 federated run estimates ``s`` from every site's data without pooling it: each site sends its
 statistics, the server adds them.
+
+Mask-conditioned examples arrive *packed* (``cat([image, cond])``, :class:`meddiff.data.PackedMasks`):
+the autoencoder encodes only the leading image channels, never the mask, and the condition is
+area-pooled onto the latent grid (:func:`meddiff.diffusion.condition_on_grid`), so a latent
+example is ``cat([s * mu(image), pool(cond)])`` and the spatially conditioned objective splits it
+as it splits a pixel-space one.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from meddiff.checkpoint import check_finite
+from meddiff.diffusion.conditioning import condition_on_grid
 from meddiff.nets.autoencoder import KLAutoencoder
 
 CODEC_FORMAT = "meddiff-autoencoder/1"
@@ -72,12 +79,13 @@ class LatentStats:
 @torch.no_grad()
 def latent_stats(autoencoder: KLAutoencoder, dataset: Dataset, *, batch_size: int = 32, max_examples: Optional[int] = None,
                  device: torch.device | str = "cpu") -> LatentStats:
-    """Statistics of ``mu(x)`` over (up to ``max_examples`` of) ``dataset``."""
+    """Statistics of ``mu(x)`` over (up to ``max_examples`` of) ``dataset`` (of its image channels
+    when its examples are packed with a condition)."""
     autoencoder = autoencoder.to(device).eval()
     n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
     stats = LatentStats()
     for x, _ in DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size):
-        mu, _ = autoencoder.encode(x.to(device))
+        mu, _ = autoencoder.encode(x[:, :autoencoder.in_channels].to(device))
         stats.add(mu)
     return stats
 
@@ -102,6 +110,16 @@ class LatentCodec:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, C, *S]`` images -> ``[N, L, *S/f]`` scaled latents (the posterior mean)."""
         return self.autoencoder.encode(x)[0] * self.scale_factor
+
+    @torch.no_grad()
+    def encode_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C + K, *S]`` packed examples -> ``[N, L + K, *S/f]``: the ``C`` image channels
+        encoded, the ``K`` condition channels (none: a plain image) area-pooled to the latent grid."""
+        c = self.autoencoder.in_channels
+        z = self.encode(x[:, :c])
+        if x.shape[1] == c:
+            return z
+        return torch.cat([z, condition_on_grid(x[:, c:], tuple(z.shape[2:])).to(z.dtype)], dim=1)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -130,7 +148,7 @@ class LatentCodec:
 
 
 class LatentDataset(Dataset):
-    """Pre-encoded ``(z [L, *S/f], label)`` items, one per image of the source dataset, with the
+    """Pre-encoded ``(z [L (+ K), *S/f], label)`` items, one per image of the source dataset, with the
     source's ``patient_ids`` (None: one patient per item), so a DP sampler over the latents samples
     the same records and patients as over the images."""
 
@@ -153,12 +171,13 @@ class LatentDataset(Dataset):
 @torch.no_grad()
 def encode_dataset(codec: LatentCodec, dataset: Dataset, *, batch_size: int = 32, device: torch.device | str = "cpu",
                    progress: bool = False) -> LatentDataset:
-    """Encode every image of ``dataset`` once (the first stage is frozen, so latents never change)."""
+    """Encode every example of ``dataset`` once (the first stage is frozen, so latents never change);
+    packed examples keep their condition, pooled to the latent grid (:meth:`LatentCodec.encode_packed`)."""
     codec.to(device)
     latents, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size)
     for x, y in tqdm(loader, desc="encoding latents", disable=not progress, leave=False):
-        latents.append(codec.encode(x.to(device)).cpu())
+        latents.append(codec.encode_packed(x.to(device)).cpu())
         labels.append(torch.as_tensor(y).reshape(-1))
     if not latents:
         raise ValueError("cannot encode an empty dataset")

@@ -94,6 +94,27 @@ class PackedMasks(Dataset):
         return torch.cat([image, mask.float().mul(2.0).sub(1.0)], dim=0), label
 
 
+class ImageChannels(Dataset):
+    """The image alone of each ``(x0 [C + K, *S], label)`` example of ``dataset``: ``(x0[:C], label)``
+    (what a first-stage autoencoder trains on when the examples are packed with their masks); an
+    example of ``C`` channels passes unchanged. Keeps the dataset's ``labels`` and ``patient_ids``."""
+
+    def __init__(self, dataset: Dataset, channels: int):
+        if channels < 1:
+            raise ValueError(f"an image has at least 1 channel, got {channels}")
+        self.dataset, self.channels = dataset, channels
+        self.labels = getattr(dataset, "labels", None)
+        if getattr(dataset, "patient_ids", None) is not None:
+            self.patient_ids = dataset.patient_ids
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, label = self.dataset[i]
+        return x[:self.channels], label
+
+
 def patient_ids(dataset: Dataset) -> list[str]:
     """The patient of every item of ``dataset``, ``[len(dataset)]`` strings aligned with its indices.
 

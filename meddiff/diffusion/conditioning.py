@@ -19,6 +19,12 @@ error by ``w`` inside the example's own, dilated tumour mask and by 1 elsewhere:
 ``L = mean_pixels((1 + (w - 1) * M_dil) * (out - target)^2)``, so ``w = 1`` is ``L_simple``
 exactly. The weight map of a row is read from that row's (possibly dropped) condition only: a
 null condition has no tumour and weight 1 everywhere, and the loss stays per example.
+
+Latent diffusion (Rombach et al. 2022, Sec. 3.3, "concatenation" conditioning) conditions the
+latent denoiser on the mask *on the latent grid*: :func:`condition_on_grid` area-pools each
+condition channel to the latent's side (``S/f``), so a latent cell's value is ``2 * a - 1`` with
+``a`` the fraction of its ``f x f (x f)`` pixels inside the region. The lesion weight map reads
+that fraction: a cell's weight is the mean of its pixels' weights.
 """
 
 from __future__ import annotations
@@ -37,17 +43,44 @@ def mask_to_condition(mask: torch.Tensor) -> torch.Tensor:
     return mask.float().mul(2.0).sub(1.0)
 
 
-def lesion_weight_map(cond: torch.Tensor, *, weight: float, dilation: int = 0,
-                      lesion_channels: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-    """Per-pixel loss weights ``[R, 1, *S]`` from conditions ``[R, C_cond, *S]`` (in {-1, +1}; a
-    null condition is all zeros): ``1 + (weight - 1) * M``, with ``M`` the union of the lesion
-    channels (``> 0``) dilated by ``dilation`` pixels per side (max-pooling, a (2d+1)-wide square
-    or cube). ``lesion_channels`` index ``cond``'s channels; None = all but the first (the brain)
-    when there are several, else channel 0. Each row's map depends on that row alone.
+def condition_on_grid(cond: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """A condition ``[N, K, *S]`` (in {-1, +1}; zeros = null) area-pooled to ``[N, K, *spatial]``.
+
+    Area (average) pooling rather than nearest neighbour: a lesion smaller than a latent cell
+    (a few-pixel necrotic core at ``f = 4``) stays visible as a partial value instead of vanishing
+    or being kept whole depending on which pixel nearest neighbour hits; it is exact where a mask
+    is constant over a cell, linear (so the null condition stays all zeros), and defined for 2-D
+    and 3-D alike (``F.interpolate(mode="area")`` is adaptive average pooling).
     """
+    if tuple(cond.shape[2:]) == tuple(spatial):
+        return cond
+    if len(spatial) != cond.ndim - 2:
+        raise ValueError(f"a {cond.ndim - 2}-D condition {tuple(cond.shape)} cannot be pooled to the grid {tuple(spatial)}")
+    return F.interpolate(cond.float(), size=tuple(spatial), mode="area")
+
+
+def lesion_fraction(cond: torch.Tensor, lesion_channels: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """The fraction ``[R, 1, *S]`` of each pixel (or latent cell) that is tumour, from conditions
+    ``[R, C_cond, *S]`` in [-1, +1]: the lesion channels' occupancies ``(c + 1) / 2`` summed and
+    capped at 1 (the union of disjoint sub-regions; in pixel space, where the occupancies are 0 or
+    1, exactly "any lesion channel set"). A null condition (a row of zeros) has no tumour.
+    ``lesion_channels`` index ``cond``'s channels; None = all but the first (the brain) when there
+    are several, else channel 0."""
     if lesion_channels is None:
         lesion_channels = tuple(range(1, cond.shape[1])) if cond.shape[1] > 1 else (0,)
-    lesion = (cond[:, list(lesion_channels)] > 0).any(dim=1, keepdim=True).float()
+    occupancy = (cond[:, list(lesion_channels)].float() + 1.0).mul(0.5).clamp(0.0, 1.0)
+    real = (cond.flatten(1).abs().amax(1) > 0).float().reshape(-1, *[1] * (cond.ndim - 1))
+    return occupancy.sum(dim=1, keepdim=True).clamp(max=1.0) * real
+
+
+def lesion_weight_map(cond: torch.Tensor, *, weight: float, dilation: int = 0,
+                      lesion_channels: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """Per-pixel (per-cell) loss weights ``[R, 1, *S]`` from conditions ``[R, C_cond, *S]``:
+    ``1 + (weight - 1) * M``, with ``M`` the :func:`lesion_fraction` (binary in pixel space)
+    dilated by ``dilation`` pixels or cells per side (max-pooling, a (2d+1)-wide square or cube).
+    Each row's map depends on that row alone.
+    """
+    lesion = lesion_fraction(cond, lesion_channels)
     if dilation > 0:
         pool = F.max_pool2d if lesion.ndim == 4 else F.max_pool3d
         lesion = pool(lesion, kernel_size=2 * dilation + 1, stride=1, padding=dilation)

@@ -45,7 +45,7 @@ class SegmenterSettings:
     channels: tuple[int, ...] = (16, 32, 64)
     strides: tuple[int, ...] = (2, 2)
     num_res_units: int = 1
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 16
     lr: float = 5e-3
     seed: int = 0

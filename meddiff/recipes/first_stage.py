@@ -102,9 +102,11 @@ def train_first_stage(cfg: ExperimentConfig, dataset: Dataset, *, run_dir: Path,
                       progress: bool = True, initial: Optional[InitialWeights] = None) -> LatentCodec:
     """Latent diffusion's frozen first stage for centralized training: pre-trained on public data /
     loaded (``autoencoder.mode: public``) or trained on ``dataset`` here; saved to
-    ``<run>/autoencoder.pt`` with its reconstructions."""
+    ``<run>/autoencoder.pt`` with its reconstructions. ``dataset`` holds the study's examples; the
+    autoencoder trains on their images alone (:meth:`~meddiff.recipes.phases.AutoencoderPhase.examples`)."""
     if cfg.autoencoder.mode == "public":
         return public_codec(cfg, device=device, run_dir=run_dir, progress=progress)
+    dataset = AUTOENCODER.examples(cfg, dataset)
     model, losses = train_autoencoder(cfg, dataset, device=device, seed=cfg.train.seed, progress=progress, initial=initial)
     codec = fit_codec(cfg, model, dataset, device=device)
     save_codec(run_dir / "autoencoder.pt", codec, cfg, step=len(losses), extra={"final_loss": losses[-1]})

@@ -104,6 +104,11 @@ class TrainingPhase:
         """The examples it trains on, as ``(x0, label)`` pairs (default: the config's images)."""
         return build_image_dataset(cfg)
 
+    def examples(self, cfg: ExperimentConfig, data: Dataset) -> Dataset:
+        """What it trains and evaluates on out of a site's (or the study's) examples ``data``, which
+        are the study denoiser's (images, or images packed with their masks); default: all of them."""
+        return data
+
     def held_out_objective(self, cfg: ExperimentConfig):
         """What :meth:`held_out_losses` measures with (default: the training objective)."""
         return self.build_objective(cfg)

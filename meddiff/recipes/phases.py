@@ -9,10 +9,12 @@ training is one new entry in :data:`PHASES`.
 
 Latent diffusion (Rombach et al. 2022) is two phases: ``autoencoder`` (the KL first stage) and
 ``diffusion`` (the UNet, on the frozen autoencoder's latents). A pixel-space study is ``diffusion``
-alone. Mask-conditioned synthesis (``model.cond_channels > 0``) is ``mask_diffusion`` alone: the
-same UNet objective with the mask concatenated to ``x_t``. A translation study
-(``data.target_sequence`` set) is ``translation`` (the denoiser of the target given the source) or
-``translation_regression`` (the L1 baseline), chosen by ``train.translation_objective``.
+alone. Mask-conditioned synthesis (``model.cond_channels > 0``) is ``mask_diffusion``: the same
+UNet objective with the mask concatenated to ``x_t``; with ``autoencoder.enabled`` it follows the
+``autoencoder`` phase (trained on the images alone) and conditions the latent UNet on the mask
+pooled to the latent grid. A translation study (``data.target_sequence`` set) is ``translation``
+(the target's denoiser given the source) or ``translation_regression`` (the L1 baseline), chosen by
+``train.translation_objective``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from configs import ExperimentConfig
 from meddiff.recipes.build import (build_autoencoder, build_autoencoder_objective, build_conditioned_diffusion,
                                    build_diffusion, build_lr_schedule, build_masked_dataset, build_optimizer, build_unet)
+from meddiff.data import ImageChannels
 from meddiff.nets.autoencoder import AutoencoderObjective
 from meddiff.recipes.phase_base import TrainingPhase
 from meddiff.recipes.translation_infer import sample_translation
@@ -74,6 +77,10 @@ class AutoencoderPhase(TrainingPhase):
     def grad_sample_mode(self, cfg: ExperimentConfig) -> str:
         # vmap's per-image gradients are written for the diffusion loss; this phase uses bk (or hooks)
         return "hooks" if cfg.privacy.grad_sample_mode == "hooks" else "bk"
+
+    def examples(self, cfg: ExperimentConfig, data):
+        """The images alone: in a mask-conditioned study the autoencoder never sees the masks."""
+        return ImageChannels(data, cfg.image_channels)
 
     def held_out_objective(self, cfg: ExperimentConfig):
         return AutoencoderObjective()
@@ -160,16 +167,15 @@ class MaskDiffusionPhase(DiffusionPhase):
     Med-DDPM), the mask dropped to the null condition at ``train.cond_dropout`` for classifier-free
     guidance (Ho & Salimans 2022). Its examples are images packed with their masks
     (:class:`meddiff.data.PackedMasks`), so loaders and per-example gradient engines carry them
-    as ``(x0, y)`` pairs; everything else is the diffusion phase's."""
+    as ``(x0, y)`` pairs; for latent diffusion, as latents packed with the mask area-pooled to the
+    latent grid (:meth:`meddiff.latent.LatentCodec.encode_packed`). Everything else is the
+    diffusion phase's."""
 
     name, checkpoint_prefix = "mask_diffusion", "mask_round"
     packs_masks = True
 
     def federated(self, cfg: ExperimentConfig) -> bool:
         return cfg.model.cond_channels > 0
-
-    def trains_on_latents(self, cfg: ExperimentConfig) -> bool:
-        return False  # the latent variant does not exist yet (configs refuse autoencoder.enabled with masks)
 
     def build_objective(self, cfg: ExperimentConfig):
         return build_conditioned_diffusion(cfg)
@@ -230,8 +236,7 @@ class TranslationRegressionPhase(TranslationPhase):
 
     name, checkpoint_prefix = "translation_regression", "regression_round"
     metric_name = "held-out L1"
-    objective = "regression"
-    stochastic = False
+    objective, stochastic = "regression", False  # one deterministic pass
 
     def build_objective(self, cfg: ExperimentConfig):
         return build_translation_regression(cfg)

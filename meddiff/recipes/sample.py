@@ -11,7 +11,7 @@ from configs import ExperimentConfig
 from meddiff.device import autocast_dtype, autocast_factory
 from meddiff.latent import LatentCodec
 from meddiff.recipes.build import build_diffusion, build_sampler, sample_shape
-from meddiff.diffusion import mask_to_condition
+from meddiff.diffusion import condition_on_grid, mask_to_condition
 from meddiff.sampling import generate
 
 
@@ -22,7 +22,8 @@ def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: 
 
     For latent diffusion the UNet generates latents and ``codec`` (the frozen first stage)
     decodes them into images. For a mask-conditioned model (``model.cond_channels``), ``masks``
-    ``[num, K, *S]`` in {0, 1} give one image per mask (None: the null condition, unconditional).
+    ``[num, K, *S]`` in {0, 1} give one image per mask (None: the null condition, unconditional);
+    a latent denoiser sees them area-pooled to its grid (:func:`~meddiff.diffusion.condition_on_grid`).
     """
     if cfg.autoencoder.enabled and codec is None:
         raise ValueError("a latent-diffusion model samples latents: pass the autoencoder (codec) to decode them")
@@ -30,15 +31,19 @@ def sample_images(model: nn.Module, cfg: ExperimentConfig, *, num: int, device: 
     sampler = build_sampler(cfg.sampler, diffusion)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     autocast = autocast_factory(device, autocast_dtype(device, cfg.train.mixed_precision))
-    if masks is not None and (masks.shape[0] != num or masks.shape[1] != cfg.model.cond_channels):
+    image_grid = (cfg.data.image_size,) * cfg.model.spatial_dims
+    if masks is not None and (masks.shape[0] != num or masks.shape[1] != cfg.model.cond_channels
+                              or tuple(masks.shape[2:]) != image_grid):
         raise ValueError(f"masks of shape {tuple(masks.shape)} do not fit {num} samples of a model with "
-                         f"model.cond_channels={cfg.model.cond_channels}")
+                         f"model.cond_channels={cfg.model.cond_channels} at data.image_size={cfg.data.image_size}")
     if y is None and cfg.model.num_classes:
         y = torch.arange(num) % cfg.model.num_classes
+    shape = sample_shape(cfg, num)
+    cond = None if masks is None else condition_on_grid(mask_to_condition(masks), shape[2:])
     out = generate(
-        model, sampler, shape=sample_shape(cfg, num), num_inference_steps=cfg.sampler.num_inference_steps,
+        model, sampler, shape=shape, num_inference_steps=cfg.sampler.num_inference_steps,
         y=y, guidance_scale=cfg.sampler.guidance_scale, generator=gen, device=device, autocast=autocast,
-        progress=progress, cond=None if masks is None else mask_to_condition(masks),
+        progress=progress, cond=cond,
     )
     if codec is None:
         return out

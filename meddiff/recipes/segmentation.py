@@ -27,7 +27,7 @@ from meddiff.device import resolve_device
 from meddiff.evaluate.segmentation import (SegmenterSettings, load_segmenter, region_channels, save_segmenter,
                                            segmentation_utility, train_segmenter)
 from meddiff.recipes.masks import HELD_OUT_SEED_OFFSET, mask_bank
-from meddiff.recipes.restore import model_from_checkpoint
+from meddiff.recipes.restore import codec_from_checkpoint, model_from_checkpoint
 from meddiff.recipes.sample import sample_images
 
 #: Index of the held-out phantom stream where the real test pairs start, far past the mask bank's
@@ -90,17 +90,17 @@ def load_synthetic_npz(path: str | Path, *, real_masks: torch.Tensor) -> Pairs:
 
 
 def generated_pairs(model, cfg: ExperimentConfig, *, real_masks: torch.Tensor, num: int, device, seed: int,
-                    progress: bool, batch: int = 64) -> Pairs:
+                    progress: bool, batch: int = 64, codec=None) -> Pairs:
     """One generated image per mask: ``num`` masks of the held-out phantom bank, or for other data
     the real training masks (``real_masks``, tumour-bearing ones first: :func:`tumours_first`),
-    cycled; generated ``batch`` at a time."""
+    cycled; generated ``batch`` at a time (a latent model's decoded by its ``codec``)."""
     if cfg.data.dataset == "phantoms":
         masks = mask_bank(cfg, num, seed=seed)
     else:
         ordered = tumours_first(real_masks, seed)
         masks = ordered[torch.arange(num) % len(ordered)]
     images = [sample_images(model, cfg, num=len(chunk), device=device, seed=seed + i, progress=progress,
-                            masks=chunk).cpu() for i, chunk in enumerate(masks.split(batch))]
+                            masks=chunk, codec=codec).cpu() for i, chunk in enumerate(masks.split(batch))]
     return torch.cat(images).clamp(-1.0, 1.0), masks
 
 
@@ -135,19 +135,19 @@ def _config_and_model(checkpoint, synthetic, data_path, device):
         if len(shape) != 4 or shape[2] != shape[3]:
             raise ValueError(f"--synthetic {synthetic}: without --checkpoint the real data are the default 2-D phantoms, "
                              f"so 'masks' must be [N, 4, S, S] (found {shape or 'no masks'}); pass --checkpoint for other data")
-        return load_config(None, [f"data.image_size={shape[2]}"]), None
-    model, cfg, _ = model_from_checkpoint(checkpoint, device=device)
+        return load_config(None, [f"data.image_size={shape[2]}"]), None, None
+    model, cfg, ckpt = model_from_checkpoint(checkpoint, device=device)
     if not cfg.model.cond_channels:
         raise ValueError(f"{checkpoint}: not a mask-conditioned model (model.cond_channels=0); train one with "
                          "model.cond_channels=4, or pass --synthetic pairs")
     if data_path:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data_path)))
-    return cfg, model
+    return cfg, model, codec_from_checkpoint(ckpt, cfg, source=str(checkpoint))
 
 
 def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic: Optional[str | Path] = None,
                           out_dir: Optional[str | Path] = None, data_path: Optional[str] = None, real_fraction: float = 1.0,
-                          steps: int = 300, num_samples: int = 256, num_test: int = 256, segmenter: Optional[str] = None,
+                          steps: int = 1000, num_samples: int = 256, num_test: int = 256, segmenter: Optional[str] = None,
                           device: str = "auto", seed: int = 0, progress: bool = True) -> dict:
     """Score synthetic pairs by segmentation utility; writes ``segmentation.json``, ``segmentation.md``,
     the real-data segmenter (``segmenter_real.pt``, for mask fidelity) and, when it generates them,
@@ -158,7 +158,7 @@ def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic:
     them. Returns the report.
     """
     dev = resolve_device(device)
-    cfg, model = _config_and_model(checkpoint, synthetic, data_path, dev)
+    cfg, model, codec = _config_and_model(checkpoint, synthetic, data_path, dev)
     real_train, real_test = real_mask_pairs(cfg, num_test=num_test, seed=seed)
     out = Path(out_dir) if out_dir else (Path(checkpoint).resolve().parent.parent / "eval" if checkpoint
                                          else Path(synthetic).resolve().parent)
@@ -166,7 +166,8 @@ def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic:
     if synthetic is not None:
         syn = load_synthetic_npz(synthetic, real_masks=real_train[1])
     else:  # kept, so other settings (--real-fraction, --seg-steps) can rescore them with --synthetic
-        syn = generated_pairs(model, cfg, real_masks=real_train[1], num=num_samples, device=dev, seed=seed, progress=progress)
+        syn = generated_pairs(model, cfg, real_masks=real_train[1], num=num_samples, device=dev, seed=seed, progress=progress,
+                              codec=codec)
         np.savez_compressed(out / "generated_pairs.npz", images=syn[0].numpy(), masks=syn[1].numpy().astype(np.uint8))
     scarce = real_subset(real_train, real_fraction, seed)
     settings = SegmenterSettings(steps=steps, seed=seed)

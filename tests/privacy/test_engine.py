@@ -222,11 +222,14 @@ def test_book_keeping_under_bf16_autocast_stays_close_to_fp32():
 
 
 @pytest.mark.parametrize("mode", ["hooks", "vmap", "bk"])
-@pytest.mark.parametrize("k, lesion_weight, anatomy", [(1, 1.0, False), (3, 1.0, False), (3, 5.0, False), (2, 1.0, True)])
-def test_mask_conditioned_per_image_gradients_equal_one_image_at_a_time_autograd(k, lesion_weight, anatomy, mode):
+@pytest.mark.parametrize("k, lesion_weight, anatomy, pooled", [(1, 1.0, False, False), (3, 1.0, False, False),
+                                                                (3, 5.0, False, False), (2, 1.0, True, False),
+                                                                (2, 5.0, False, True)])
+def test_mask_conditioned_per_image_gradients_equal_one_image_at_a_time_autograd(k, lesion_weight, anatomy, pooled, mode):
     """Packed (image, mask) examples with per-example condition dropout, with and without the
-    lesion-weighted loss and the anatomy constraint: still one exact gradient per image."""
-    from meddiff.diffusion import AnatomyConstraint, SpatialConditioning, mask_to_condition
+    lesion-weighted loss and the anatomy constraint, and (``pooled``) as the latent variant packs
+    them, with masks area-pooled to the grid: still one exact gradient per image."""
+    from meddiff.diffusion import AnatomyConstraint, SpatialConditioning, condition_on_grid, mask_to_condition
     from meddiff.evaluate.segmentation import SegmenterSettings, build_segmenter
 
     torch.manual_seed(0)
@@ -237,8 +240,10 @@ def test_mask_conditioned_per_image_gradients_equal_one_image_at_a_time_autograd
     reference = tiny_unet(num_classes=2, cond_channels=2)
     reference.load_state_dict(model.state_dict())
     n = 6
-    masks = (torch.rand(n, 2, 16, 16) > torch.tensor([0.5, 0.9]).view(1, 2, 1, 1)).float()  # channel 1: sparse lesions
-    x0, y = torch.cat([torch.randn(n, 1, 16, 16), mask_to_condition(masks)], dim=1), torch.arange(n) % 2
+    side = 64 if pooled else 16  # pooled: the masks of 64-pixel images on a 16-cell latent grid, fractional
+    masks = (torch.rand(n, 2, side, side) > torch.tensor([0.5, 0.9]).view(1, 2, 1, 1)).float()  # channel 1: sparse lesions
+    cond = condition_on_grid(mask_to_condition(masks), (16, 16))
+    x0, y = torch.cat([torch.randn(n, 1, 16, 16), cond], dim=1), torch.arange(n) % 2
     private = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), DataLoader(TensorDataset(x0, y), batch_size=n),
                            noise_multiplier=0.0, max_grad_norm=1e6, noise_multiplicity=k, grad_sample_mode=mode)
     objective = SpatialConditioning(GaussianDiffusion(make_noise_schedule("cosine", 100), prediction_type="v"),

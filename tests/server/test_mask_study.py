@@ -52,3 +52,25 @@ def test_a_federated_mask_study_trains_the_mask_phase_and_checkpoints_a_conditio
         assert set(eps) == {"site_0", "site_1"} and all(0 < e <= 50 for e in eps.values())
         report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
         assert MASK_DIFFUSION.name in json.dumps(report)
+
+
+LATENT = ["autoencoder.enabled=true", "autoencoder.mode=not_private", "autoencoder.channels=[8,16]", "autoencoder.norm_groups=4",
+          "autoencoder.latent_channels=2", "model.in_channels=2", "model.out_channels=2", "model.attention_resolutions=[4]",
+          "autoencoder.batch_size=8", "autoencoder.num_rounds=1", "autoencoder.local_steps=2"]
+
+
+@pytest.mark.slow
+def test_a_federated_latent_mask_study_trains_the_autoencoder_then_the_mask_phase_on_latents_under_dp(tmp_path):
+    from meddiff.recipes.phases import AUTOENCODER
+
+    extra = LATENT + ["privacy.enabled=true", "privacy.unit=record", "privacy.target_epsilon=50", "train.batch_size=8",
+                      "privacy.max_physical_batch_size=4", "train.lesion_weight=3", "federation.num_rounds=1"]
+    summary, cfg = _study(tmp_path, extra)
+    assert summary["status"] == "completed", summary["stop_reason"]
+    assert [(r["phase"], r["accepted"]) for r in summary["rounds"]] == [(AUTOENCODER.name, 2), (MASK_DIFFUSION.name, 2)]
+    assert summary["latent_diffusion"] and summary["autoencoder"]["weight_transfers"] == 2
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt.extra.get("phase") == MASK_DIFFUSION.name and "autoencoder" in ckpt.extra
+    assert ckpt.model["conv_in.weight"].shape[1] == 2 + 4  # the latent and the 4 mask channels on its grid
+    assert (tmp_path / "run" / "samples" / "round_0001.png").is_file()  # decoded samples of the study's masks
+    assert set(summary["epsilon"]) == {"site_0", "site_1"} and all(0 < e <= 50 for e in summary["epsilon"].values())

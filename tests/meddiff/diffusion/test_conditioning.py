@@ -133,3 +133,36 @@ def test_a_dropped_condition_is_weighted_one_everywhere():
     assert int((w[0] == 5.0).sum()) == 25 and set(torch.unique(w[0]).tolist()) == {1.0, 5.0}  # 3x3 grown to 5x5
     w3 = lesion_weight_map(torch.zeros(2, 4, 6, 6, 6).sub(1).index_fill(1, torch.tensor([2]), 1.0), weight=2.0)
     assert w3.shape == (2, 1, 6, 6, 6) and torch.equal(w3, torch.full_like(w3, 2.0))  # 3-D, oedema channel
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_condition_on_the_latent_grid_is_its_area_average_in_2d_and_3d(spatial_dims):
+    """A 16-side mask pooled to the 4-side latent grid of an f = 4 autoencoder: each cell holds
+    2 * (the fraction of its pixels in the region) - 1, the null condition stays null, and the latent
+    lesion weights are the area averages of the pixel ones."""
+    import torch.nn.functional as F
+
+    from meddiff.diffusion import condition_on_grid
+    from meddiff.diffusion.conditioning import lesion_weight_map
+
+    torch.manual_seed(0)
+    side = (16,) * spatial_dims
+    masks = torch.zeros(3, 3, *side)
+    masks[:, 0] = 1.0  # brain everywhere
+    masks[(slice(None), 1) + (slice(0, 3),) * spatial_dims] = 1.0  # a 3-pixel core: 9/16 (27/64) of one cell
+    masks[(slice(None), 2) + (slice(4, 12),) * spatial_dims] = 1.0  # a region of whole cells, disjoint from the core
+    cond = mask_to_condition(masks)
+    cond[2] = 0.0  # a dropped (null) condition
+    grid = condition_on_grid(cond, (4,) * spatial_dims)
+    assert grid.shape == (3, 3) + (4,) * spatial_dims
+    corner = (0, 1) + (0,) * spatial_dims
+    assert float(grid[corner]) == pytest.approx(2 * (3 / 4) ** spatial_dims - 1)  # partial, not dropped or kept whole
+    assert torch.equal(grid[:2, 0], torch.ones_like(grid[:2, 0])) and torch.equal(grid[2], torch.zeros_like(grid[2]))
+    assert set(torch.unique(grid[:2, 2]).tolist()) == {-1.0, 1.0}  # whole cells stay binary
+    assert condition_on_grid(cond, side) is cond  # pixel space: unchanged
+    pool = F.avg_pool2d if spatial_dims == 2 else F.avg_pool3d
+    pixel, latent = lesion_weight_map(cond, weight=5.0), lesion_weight_map(grid, weight=5.0)
+    torch.testing.assert_close(latent, pool(pixel, 4))  # a cell's weight is the mean of its pixels' weights
+    assert torch.equal(latent[2], torch.ones_like(latent[2]))  # the null condition weighs 1 everywhere
+    with pytest.raises(ValueError, match="cannot be pooled"):
+        condition_on_grid(cond, (4, 4, 4, 4)[:5 - spatial_dims])

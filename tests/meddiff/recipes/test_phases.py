@@ -121,7 +121,7 @@ def test_mask_conditioning_refuses_what_it_cannot_do():
         MASK_DIFFUSION.training_data(tiny_config(extra=["model.cond_channels=2", "data.num_samples=4"]))
     with pytest.raises(ConfigError, match="data.dataset='medmnist' does not provide"):
         tiny_config(extra=["model.cond_channels=4", "data.dataset=medmnist", "data.path=x.npz"])
-    with pytest.raises(ConfigError, match="latent variant"):
-        tiny_config(extra=LDM + ["model.cond_channels=4"])
+    with pytest.raises(ConfigError, match="anatomy_weight.*latent variant"):  # the latent variant has no decoded x0
+        tiny_config(extra=LDM + ["model.cond_channels=4", "train.anatomy_weight=1", "train.anatomy_segmenter=seg.pt"])
     with pytest.raises(ConfigError, match="cond_dropout"):
         tiny_config(extra=["train.cond_dropout=1.5"])
