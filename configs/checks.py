@@ -20,6 +20,7 @@ def check_cross_fields(cfg: ExperimentConfig) -> None:
         )
     check_autoencoder(cfg)
     check_conditioning(cfg)
+    check_translation(cfg)
     check_fine_tuning(cfg)
     size = cfg.unet_input_size  # data.image_size without latents
     what = (f"the latent side data.image_size / {cfg.latent_downsampling} = {size}" if cfg.autoencoder.enabled
@@ -84,6 +85,39 @@ def check_conditioning(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"'model.cond_channels' > 0 trains on (image, mask) pairs, which data.dataset="
                           f"{cfg.data.dataset!r} does not provide yet; use data.dataset=phantoms, brats (BraTS "
                           "folders and `meddiff data from-template` cohorts) or folder (a CSV with a 'mask' column)")
+
+
+PHANTOM_CONTRASTS = ("t1", "t2", "ct")
+BRATS_SEQUENCES = ("t1n", "t1c", "t2w", "t2f")
+
+
+def check_translation(cfg: ExperimentConfig) -> None:
+    """A translation study (``data.source_sequence`` -> ``data.target_sequence``) names two different
+    contrasts its data provide, in pixel space, without mask conditioning."""
+    d = cfg.data
+    if not (d.source_sequence or d.target_sequence):
+        return
+    if not (d.source_sequence and d.target_sequence):
+        raise ConfigError("a translation study needs both 'data.source_sequence' and 'data.target_sequence' (got "
+                          f"{d.source_sequence!r} and {d.target_sequence!r}); leave both empty for synthesis")
+    if d.source_sequence == d.target_sequence:
+        raise ConfigError(f"'data.source_sequence' and 'data.target_sequence' are both {d.source_sequence!r}: a "
+                          "translation maps one contrast to another")
+    known = {"phantoms": PHANTOM_CONTRASTS, "brats": BRATS_SEQUENCES}
+    if d.dataset not in known:
+        raise ConfigError(f"a translation study trains on aligned pairs, which data.dataset={d.dataset!r} does not "
+                          "provide; use data.dataset=phantoms (t1, t2, ct) or brats (t1n, t1c, t2w, t2f)")
+    for field, value in (("source_sequence", d.source_sequence), ("target_sequence", d.target_sequence)):
+        if value not in known[d.dataset]:
+            raise ConfigError(f"'data.{field}' is {value!r}, no contrast of data.dataset={d.dataset!r}; choose one of "
+                              f"{list(known[d.dataset])}")
+    if cfg.model.cond_channels:
+        raise ConfigError(f"'model.cond_channels' ({cfg.model.cond_channels}) conditions on masks, but this is a "
+                          "translation study (data.target_sequence set), conditioned on the source image: set "
+                          "model.cond_channels=0 (the source's channels are added by the translation phase)")
+    if cfg.autoencoder.enabled:
+        raise ConfigError("a translation study trains the pixel-space UNet; latent translation does not exist: set "
+                          "autoencoder.enabled=false")
 
 
 def check_autoencoder(cfg: ExperimentConfig) -> None:

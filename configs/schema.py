@@ -109,6 +109,9 @@ class TrainConfig:
                                 "segmentation` (segmenter_real.pt), one output per mask channel; never downloaded")
     anatomy_max_t: int = _f(200, help="the anatomy constraint applies to timesteps t < anatomy_max_t (low noise, where "
                             "the predicted x0 is an image)", min=1)
+    translation_objective: str = _f("diffusion", help="translation study (data.target_sequence set): 'diffusion' (the "
+                                    "conditional denoiser, phase translation) or 'regression' (the L1 baseline, phase "
+                                    "translation_regression)", choices=("diffusion", "regression"))
     num_workers: int = _f(0, help="DataLoader worker processes", min=0)
     log_every: int = _f(50, help="steps between metric rows", min=1)
     threads: int = _f(0, help="torch CPU threads; 0 keeps torch's default", min=0)
@@ -119,6 +122,8 @@ class TrainConfig:
     lora_rank: int = _f(4, help="rank r of the low-rank adapters (train.trainable=lora)", min=1)
 
 
+#: Translation contrasts: the phantoms' (t1, t2, ct) and the BraTS sequences; "" = not a translation study.
+TRANSLATION_CONTRASTS = ("", "t1", "t2", "ct", "t1n", "t1c", "t2w", "t2f")
 DATASETS = ("phantoms", "medmnist", "brats", "ixi", "chexpert", "covid_ct", "lidc", "folder")
 
 
@@ -137,6 +142,10 @@ class DataConfig:
     seed: int = _f(0, help="seed of the phantom generator", min=0)
     modality: str = _f("auto", help="intensity handling: auto (by dataset), mri or ct", choices=("auto", "mri", "ct"))
     sequence: str = _f("", help="BraTS t1n|t1c|t2w|t2f, IXI T1|T2|PD; empty = t1c / T1")
+    source_sequence: str = _f("", help="translation study: the contrast the model reads (phantoms t1|t2|ct; brats "
+                              "t1n|t1c|t2w|t2f); empty = no translation", choices=TRANSLATION_CONTRASTS)
+    target_sequence: str = _f("", help="translation study: the contrast the model writes (phantoms t2|ct; brats "
+                              "t1n|t1c|t2w|t2f), on the source's grid", choices=TRANSLATION_CONTRASTS)
     target_spacing: tuple[float, ...] = _f((), help="resample volumes to this spacing in mm (x, y, z); empty = native")
     hu_window: str = _f("brain", help="CT window preset", choices=("brain", "subdural", "lung", "abdomen", "bone"))
     intensity_percentiles: tuple[float, ...] = _f((0.5, 99.5), help="MRI percentiles mapped to [-1, 1]", min=0.0, max=100.0)

@@ -111,6 +111,8 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.task == "segmentation":
         return _evaluate_segmentation(args)
+    if args.task == "translation":
+        return _evaluate_translation(args)
     if args.checkpoint is None or args.synthetic is not None:
         raise ConfigError("--task quality scores a checkpoint: give --checkpoint (--synthetic is for --task segmentation)")
     # loaded on demand: the CLI parses arguments and answers --help without importing torch
@@ -124,6 +126,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"MIA AUC {report['membership_inference']['mia_auc']:.3f}, near-duplicates "
           f"{report['memorization']['near_duplicates']}; wrote {out / 'eval.md'}")
     return 0
+
+
+def _evaluate_translation(args: argparse.Namespace) -> int:
+    from meddiff.recipes.translation_eval import evaluate_translation, translation_table  # on demand: no torch for --help
+
+    if args.checkpoint is None:
+        raise ConfigError("--task translation scores a translation checkpoint: give --checkpoint")
+    report = evaluate_translation(checkpoint=args.checkpoint, baseline=args.baseline, out_dir=args.out,
+                                  num_test=args.num_real_test, samples=args.samples, device=args.device, seed=args.seed)
+    print(translation_table(report) + f"[meddiff] wrote {Path(report['out_dir']) / 'translation.json'}")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from meddiff.recipes.translation_eval import run_translate  # on demand: no torch for --help
+
+    done = run_translate(args.checkpoint, args.input, args.out, samples=args.samples, device=args.device, seed=args.seed,
+                         progress=not args.no_progress)
+    print(f"[meddiff] translated {len(done)} file(s) into {args.out}, {sum(t for _, t in done) / len(done):.1f}s each")
+    return 0
+
+
+def _add_translate_parser(sub) -> None:
+    p = sub.add_parser("translate", help="translate source images (NIfTI file or folder, or an .npz of 2-D sources) with "
+                                         "a translation checkpoint; NIfTI outputs keep the input's affine and shape")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--input", required=True, type=Path, help="a NIfTI file, a folder of them, or an .npz (array 'source')")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--samples", type=int, default=1, help="diffusion: the mean of this many DDIM samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_translate)
 
 
 def _evaluate_segmentation(args: argparse.Namespace) -> int:
@@ -166,16 +201,19 @@ def _add_mask_args(p: argparse.ArgumentParser) -> None:
 def _add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="quality, diversity, memorization and membership-inference report of a checkpoint, "
                                         "or (--task segmentation) the segmentation utility of generated image+mask pairs")
-    p.add_argument("--task", choices=("quality", "segmentation"), default="quality",
+    p.add_argument("--task", choices=("quality", "segmentation", "translation"), default="quality",
                    help="quality: FID, precision/recall, memorization, MIA; segmentation: Dice of segmenters trained on "
-                        "real, synthetic and real + synthetic pairs, and mask fidelity")
+                        "real, synthetic and real + synthetic pairs, and mask fidelity; translation: SSIM, PSNR, MS-SSIM, "
+                        "MAE of a translation checkpoint (and --baseline) on held-out pairs")
+    p.add_argument("--baseline", type=Path, default=None, help="translation: a second checkpoint (the regression baseline)")
+    p.add_argument("--samples", type=int, default=4, help="translation: DDIM samples averaged (also scored: 1 sample)")
     p.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint (segmentation: a mask-conditioned one)")
     p.add_argument("--synthetic", type=Path, default=None, metavar="NPZ",
                    help="segmentation: generated pairs (arrays 'images', 'masks', as `meddiff sample --masks` writes) "
                         "instead of generating from --checkpoint")
     p.add_argument("--real-fraction", type=float, default=1.0, help="segmentation: share of the real training pairs used")
     p.add_argument("--seg-steps", type=int, default=1000, help="segmentation: training steps of every segmenter")
-    p.add_argument("--num-real-test", type=int, default=256, help="segmentation: held-out real phantom pairs to test on (BraTS-layout data: 20%% of patients)")
+    p.add_argument("--num-real-test", type=int, default=256, help="segmentation/translation: held-out phantom pairs to test on (BraTS-layout data: 20%% of patients)")
     p.add_argument("--segmenter", default=None, help="segmentation: a saved real-data segmenter for mask fidelity")
     p.add_argument("--data", default=None, help="dataset file (default: the checkpoint's data.path)")
     p.add_argument("--encoder", default="domain", help="domain | inception | pixels | random_projection")
@@ -217,6 +255,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     _add_evaluate_parser(sub)
+    _add_translate_parser(sub)
 
     p = sub.add_parser("train-encoder", help="train the domain encoder (a small classifier) on a dataset's real images")
     _add_config_args(p)

@@ -109,7 +109,7 @@ def enrol(ledger: PrivacyLedger, *, study: str, num_examples: int, privacy_cfg: 
 def denoiser_in(plan: dict) -> str:
     """The plan's denoiser phase (the one a study samples from): its sample rate and steps are the
     calibration's own; the other phases are extra segments of the same ledger."""
-    names = [n for n in plan if phase_named(n).draws_samples]
+    names = [n for n in plan if phase_named(n).trains_study_model]
     if len(names) != 1:
         raise ValueError(f"a study's plan must include exactly one denoiser phase, got {sorted(plan)}")
     return names[0]

@@ -154,8 +154,9 @@ def build_summary(run_dir: Path, cfg: ExperimentConfig, state, *, stop_reason: s
     rounds = state.history
     final = [r for r in rounds if phase_named(r.get("phase")) is denoiser_phase(cfg)]
     last_round = final[-1]["round"] if final else 0
+    drew = bool(final) and denoiser_phase(cfg).draws_samples  # a translation study draws no sample grids
     summary = {"run_dir": str(run_dir), "rounds": rounds, "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
-               "samples": str(run_dir / "samples" / f"round_{last_round:04d}.png") if final else None,
+               "samples": str(run_dir / "samples" / f"round_{last_round:04d}.png") if drew else None,
                "status": final_status(stop_reason, failed, sum(r["accepted"] > 0 for r in rounds)),
                "stop_reason": stop_reason, "private": cfg.privacy.enabled, "latent_diffusion": cfg.autoencoder.enabled}
     if codec is not None:

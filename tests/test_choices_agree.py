@@ -30,6 +30,9 @@ REGISTRIES = [
     (DataConfig, "hu_window", "meddiff.data.transforms", "HU_WINDOWS"),
     (PartitionConfig, "scheme", "sim.partition", "SCHEMES"),
     (TrainConfig, "trainable", "meddiff.nets.trainable", "TRAINABLE_MODES"),
+    (TrainConfig, "translation_objective", "meddiff.recipes.phases", "TRANSLATION_OBJECTIVES"),
+    (DataConfig, "source_sequence", "meddiff.recipes.translation_data", "TRANSLATION_CONTRASTS"),
+    (DataConfig, "target_sequence", "meddiff.recipes.translation_data", "TRANSLATION_CONTRASTS"),
 ]
 
 
@@ -105,3 +108,11 @@ def test_partition_scheme_dispatch_accepts_every_choice_and_refuses_an_unknown_o
         assert sorted(p for site in sites for p in site) == sorted(patients)
     with pytest.raises(ValueError, match="unknown partition scheme"):
         assign_sites(patients, num_sites=2, scheme="unknown", seed=0, **extra)
+
+
+def test_translation_checks_name_the_phantom_contrasts_and_the_brats_sequences():
+    from configs.checks import BRATS_SEQUENCES, PHANTOM_CONTRASTS
+    from meddiff.data.adapters import BRATS_SEQUENCES as INDEXED
+    from meddiff.data.phantom_anatomy import CONTRASTS
+
+    assert sorted(PHANTOM_CONTRASTS) == sorted(CONTRASTS) and BRATS_SEQUENCES == INDEXED

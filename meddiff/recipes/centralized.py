@@ -77,6 +77,8 @@ class CentralizedRun:
                             extra={"ema_updates": self.ema.num_updates, **self._extra})
 
     def draw(self, step: int) -> None:
+        if not self.phase.draws_samples:  # a translation model is scored by `meddiff evaluate --task translation`
+            return
         ema_model = build_unet(self.cfg).to(self.device)
         self.ema.copy_to(ema_model)
         samples = sample_images(ema_model, self.cfg, num=self.cfg.output.num_samples, device=self.device,

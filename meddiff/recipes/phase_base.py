@@ -21,8 +21,12 @@ class TrainingPhase:
         order: position in a study (earlier phases train first).
         checkpoint_prefix: per-round checkpoints are ``<prefix>_<round>.pt``.
         draws_samples: the server draws sample grids and federated FID from it.
+        trains_study_model: it trains the model the study is for (the privacy calibration's main
+            phase, the summary's final rounds, the plots' main panels).
         produces_codec: its trained model is the frozen encoder later phases train on.
         packs_masks: its examples are images packed with their masks (:class:`meddiff.data.PackedMasks`).
+        packs_source: its examples are translation targets packed with their source images
+            (:class:`meddiff.data.paired.PackedSource`).
         metric_name: what its held-out loss is, in words.
         seed_salt: appended to (seed, round, site) so phases draw independent randomness.
     """
@@ -31,8 +35,10 @@ class TrainingPhase:
     order = 0
     checkpoint_prefix = ""
     draws_samples = False
+    trains_study_model = False
     produces_codec = False
     packs_masks = False
+    packs_source = False
     metric_name = "held-out loss"
     seed_salt: tuple[int, ...] = ()
 

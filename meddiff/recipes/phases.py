@@ -12,7 +12,9 @@ Latent diffusion (Rombach et al. 2022) is two phases: ``autoencoder`` (the KL fi
 alone. Mask-conditioned synthesis (``model.cond_channels > 0``) is ``mask_diffusion``: the same
 UNet objective with the mask concatenated to ``x_t``; with ``autoencoder.enabled`` it follows the
 ``autoencoder`` phase (trained on the images alone) and conditions the latent UNet on the mask
-pooled to the latent grid.
+pooled to the latent grid. A translation study (``data.target_sequence`` set) is ``translation``
+(the target's denoiser given the source) or ``translation_regression`` (the L1 baseline), chosen by
+``train.translation_objective``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from meddiff.recipes.build import (build_autoencoder, build_autoencoder_objectiv
 from meddiff.data import ImageChannels
 from meddiff.nets.autoencoder import AutoencoderObjective
 from meddiff.recipes.phase_base import TrainingPhase
+from meddiff.recipes.translation_infer import sample_translation
+from meddiff.recipes.translation_data import (build_paired_dataset, build_translation_diffusion, build_translation_regression,
+                                              build_translation_unet, translating)
 
 
 class AutoencoderPhase(TrainingPhase):
@@ -95,10 +100,11 @@ class DiffusionPhase(TrainingPhase):
     images, or on the first stage's latents for latent diffusion."""
 
     name, order, checkpoint_prefix = "diffusion", 1, "round"
-    draws_samples = True
+    draws_samples = trains_study_model = True
 
     def federated(self, cfg: ExperimentConfig) -> bool:
-        return not cfg.model.cond_channels  # a mask-conditioned study trains mask_diffusion instead
+        # a mask-conditioned study trains mask_diffusion instead, a translation study a translation phase
+        return not cfg.model.cond_channels and not translating(cfg)
 
     def num_rounds(self, cfg: ExperimentConfig) -> int:
         return cfg.federation.num_rounds
@@ -185,11 +191,79 @@ class MaskDiffusionPhase(DiffusionPhase):
         return f"mask-conditioned diffusion ({cfg.model.cond_channels} mask channels): " + super().banner(cfg)
 
 
+class TranslationPhase(DiffusionPhase):
+    """Cross-modality translation by conditional diffusion: the denoiser of the target image sees
+    ``cat([x_t, source])`` (Saharia et al. 2022, Palette; Dorjsembe et al. 2024 for the
+    concatenation). Examples are targets packed with their sources
+    (:class:`meddiff.data.paired.PackedSource`); sampling is DDIM from noise given the source.
+    Rounds, steps, DP and the schedule are the diffusion phase's."""
+
+    name, checkpoint_prefix = "translation", "translation_round"
+    draws_samples = False  # no unconditional sample grids or FID: `meddiff evaluate --task translation` scores it
+    stochastic = True  # a translation is a draw (several may be averaged)
+    packs_source = True
+    objective = "diffusion"  # its train.translation_objective
+
+    def federated(self, cfg: ExperimentConfig) -> bool:
+        return translating(cfg) and cfg.train.translation_objective == self.objective
+
+    def trains_on_latents(self, cfg: ExperimentConfig) -> bool:
+        return False  # configs refuse autoencoder.enabled for translation
+
+    def build_model(self, cfg: ExperimentConfig) -> nn.Module:
+        return build_translation_unet(cfg)
+
+    def build_objective(self, cfg: ExperimentConfig):
+        return build_translation_diffusion(cfg)
+
+    def training_data(self, cfg: ExperimentConfig):
+        return build_paired_dataset(cfg)
+
+    def translate(self, model, cfg: ExperimentConfig, source: torch.Tensor, *, samples: int = 1, seed: int = 0,
+                  device="cpu") -> torch.Tensor:
+        """``source [N, C_s, *S]`` in [-1, 1] to targets ``[N, C, *S]``: the mean of ``samples`` DDIM draws."""
+        return sample_translation(model, cfg, source, samples=samples, seed=seed, device=device)
+
+    def banner(self, cfg: ExperimentConfig) -> str:
+        d = cfg.data
+        return f"translation {d.source_sequence} -> {d.target_sequence} ({self.objective}): " + super().banner(cfg)
+
+
+class TranslationRegressionPhase(TranslationPhase):
+    """The translation baseline: the same conditioned UNet predicting the target from the source in
+    one pass (t fixed at 0), trained with L1 (:class:`meddiff.diffusion.DirectRegression`, Pix2Pix
+    without the GAN)."""
+
+    name, checkpoint_prefix = "translation_regression", "regression_round"
+    metric_name = "held-out L1"
+    objective, stochastic = "regression", False  # one deterministic pass
+
+    def build_objective(self, cfg: ExperimentConfig):
+        return build_translation_regression(cfg)
+
+    def noise_multiplicity(self, cfg: ExperimentConfig) -> int:
+        return 1  # the loss is deterministic
+
+    @torch.no_grad()
+    def translate(self, model, cfg: ExperimentConfig, source: torch.Tensor, *, samples: int = 1, seed: int = 0,
+                  device="cpu") -> torch.Tensor:
+        """One forward pass (``samples`` and ``seed`` do not apply: the baseline is deterministic)."""
+        return self.build_objective(cfg).predict(model.eval(), source.to(device)).clamp(-1.0, 1.0).cpu()
+
+    def held_out_losses(self, model, objective, x0, y, generator, cfg) -> torch.Tensor:
+        """The L1 of the one-pass translation."""
+        return objective.training_losses(model, x0)
+
+
 AUTOENCODER, DIFFUSION, MASK_DIFFUSION = AutoencoderPhase(), DiffusionPhase(), MaskDiffusionPhase()
+TRANSLATION, TRANSLATION_REGRESSION = TranslationPhase(), TranslationRegressionPhase()
 
 #: Every kind of training, in study order.
-PHASES: dict[str, TrainingPhase] = {p.name: p for p in sorted((AUTOENCODER, DIFFUSION, MASK_DIFFUSION),
-                                                              key=lambda p: p.order)}
+PHASES: dict[str, TrainingPhase] = {p.name: p for p in sorted(
+    (AUTOENCODER, DIFFUSION, MASK_DIFFUSION, TRANSLATION, TRANSLATION_REGRESSION), key=lambda p: p.order)}
+
+#: The translation phase of each ``train.translation_objective``.
+TRANSLATION_OBJECTIVES: dict[str, TrainingPhase] = {p.objective: p for p in (TRANSLATION, TRANSLATION_REGRESSION)}
 
 #: The phase that produces the study's final model (a record without a phase belongs to it).
 FINAL_PHASE = DIFFUSION
@@ -217,8 +291,8 @@ def study_phases(cfg: ExperimentConfig) -> list[TrainingPhase]:
 
 
 def denoiser_phase(cfg: ExperimentConfig) -> TrainingPhase:
-    """The phase that trains ``cfg``'s denoiser (the one whose samples a study draws)."""
-    return next(p for p in study_phases(cfg) if p.draws_samples)
+    """The phase that trains ``cfg``'s model (its denoiser, or its translation model)."""
+    return next(p for p in study_phases(cfg) if p.trains_study_model)
 
 
 def private_plan(cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:

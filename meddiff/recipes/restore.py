@@ -8,8 +8,8 @@ import torch
 from configs import ConfigError, ExperimentConfig, load_config_dict
 from meddiff.checkpoint import check_finite, load_checkpoint
 from meddiff.latent import LatentCodec
-from meddiff.recipes.build import build_autoencoder, build_unet
-from meddiff.recipes.phases import trained_phase
+from meddiff.recipes.build import build_autoencoder
+from meddiff.recipes.phases import denoiser_phase, trained_phase
 
 
 def model_from_checkpoint(path, *, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -25,7 +25,7 @@ def model_from_checkpoint(path, *, use_ema: bool = True, device: str | torch.dev
         cfg = load_config_dict(ckpt.config)
     except ConfigError as exc:
         raise ValueError(f"{path}: the stored config is not valid for this meddiff version: {exc}") from None
-    model = build_unet(cfg)
+    model = denoiser_phase(cfg).build_model(cfg)  # the UNet, with the source's channels for translation
     state = ckpt.ema if (use_ema and ckpt.ema is not None) else ckpt.model
     check_finite(state, str(path))
     try:

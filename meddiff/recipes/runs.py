@@ -92,8 +92,8 @@ def plot_run(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    earlier = [r for r in rows if not phase_named(r.get("phase")).draws_samples and r.get("scope") == "global"]
-    rows = [r for r in rows if phase_named(r.get("phase")).draws_samples]
+    earlier = [r for r in rows if not phase_named(r.get("phase")).trains_study_model and r.get("scope") == "global"]
+    rows = [r for r in rows if phase_named(r.get("phase")).trains_study_model]
     glob = [r for r in rows if r.get("scope") == "global"]
     sites = sorted({r["scope"] for r in rows if r.get("scope", "").startswith("site_")})
     panels = [("loss", [("train", _floats(glob, "train_loss")), ("held-out", _floats(glob, "eval_loss"))])]

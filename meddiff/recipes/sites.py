@@ -24,6 +24,8 @@ from meddiff.data.phantoms import MASK_CHANNELS
 from meddiff.data.phantoms import Acquisition, apply_acquisition, make_phantoms, site_acquisition
 from meddiff.recipes.build import pack_masks
 from meddiff.recipes.phases import denoiser_phase
+from meddiff.recipes.translation_data import paired_records_data, phantom_pairs_data
+from meddiff.data.paired import PackedSource
 
 MANIFEST_VERSION = 1
 
@@ -105,6 +107,7 @@ class ScannerShift(Dataset):
         self.labels = getattr(base, "labels", None)
         self.patient_ids = getattr(base, "patient_ids", None)
         self.mask_channels = getattr(base, "mask_channels", ())
+        self.condition_is_image = getattr(base, "condition_is_image", False)  # a translation source shifts too
 
     def __len__(self) -> int:
         return len(self.base)
@@ -112,10 +115,15 @@ class ScannerShift(Dataset):
     def __getitem__(self, i: int):
         x, *rest = self.base[i]  # (image, label) or (image, label, mask): anatomy, so masks, do not move
         rng = np.random.default_rng([self.seed, self.site, i])
+        if self.condition_is_image:  # (target, label, source): one session, both images through the scanner
+            rest[-1] = self._shift(rest[-1], rng)
+        return (self._shift(x, rng), *rest)
+
+    def _shift(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         arr = (x.numpy() + 1.0) / 2.0  # [-1, 1] -> [0, 1]
         planes = arr.reshape(-1, *arr.shape[-2:])
         shifted = np.stack([apply_acquisition(p, self.acquisition, rng) for p in planes]).reshape(arr.shape)
-        return (torch.from_numpy(shifted * 2.0 - 1.0).float(), *rest)
+        return torch.from_numpy(shifted * 2.0 - 1.0).float()
 
 
 def site_dataset(manifest: dict[str, Any], site: int | str, cfg: ExperimentConfig, *, split: str = "train") -> Dataset:
@@ -144,8 +152,15 @@ def public_dataset(manifest: dict[str, Any], cfg: ExperimentConfig) -> Dataset:
 
 
 def _examples(data: Dataset, cfg: ExperimentConfig) -> Dataset:
-    """What the study's denoiser trains on: ``data`` as is, or its (image, mask) pairs packed."""
+    """What the study's denoiser trains on: ``data`` as is, its (image, mask) pairs packed, or its
+    (target, source) pairs packed."""
+    if _with_source(cfg):
+        return PackedSource(data)
     return pack_masks(data, cfg) if _with_masks(cfg) else data
+
+
+def _with_source(cfg: ExperimentConfig) -> bool:
+    return denoiser_phase(cfg).packs_source
 
 
 def _with_masks(cfg: ExperimentConfig) -> bool:
@@ -156,6 +171,9 @@ def _manifest_data(manifest: dict[str, Any], samples: list[dict], cfg: Experimen
                    acquisition: Optional[Acquisition]) -> Dataset:
     """The manifest's ``samples``, checked against their content hashes."""
     d, masks = cfg.data, _with_masks(cfg)
+    if manifest["dataset"] == "phantoms" and _with_source(cfg):
+        return phantom_pairs_data(cfg, [int(s["id"].split("_")[-1]) for s in samples], seed=d.seed,
+                                  lesion_fraction=d.lesion_fraction, acquisition=acquisition)
     if manifest["dataset"] == "phantoms":
         images, labels, regions = [], [], []
         for s in samples:
@@ -180,7 +198,10 @@ def _manifest_data(manifest: dict[str, Any], samples: list[dict], cfg: Experimen
 
 
 def _records_data(records: list, data_cfg, cfg: ExperimentConfig, *, train: bool) -> Dataset:
-    """Records as images, or for a mask-conditioned study as (image, label, mask) triples."""
+    """Records as images, or for a mask-conditioned study as (image, label, mask) triples, or for a
+    translation study as (target, label, source) triples."""
+    if _with_source(cfg):
+        return paired_records_data(records, data_cfg, cfg, train=train)
     dataset = MaskedVolumeDataset if _with_masks(cfg) else MedicalDataset
     return dataset(records, data_cfg, spatial_dims=cfg.model.spatial_dims, train=train)
 
@@ -216,6 +237,9 @@ def phantom_site(site: int, num_sites: int, cfg: ExperimentConfig, *, split: str
     plan = phantom_site_plan(site, num_sites, cfg)
     num, start = (plan["num_train"], 0) if split == "train" else (plan["num_test"], plan["num_train"])
     kwargs = {"acquisition": plan["acquisition"]} if plan["acquisition"] else {}
+    if _with_source(cfg):
+        return _examples(phantom_pairs_data(cfg, range(start, start + num), seed=plan["seed"],
+                                            lesion_fraction=plan["lesion_fraction"], **kwargs), cfg)
     masks = _with_masks(cfg)
     made = make_phantoms(num, cfg.data.image_size, seed=plan["seed"], lesion_fraction=plan["lesion_fraction"],
                          start=start, masks=masks, **kwargs)

@@ -15,12 +15,12 @@ LDM = ["autoencoder.enabled=true", "autoencoder.mode=not_private", "model.in_cha
 
 
 def test_registry_is_in_study_order_and_names_resolve():
-    assert list(PHASES) == ["autoencoder", "diffusion", "mask_diffusion"]
+    assert list(PHASES) == ["autoencoder", "diffusion", "mask_diffusion", "translation", "translation_regression"]
     assert [p.order for p in PHASES.values()] == sorted(p.order for p in PHASES.values())
     assert phase_named("autoencoder") is AUTOENCODER and phase_named("diffusion") is DIFFUSION
     assert phase_named("") is FINAL_PHASE and phase_named(None) is FINAL_PHASE  # records older than phases
-    with pytest.raises(ValueError, match="unknown training phase 'translation'.*autoencoder"):
-        phase_named("translation")
+    with pytest.raises(ValueError, match="unknown training phase 'segmentation'.*autoencoder"):
+        phase_named("segmentation")
 
 
 def test_study_phases_follow_the_autoencoder_mode():

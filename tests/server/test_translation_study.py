@@ -1,0 +1,35 @@
+"""A federated translation study: sites train the translation phases on their (target, source)
+pairs through the server's round loop and the real ClientApp in process, with and without DP."""
+
+import pytest
+
+from meddiff.checkpoint import load_checkpoint
+from meddiff.recipes.phases import TRANSLATION, TRANSLATION_REGRESSION
+from server.federation import run_federation
+from tests.conftest import tiny_config
+from tests.flower_helpers import as_node
+from tests.inprocess_grid import InProcessGrid
+
+STUDY = ["data.source_sequence=t1", "data.target_sequence=ct", "federation.num_sites=2", "federation.min_train_nodes=2",
+         "federation.num_rounds=2", "federation.local_steps=2", "data.num_samples=40", "diffusion.prediction_type=v"]
+
+
+@pytest.mark.parametrize("phase, extra", [
+    pytest.param(TRANSLATION, [], marks=pytest.mark.slow),  # ~20-35 s each on a loaded 2-core machine
+    pytest.param(TRANSLATION_REGRESSION, ["train.translation_objective=regression", "privacy.enabled=true",
+                                          "privacy.target_epsilon=50", "train.batch_size=8"], marks=pytest.mark.slow),
+])
+def test_a_federated_translation_study_trains_its_phase_and_checkpoints_a_source_conditioned_model(tmp_path, phase, extra):
+    cfg = tiny_config(tmp_path, STUDY + extra)
+    as_node(0)
+    grid = InProcessGrid({100 + i: {"partition-id": i, "num-partitions": 2} for i in range(2)})
+    summary = run_federation(grid, cfg, run_dir=tmp_path / "run")
+    assert summary["status"] == "completed", summary["stop_reason"]
+    assert [r["phase"] for r in summary["rounds"]] == [phase.name] * 2
+    assert [r["accepted"] for r in summary["rounds"]] == [2, 2]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt.extra.get("phase") == phase.name
+    assert ckpt.model["conv_in.weight"].shape[1] == 2  # x_t and the source image
+    assert summary["samples"] is None  # no unconditional sample grids for a translation model
+    if cfg.privacy.enabled:
+        assert set(summary["epsilon"]) == {"site_0", "site_1"} and all(0 < e <= 50 for e in summary["epsilon"].values())
