@@ -60,8 +60,13 @@ class SiteSegmentation:
             weights = run.sample_model.state_dict()
         content = SegmentationQuery(replace(round_config, server_round=rnd), weights).to_record()
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        results = []
-        for reply in self.grid.send_and_receive(messages=messages, timeout=self.cfg.federation.round_timeout):
+        results, timeout = [], self.cfg.federation.round_timeout
+        replies = list(self.grid.send_and_receive(messages=messages, timeout=timeout))
+        silent = sorted(set(nodes) - {r.metadata.src_node_id for r in replies})
+        if silent:
+            self.say(f"segmentation utility: node(s) {', '.join(map(str, silent))} did not answer within "
+                     f"federation.round_timeout={timeout:g} s (raise it, or lower evaluation.segmentation_samples)")
+        for reply in replies:
             result, problem = _decode(reply)
             if isinstance(result, Failure):
                 append_traceback(self.error_log, f"segmentation utility after round {rnd}, site {result.site_index}",
