@@ -20,18 +20,20 @@ from torch.utils.data import Dataset
 
 from client.data import SiteData, node_site_index, site_data
 from client.progress import SiteProgress, progress_path
-from client.local import local_evaluate, local_feature_stats, local_train
+from client.local import local_evaluate, local_feature_stats, local_train, round_seed
 from client.state import install_autoencoder, set_scale, site_codec, site_latents
 from meddiff.recipes.build import build_autoencoder
 from meddiff.device import resolve_device
 from meddiff.latent import latent_stats
+from meddiff.recipes.site_segmentation import site_segmentation
 from privacy.refusals import SiteRefusal, require_dp
 from privacy.site import SitePrivacy, required_state_dir, site_budget, state_dir_of
 from protocol import (EvaluateRes, Failure, InstallAutoencoder, MissingAutoencoder, Query, QueryRes, Refusal, RoundConfig,
-                      RoundIns, TrainRes, decode_query)
+                      RoundIns, SegmentationQuery, SegmentationRes, TrainRes, decode_query)
 from protocol.keys import AUTOENCODER_DIGEST, EPSILON, STEPS, TRAIN_LOSS
 
 MIRROR_KEY = "privacy-ledger"
+SEGMENTATION_SEED_SALT = 11  # the site's segmentation evaluation draws from its own seed stream
 
 log = logging.getLogger("meddiff.site")
 
@@ -145,11 +147,29 @@ def evaluate_round(ins: RoundIns, node_config: Mapping, state: Optional[RecordDi
     return EvaluateRes(metrics, stats)
 
 
-def answer_query(query: Query, node_config: Mapping, state: Optional[RecordDict] = None) -> QueryRes:
+def segmentation_answer(query: SegmentationQuery, node_config: Mapping) -> SegmentationRes:
+    """The segmentation utility of the received denoiser on the site's own training and held-out
+    pairs (:func:`~meddiff.recipes.site_segmentation.site_segmentation`), seeded by (seed, round,
+    site); the reply holds Dice figures and counts only."""
+    setup = query.setup
+    cfg = setup.experiment
+    site = site_data(cfg, node_config, setup.manifest_path)
+    seed = round_seed(cfg.train.seed, setup.round_number(), site.index, SEGMENTATION_SEED_SALT)
+    report = site_segmentation(cfg, query.weights, site.train, site.test, seed=seed, device=resolve_device(cfg.train.device))
+    log.info("site %s segmentation utility after round %s: %d real, %d synthetic, %d held-out pairs (%.1fs)", site.name,
+             setup.round_number(), report["num_real_train"], report["num_synthetic"], report["num_real_test"], report["seconds"])
+    return SegmentationRes.from_report(site.index, report)
+
+
+def answer_query(query: Query, node_config: Mapping,
+                 state: Optional[RecordDict] = None) -> Union[QueryRes, SegmentationRes]:
     """Latent diffusion's set-up: keep the frozen autoencoder (digest-checked) and, when asked,
     answer with the count, sum and sum of squares of the site's training latents, from which the
     server computes the scale factor (no images leave the site); or record the federated scale
-    factor for the installed autoencoder (``installed=False`` when the site lacks it)."""
+    factor for the installed autoencoder (``installed=False`` when the site lacks it). A
+    segmentation query is answered by :func:`segmentation_answer`."""
+    if isinstance(query, SegmentationQuery):
+        return segmentation_answer(query, node_config)
     setup = query.setup
     cfg, digest, scale = setup.experiment, setup.autoencoder_digest, setup.latent_scale
     site = site_data(cfg, node_config, setup.manifest_path)

@@ -72,6 +72,10 @@ def check_conditioning(cfg: ExperimentConfig) -> None:
         if cfg.train.anatomy_weight:
             raise ConfigError(f"'train.anatomy_weight' ({cfg.train.anatomy_weight}) constrains a mask-conditioned model, but "
                               "'model.cond_channels' is 0: set model.cond_channels (e.g. 4) or train.anatomy_weight=0")
+        if cfg.evaluation.segmentation_steps:
+            raise ConfigError(f"'evaluation.segmentation_steps' ({cfg.evaluation.segmentation_steps}) scores each site's "
+                              "generated (image, mask) pairs by segmentation, but 'model.cond_channels' is 0: this study "
+                              "has no masks; set model.cond_channels (e.g. 4) or evaluation.segmentation_steps=0")
         return
     if cfg.train.anatomy_weight and not cfg.train.anatomy_segmenter:
         raise ConfigError("'train.anatomy_weight' > 0 needs 'train.anatomy_segmenter': a segmenter file, e.g. the "

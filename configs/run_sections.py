@@ -22,13 +22,20 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Light evaluation during federated training: FID from per-site feature statistics."""
+    """Light evaluation during federated training: FID from per-site feature statistics, and in a
+    mask-conditioned study each site's segmentation utility on its own data."""
 
     every: int = _f(0, help="rounds between federated FID evaluations; 0 = off", min=0)
     encoder: str = _f("random_projection", help="feature encoder", choices=("domain", "inception", "pixels", "random_projection"))
     encoder_weights: str = _f("", help="encoder file, readable by the server and every site (domain / inception)")
     num_samples: int = _f(64, help="images generated for each evaluation", min=2)
-    max_real: int = _f(512, help="held-out images each site encodes", min=2)
+    max_real: int = _f(512, help="held-out images each site encodes (and, for segmentation, scores segmenters on)", min=2)
+    segmentation_steps: int = _f(0, help="mask-conditioned studies: training steps of each segmenter in every site's "
+                                         "segmentation utility on its own data after the last round; 0 = off", min=0)
+    segmentation_samples: int = _f(64, help="synthetic pairs each site generates for it, from masks of its own "
+                                            "training split", min=1)
+    segmentation_every: int = _f(0, help="rounds between per-site segmentation evaluations besides the last; "
+                                         "0 = after the last round only", min=0)
 
 
 @dataclass(frozen=True)

@@ -51,15 +51,25 @@ asked for feature statistics also the metric ``feature-count`` and the ArrayReco
 A reply to QUERY (:class:`QueryRes`): ``metrics`` with ``QUERY_METRIC_KEYS``: ``site-index``,
 ``installed`` (0 when the site lacks the named autoencoder), ``count``, ``total``, ``total-sq``.
 
+A mask-conditioned study's per-site segmentation utility is a QUERY too, of kind
+``segmentation-utility`` (:class:`SegmentationQuery`): the ``config`` (whose ``server-round`` names
+the round) and the ArrayRecord ``arrays`` with the server's EMA weights of the denoiser. The
+site answers (:class:`SegmentationRes`) with ``metrics``: ``SEGMENTATION_METRIC_KEYS``
+(``site-index``, ``num_real_train``, ``num_synthetic``, ``num_real_test``, ``seconds``) and for
+every column of ``SEGMENTATION_COLUMNS`` and region ``dice/<column>/<region>`` (NaN when no image
+holds the region) and ``cases/<column>/<region>``; and the ConfigRecord ``segmentation`` with
+``regions``, the regions in order. Numbers only: no image or mask leaves the site.
+
 A malformed message raises :class:`ProtocolError`, naming the missing record or key.
 """
 
 from protocol.errors import ProtocolError
 from protocol.keys import (EVALUATE_METRIC_KEYS, FEATURE_COUNT, NUM_EXAMPLES, PRIVACY_METRIC_KEYS, QUERY_METRIC_KEYS,
-                           SITE_INDEX, TRAIN_METRIC_KEYS)
+                           SEGMENTATION_COLUMNS, SEGMENTATION_METRIC_KEYS, SITE_INDEX, TRAIN_METRIC_KEYS)
 from protocol.metrics import (METRIC_KEYS_BY_TYPE, evaluate_metrics, metric_record, non_private_metrics, privacy_metrics,
                               train_metrics)
 from protocol.queries import InstallAutoencoder, Query, QueryRes, SetLatentScale, decode_query
+from protocol.segmentation import SegmentationQuery, SegmentationRes
 from protocol.replies import (EvaluateRes, Failure, MissingAutoencoder, Refusal, Reply, TrainRes, decode_reply,
                               replace_update_arrays, reply_kind, reply_ledger, reply_metrics)
 from protocol.round import RoundConfig, RoundIns, central_dp_mode
@@ -67,9 +77,10 @@ from protocol.weights import TRANSPORT_DTYPES, arrays_to_state, exact_arrays, st
 
 __all__ = [
     "EVALUATE_METRIC_KEYS", "FEATURE_COUNT", "METRIC_KEYS_BY_TYPE", "NUM_EXAMPLES", "PRIVACY_METRIC_KEYS",
-    "QUERY_METRIC_KEYS", "SITE_INDEX", "TRAIN_METRIC_KEYS", "TRANSPORT_DTYPES", "EvaluateRes", "Failure",
-    "InstallAutoencoder", "MissingAutoencoder", "ProtocolError", "Query", "QueryRes", "Refusal", "Reply", "RoundConfig",
-    "RoundIns", "SetLatentScale", "TrainRes", "arrays_to_state", "central_dp_mode", "decode_query", "decode_reply",
+    "QUERY_METRIC_KEYS", "SEGMENTATION_COLUMNS", "SEGMENTATION_METRIC_KEYS", "SITE_INDEX", "TRAIN_METRIC_KEYS",
+    "TRANSPORT_DTYPES", "EvaluateRes", "Failure", "InstallAutoencoder", "MissingAutoencoder", "ProtocolError", "Query",
+    "QueryRes", "Refusal", "Reply", "RoundConfig", "RoundIns", "SegmentationQuery", "SegmentationRes", "SetLatentScale",
+    "TrainRes", "arrays_to_state", "central_dp_mode", "decode_query", "decode_reply",
     "evaluate_metrics", "exact_arrays", "metric_record", "non_private_metrics", "privacy_metrics", "replace_update_arrays",
     "reply_kind", "reply_ledger", "reply_metrics", "state_to_arrays", "train_metrics",
 ]

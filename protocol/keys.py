@@ -13,6 +13,7 @@ REFUSAL = "refusal"
 FAILURE = "failure"
 MISSING_AUTOENCODER = "missing-autoencoder"
 FEATURE_STATS = "feature-stats"
+SEGMENTATION = "segmentation"
 
 # Keys of the "config" record the server sends.
 EXPERIMENT_CONFIG = "experiment-config"
@@ -37,6 +38,7 @@ CLIPPING_NORM = KEY_CLIPPING_NORM
 # Kinds of QUERY message (the value of "query").
 INSTALL_AUTOENCODER = "install-autoencoder"
 SET_LATENT_SCALE = "latent-scale"
+SEGMENTATION_UTILITY = "segmentation-utility"
 
 # Keys of the small records of replies.
 LEDGER = "ledger"
@@ -45,6 +47,7 @@ TRACEBACK = "traceback"
 DIGEST = "digest"
 FEATURE_MEAN = "mean"
 FEATURE_COV = "cov"
+REGIONS = "regions"
 
 # Metric keys. The names with underscores are also the columns of the server's metrics.csv.
 NUM_EXAMPLES = "num-examples"
@@ -67,6 +70,16 @@ INSTALLED = "installed"
 COUNT = "count"
 TOTAL = "total"
 TOTAL_SQ = "total-sq"
+NUM_REAL_TRAIN = "num_real_train"
+NUM_SYNTHETIC = "num_synthetic"
+NUM_REAL_TEST = "num_real_test"
+#: The columns of a site's segmentation report: segmenters trained on real, synthetic and real +
+#: synthetic pairs scored on real held-out pairs, and mask fidelity (the real-only segmenter on the
+#: generated images). Each region's Dice travels as "dice/<column>/<region>" and the held-out
+#: images that hold the region as "cases/<column>/<region>".
+SEGMENTATION_COLUMNS = ("real_only", "synthetic_only", "real_plus_synthetic", "mask_fidelity")
+DICE = "dice"
+CASES = "cases"
 
 #: The privacy metrics of every train reply (a site without DP sends epsilon = inf).
 PRIVACY_METRIC_KEYS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, CLIP_FRACTION, BUDGET_EXHAUSTED, PRIVACY_UNIT,
@@ -77,3 +90,5 @@ TRAIN_METRIC_KEYS = (NUM_EXAMPLES, TRAIN_LOSS, STEPS, SITE_INDEX, SECONDS, *PRIV
 #: An evaluate reply carries these, plus "feature-count" when it carries feature statistics.
 EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, EVAL_LOSS, SITE_INDEX)
 QUERY_METRIC_KEYS = (SITE_INDEX, INSTALLED, COUNT, TOTAL, TOTAL_SQ)
+#: A segmentation reply carries these, plus a Dice and a case count per column and region.
+SEGMENTATION_METRIC_KEYS = (SITE_INDEX, NUM_REAL_TRAIN, NUM_SYNTHETIC, NUM_REAL_TEST, SECONDS)

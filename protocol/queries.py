@@ -1,5 +1,6 @@
-"""Latent diffusion's set-up: the QUERY messages that install the frozen autoencoder at a site
-and set its scale factor, and the site's answer."""
+"""The QUERY messages: latent diffusion's set-up (install the frozen autoencoder at a site, set
+its scale factor) and the site's answer; the kinds include the segmentation query
+(:mod:`protocol.segmentation`), which has its own reply."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from protocol.errors import ProtocolError, array_record, config_record, metric_v
 from protocol.keys import (ARRAYS, CONFIG, COUNT, INSTALL_AUTOENCODER, INSTALLED, METRICS, QUERY, QUERY_METRIC_KEYS,
                            SET_LATENT_SCALE, SITE_INDEX, TOTAL, TOTAL_SQ, WANT_STATS)
 from protocol.round import RoundConfig
+from protocol.segmentation import SegmentationQuery
 from protocol.weights import arrays_to_state, exact_arrays
 
 
@@ -56,7 +58,7 @@ class SetLatentScale:
         return cls(RoundConfig.from_record(content))
 
 
-Query = Union[InstallAutoencoder, SetLatentScale]
+Query = Union[InstallAutoencoder, SetLatentScale, SegmentationQuery]
 
 
 def decode_query(content: RecordDict) -> Query:
@@ -64,10 +66,10 @@ def decode_query(content: RecordDict) -> Query:
     record = config_record(content, CONFIG)
     if QUERY not in record:
         raise ProtocolError(f"the query names no kind: its config lacks the key {QUERY!r}")
-    kinds = {cls.KIND: cls for cls in (InstallAutoencoder, SetLatentScale)}
+    kinds = {cls.KIND: cls for cls in (InstallAutoencoder, SetLatentScale, SegmentationQuery)}
     kind = str(record[QUERY])
     if kind not in kinds:
-        raise ProtocolError(f"unknown query {kind!r}; expected {INSTALL_AUTOENCODER} or {SET_LATENT_SCALE}")
+        raise ProtocolError(f"unknown query {kind!r}; expected one of {', '.join(kinds)}")
     return kinds[kind].from_record(content)
 
 

@@ -13,9 +13,11 @@ from meddiff.evaluate.metrics import FeatureStats
 from protocol.errors import ProtocolError, array_record, config_record, content_of, metric_values, require_keys
 from protocol.keys import (ARRAYS, BUDGET_EXHAUSTED, DELTA, DIGEST, EPSILON, EVAL_LOSS, EVALUATE_METRIC_KEYS, FAILURE,
                            FEATURE_COUNT, FEATURE_COV, FEATURE_MEAN, FEATURE_STATS, INSTALLED, LEDGER, METRICS,
-                           MISSING_AUTOENCODER, PRIVACY, REASON, REFUSAL, SITE_INDEX, TRACEBACK, TRAIN_METRIC_KEYS)
+                           MISSING_AUTOENCODER, PRIVACY, REASON, REFUSAL, SEGMENTATION, SITE_INDEX, TRACEBACK,
+                           TRAIN_METRIC_KEYS)
 from protocol.metrics import failure_metrics, metric_record, non_private_metrics, train_metrics
 from protocol.queries import QueryRes
+from protocol.segmentation import SegmentationRes
 from protocol.weights import arrays_to_state, state_to_arrays
 
 
@@ -171,7 +173,7 @@ class EvaluateRes(_SiteReply):
                                          arrays[FEATURE_COV].double().numpy()))
 
 
-Reply = Union[TrainRes, Refusal, MissingAutoencoder, Failure, EvaluateRes, QueryRes]
+Reply = Union[TrainRes, Refusal, MissingAutoencoder, Failure, EvaluateRes, QueryRes, SegmentationRes]
 _BY_TYPE = {MessageType.TRAIN: TrainRes, MessageType.EVALUATE: EvaluateRes, MessageType.QUERY: QueryRes}
 
 
@@ -179,7 +181,8 @@ def reply_kind(reply: Union[Message, RecordDict]) -> type:
     """The class of a (non-error) reply, from its record names and the message type; for a bare
     RecordDict the type follows from the metrics (``eval_loss``: evaluate, ``installed``: query)."""
     content = content_of(reply)
-    for name, kind in ((FAILURE, Failure), (REFUSAL, Refusal), (MISSING_AUTOENCODER, MissingAutoencoder)):
+    for name, kind in ((FAILURE, Failure), (REFUSAL, Refusal), (MISSING_AUTOENCODER, MissingAutoencoder),
+                       (SEGMENTATION, SegmentationRes)):
         if name in content.config_records:
             return kind
     if isinstance(reply, Message):

@@ -9,6 +9,10 @@ checkpoint's; with fixed seeds and no DP the result equals an uninterrupted run,
 their randomness by (seed, round, site) and updates are aggregated in site order (DP noise is
 unpredictable on purpose, so DP runs resume correctly but not bit-identically).
 
+In a mask-conditioned study with ``evaluation.segmentation_steps`` > 0, every site also scores
+the EMA model by segmentation utility on its own data after the last round
+(:mod:`server.site_segmentation`).
+
 Latent diffusion (``autoencoder.enabled``) trains in two phases (Rombach et al. 2022): the KL
 autoencoder (federated with or without DP, or public), then the latent UNet; in between the
 frozen autoencoder is installed at every site once (:mod:`server.latent_setup`).
@@ -20,7 +24,6 @@ enough valid updates (status ``failed``, so that ``meddiff simulate`` exits non-
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -31,9 +34,9 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from torch import nn
 
-from configs import ExperimentConfig, config_to_dict, config_to_yaml, load_config_dict
+from configs import ExperimentConfig, config_to_yaml, load_config_dict
 from configs.compare import resume_conflicts
-from meddiff.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from meddiff.checkpoint import Checkpoint, load_checkpoint
 from meddiff.ema import EMA
 from meddiff.latent import LatentCodec
 from meddiff.recipes.first_stage import public_codec
@@ -47,9 +50,10 @@ from server.evaluation import Evaluation, weighted_mean
 from server.latent_setup import LatentSetup
 from server.phase import PhaseRun
 from server.replies import learn_node_sites, round_counts, round_report, sort_replies, wait_for_nodes
-from server.run_state import RunState, record_config
+from server.run_state import RunState, record_config, save_round_checkpoint
 from server.screening import aggregate, screen
-from server.strategy import base_strategy, create_strategy, load_strategy_state, sites_per_round, strategy_state
+from server.site_segmentation import SiteSegmentation
+from server.strategy import base_strategy, create_strategy, load_strategy_state, sites_per_round
 from server.summary import RunRecord, build_summary, round_line, say, supersede_rows_after, write_summary
 
 log = logging.getLogger("meddiff.server")
@@ -75,6 +79,7 @@ class _Federation:
         self.stop_reason, self.failed = "", False
         self.codec: Optional[LatentCodec] = None
         self.evaluation = Evaluation(grid, cfg, run_dir, say)
+        self.segmentation = SiteSegmentation(grid, cfg, run_dir, say)
         self.latent = LatentSetup(grid, cfg, lambda: self._round_config(denoiser_phase(cfg)), say)
         self.record: Optional[RunRecord] = None
         self.initial = load_initial_weights(cfg)  # train.init_from: weights that start each phase's round 1
@@ -170,14 +175,24 @@ class _Federation:
                 break
             if phase.draws_samples and out.sample_every and rnd % out.sample_every == 0 and rnd != num_rounds:
                 self._draw(run, rnd)
+            self._segment(run, rnd, last=False)
             last = rnd
         if phase.draws_samples:
             self._draw(run, last)
+        self._segment(run, last, last=True)
         return run.global_state
 
     def _draw(self, run: PhaseRun, rnd: int) -> None:
         samples = self.evaluation.draw(run.ema, run.sample_model, f"round_{rnd:04d}")
         self.record.board.images("samples/grid", samples, rnd)
+
+    def _segment(self, run: PhaseRun, rnd: int, *, last: bool) -> None:
+        """Every live site's segmentation utility of the EMA model on its own data, when due."""
+        if self.segmentation.due(run.phase, rnd, last=last):
+            entry = self.segmentation.evaluate(run, rnd, self._round_config(run.phase, run.phase.num_rounds(self.cfg)),
+                                               self._live_nodes())
+            self.record.segmentation(entry)
+            self.state.segmentation.append(entry)
 
     def _round(self, run: PhaseRun, rnd: int) -> bool:
         """One round; False when the run must stop (the reason is in ``stop_reason``)."""
@@ -210,7 +225,7 @@ class _Federation:
         say(round_line(self.cfg, phase, rnd, counts, row, kept))
         if self.cfg.privacy.enabled:
             save_site_ledgers(self.run_dir, self.state.ledgers, refused=sorted(self.state.refused_sites))
-        self._checkpoint(run, rnd, report)
+        save_round_checkpoint(self.ckpt_dir, self.cfg, run, rnd, report, self.state, initial=self.initial, codec=self.codec)
         return not self._too_many_failures(kept, rnd, phase)
 
     def _enough_nodes(self, rnd: int) -> bool:
@@ -271,20 +286,6 @@ class _Federation:
                             f"{fed.max_failed_rounds}); the reasons are in metrics.csv and logs/site_errors.log")
         say(self.stop_reason)
         return True
-
-    def _checkpoint(self, run: PhaseRun, rnd: int, report: list[dict]) -> None:
-        extra = {"round": rnd, "phase": run.phase.name, "strategy_state": strategy_state(base_strategy(run.strategy)),
-                 "site_metrics": json.dumps(report, default=float), "torch_rng": torch.get_rng_state(),
-                 **self.state.to_checkpoint()}
-        if run.ema is not None:
-            extra["ema_updates"] = run.ema.num_updates
-        if self.initial is not None:
-            extra["init_from"] = json.dumps(self.initial.record())
-        if run.phase.trains_on_latents(self.cfg) and self.codec is not None:
-            extra["autoencoder"] = self.codec.to_payload()
-        for name in (f"{run.phase.checkpoint_prefix}_{rnd:04d}.pt", "last.pt"):
-            save_checkpoint(self.ckpt_dir / name, model_state=run.global_state, ema_state=run.ema.state_dict() if run.ema else None,
-                            config=config_to_dict(self.cfg), step=rnd, extra=extra)
 
     def _finish(self) -> dict:
         summary = build_summary(self.run_dir, self.cfg, self.state, stop_reason=self.stop_reason, failed=self.failed,

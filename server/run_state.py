@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import torch
 from flwr.app import Message
 
+from configs import ExperimentConfig, config_to_dict
+from meddiff.checkpoint import save_checkpoint
 from meddiff.recipes.phases import phase_named
 from privacy.report import update_site_ledgers
 from protocol import reply_ledger
+from server.phase import PhaseRun
+from server.strategy import base_strategy, strategy_state
 
 log = logging.getLogger("meddiff.server")
 
@@ -35,6 +40,7 @@ class RunState:
     central: dict = field(default_factory=dict)
     node_sites: dict[int, int] = field(default_factory=dict)
     failed_streak: int = 0
+    segmentation: list[dict] = field(default_factory=list)  # the sites' segmentation utility, by round
 
     @classmethod
     def new(cls, run_dir: Path, central: dict) -> "RunState":
@@ -44,7 +50,7 @@ class RunState:
         """Plain strings for a checkpoint's ``extra`` (``torch.load(weights_only=True)``-safe)."""
         return {"history": json.dumps({"rounds": self.history}), "study": json.dumps({"study-id": self.study_id}),
                 "privacy_ledgers": json.dumps(self.ledgers), "refused_sites": json.dumps(sorted(self.refused_sites)),
-                "central_dp": json.dumps(self.central)}
+                "central_dp": json.dumps(self.central), "segmentation": json.dumps(self.segmentation)}
 
     @classmethod
     def from_checkpoint(cls, extra: dict, default_central: dict) -> "RunState":
@@ -54,7 +60,8 @@ class RunState:
         return cls(study_id=study["study-id"], history=json.loads(extra.get("history", '{"rounds": []}'))["rounds"],
                    ledgers=json.loads(extra.get("privacy_ledgers", "{}")),
                    refused_sites=set(json.loads(extra.get("refused_sites", extra.get("exhausted_sites", "[]")))),
-                   central=json.loads(extra.get("central_dp", json.dumps(default_central))))
+                   central=json.loads(extra.get("central_dp", json.dumps(default_central))),
+                   segmentation=json.loads(extra.get("segmentation", "[]")))
 
     def merge_privacy(self, updates: Iterable[Message], refusals: Iterable[Message]) -> None:
         """Keep the newest ledger each DP reply carries; remember the sites that refused."""
@@ -95,3 +102,21 @@ def record_config(run_dir: Path, cfg_yaml: str, ckpt) -> None:
             raise ValueError(f"{run_dir} already holds a run with another config; resume it with resume-from, "
                              "or choose another run directory")
         (run_dir / f"config_resumed_{phase_named(ckpt.extra.get('phase')).name}_{ckpt.step:04d}.yaml").write_text(cfg_yaml)
+
+
+def save_round_checkpoint(ckpt_dir: Path, cfg: ExperimentConfig, run: PhaseRun, rnd: int, report: list[dict],
+                          state: RunState, *, initial=None, codec=None) -> None:
+    """``<phase prefix>_<round>.pt`` and ``last.pt``: global and EMA weights, strategy state, round,
+    phase, config, per-site metrics, the run state, RNG state, the initial weights' record and, for a
+    phase on latents, the autoencoder."""
+    extra = {"round": rnd, "phase": run.phase.name, "strategy_state": strategy_state(base_strategy(run.strategy)),
+             "site_metrics": json.dumps(report, default=float), "torch_rng": torch.get_rng_state(), **state.to_checkpoint()}
+    if run.ema is not None:
+        extra["ema_updates"] = run.ema.num_updates
+    if initial is not None:
+        extra["init_from"] = json.dumps(initial.record())
+    if run.phase.trains_on_latents(cfg) and codec is not None:
+        extra["autoencoder"] = codec.to_payload()
+    for name in (f"{run.phase.checkpoint_prefix}_{rnd:04d}.pt", "last.pt"):
+        save_checkpoint(ckpt_dir / name, model_state=run.global_state, ema_state=run.ema.state_dict() if run.ema else None,
+                        config=config_to_dict(cfg), step=rnd, extra=extra)

@@ -14,13 +14,16 @@ from meddiff.board import RunBoard
 from meddiff.recipes.phases import TrainingPhase, denoiser_phase, phase_named
 from meddiff.recipes.runs import MetricsCSV
 from privacy.report import save_site_ledgers, write_privacy_report
-from protocol import NUM_EXAMPLES, SITE_INDEX
+from protocol import NUM_EXAMPLES, SEGMENTATION_COLUMNS, SITE_INDEX
+from server.site_segmentation import column_dice, segmentation_table
 
 log = logging.getLogger("meddiff.server")
 
 PRIVACY_FIELDS = ["epsilon", "delta", "noise_multiplier", "sample_rate", "clip_fraction", "budget_exhausted"]
+#: A site's segmentation utility (headline region's Dice): real only, synthetic only, real + synthetic, mask fidelity.
+SEGMENTATION_FIELDS = [f"seg_{c}" for c in SEGMENTATION_COLUMNS]
 METRIC_FIELDS = ["round", "phase", "scope", "node", "accepted", "reason", "num_examples", "train_loss", "eval_loss", "fid",
-                 "steps", "seconds", *PRIVACY_FIELDS]
+                 "steps", "seconds", *PRIVACY_FIELDS, *SEGMENTATION_FIELDS]
 
 
 def say(msg: str) -> None:
@@ -52,6 +55,19 @@ class RunRecord:
             self.metrics.write({"round": rnd, "phase": phase.name, "scope": scope, "accepted": "", "num_examples": m[NUM_EXAMPLES],
                                 "eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope, "")})
             self.board.scalars(phase.scope(scope), {"eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope)}, rnd)
+
+    def segmentation(self, entry: dict) -> None:
+        """One row per site of a segmentation-utility entry (the headline region's Dice; ``num_examples``:
+        the held-out pairs scored), every region's Dice in TensorBoard."""
+        phase, rnd = phase_named(entry["phase"]), entry["round"]
+        for scope, site in entry["sites"].items():
+            dice = column_dice(site, entry["region"])
+            self.metrics.write({"round": rnd, "phase": phase.name, "scope": scope, "accepted": "", "num_examples":
+                                site["num_real_test"], "seconds": site["seconds"],
+                                **{f"seg_{c}": "" if d is None else d for c, d in dice.items()}})
+            self.board.scalars(phase.scope(scope), {f"segmentation/{c}/{region}": s["dice"] for c in SEGMENTATION_COLUMNS
+                                                    for region, s in site["scores"][c].items()}, rnd)
+        self.board.flush()
 
     def round(self, phase: TrainingPhase, row: dict) -> None:
         self.metrics.write({"phase": phase.name, "scope": "global", **row})
@@ -138,6 +154,8 @@ def _summary_md(run_dir: Path, cfg: ExperimentConfig, summary: dict) -> str:
     for r in summary["rounds"]:
         lines.append(f"| {phase_named(r.get('phase')).name} | {r['round']} | {r['accepted']} | {r['rejected']} | {r.get('refused', 0)} | "
                      f"{r['train_loss']:.4f} | {r['eval_loss']:.4f} | {r.get('max_epsilon', float('nan')):.3f} | {r['seconds']:.1f} |")
+    for entry in summary.get("segmentation", []):
+        lines += ["", *segmentation_table(entry)]
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +177,8 @@ def build_summary(run_dir: Path, cfg: ExperimentConfig, state, *, stop_reason: s
                "samples": str(run_dir / "samples" / f"round_{last_round:04d}.png") if drew else None,
                "status": final_status(stop_reason, failed, sum(r["accepted"] > 0 for r in rounds)),
                "stop_reason": stop_reason, "private": cfg.privacy.enabled, "latent_diffusion": cfg.autoencoder.enabled}
+    if state.segmentation:
+        summary["segmentation"] = state.segmentation
     if codec is not None:
         summary["autoencoder"] = {"mode": cfg.autoencoder.mode, "digest": codec.digest,
                                   "scale_factor": codec.scale_factor, "weight_transfers": weight_transfers}

@@ -36,17 +36,32 @@ def create_run_dir(output_cfg: OutputConfig, config: ExperimentConfig, *, kind: 
 
 
 class MetricsCSV:
-    """Append-only CSV with a fixed header; each row is flushed at once (a crash loses nothing)."""
+    """Append-only CSV with a fixed header; each row is flushed at once (a crash loses nothing). A
+    file written with fewer columns (a run resumed by a newer version) is rewritten once with the
+    new header, its rows kept, the new columns empty."""
 
     def __init__(self, path: str | Path, fieldnames: Sequence[str]):
         self.path = Path(path)
         self.fieldnames = list(fieldnames)
         new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new:
+            self._widen()
         self._fh = open(self.path, "a", newline="")
         self._writer = csv.DictWriter(self._fh, fieldnames=self.fieldnames, extrasaction="ignore")
         if new:
             self._writer.writeheader()
             self._fh.flush()
+
+    def _widen(self) -> None:
+        with open(self.path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            old, rows = list(reader.fieldnames or []), list(reader)
+        if old == self.fieldnames or not set(old) < set(self.fieldnames):
+            return  # the same header, or another file's: left as it is
+        with open(self.path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
 
     def write(self, row: Mapping[str, Any]) -> None:
         self._writer.writerow({k: _fmt(row.get(k, "")) for k in self.fieldnames})

@@ -243,3 +243,11 @@ def test_a_lesion_weight_without_mask_conditioning_is_refused_naming_the_fields(
     assert (cfg.train.lesion_weight, cfg.train.lesion_dilation) == (5.0, 2)
     with pytest.raises(ConfigError, match="train.lesion_dilation"):
         load_config(None, ["train.lesion_dilation=-1"])
+
+
+def test_per_site_segmentation_on_a_study_without_masks_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="'evaluation.segmentation_steps' \\(50\\).*no masks.*model.cond_channels"):
+        load_config(None, ["evaluation.segmentation_steps=50"])
+    cfg = load_config(None, ["evaluation.segmentation_steps=50", "model.cond_channels=4"])
+    assert (cfg.evaluation.segmentation_steps, cfg.evaluation.segmentation_samples) == (50, 64)
+    assert load_config(None, []).evaluation.segmentation_steps == 0  # off by default

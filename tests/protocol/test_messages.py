@@ -14,7 +14,8 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 from meddiff.evaluate.metrics import FeatureStats
 from protocol import (EVALUATE_METRIC_KEYS, FEATURE_COUNT, QUERY_METRIC_KEYS, TRAIN_METRIC_KEYS, EvaluateRes, Failure,
                       InstallAutoencoder, MissingAutoencoder, ProtocolError, QueryRes, Refusal, RoundConfig, RoundIns,
-                      SetLatentScale, TrainRes, arrays_to_state, central_dp_mode, decode_query, decode_reply,
+                      SEGMENTATION_COLUMNS, SEGMENTATION_METRIC_KEYS, SegmentationQuery, SegmentationRes, SetLatentScale,
+                      TrainRes, arrays_to_state, central_dp_mode, decode_query, decode_reply,
                       non_private_metrics, reply_kind, reply_ledger, reply_metrics, state_to_arrays, train_metrics)
 from tests.conftest import tiny_config
 from tests.flower_helpers import as_node
@@ -103,6 +104,30 @@ def test_queries_round_trip():
     assert set(res.to_record()["metrics"].keys()) == set(QUERY_METRIC_KEYS)
 
 
+def test_the_segmentation_query_and_its_reply_round_trip_and_are_told_apart():
+    setup = RoundConfig(tiny_config(extra=["model.cond_channels=4"]), phase="mask_diffusion", num_rounds=2, server_round=2)
+    query = decode_query(_sent(SegmentationQuery(setup, WEIGHTS).to_record(), MessageType.QUERY).content)
+    assert isinstance(query, SegmentationQuery) and query.setup == setup and query.setup.round_number() == 2
+    assert all(torch.equal(query.weights[k], v) for k, v in WEIGHTS.items())
+    scores = {c: {"brain": {"dice": 0.5 + i / 10, "cases": 12}, "whole_tumour": {"dice": None, "cases": 0}}
+              for i, c in enumerate(SEGMENTATION_COLUMNS)}
+    res = SegmentationRes(site_index=1, scores=scores, num_real_train=30, num_synthetic=8, num_real_test=12, seconds=2.5)
+    back = decode_reply(_answered(res.to_record(), MessageType.QUERY))
+    assert back == res and back.regions == ["brain", "whole_tumour"] and back.dice("mask_fidelity", "brain") == 0.8
+    keys = set(res.to_record()["metrics"].keys())
+    assert set(SEGMENTATION_METRIC_KEYS) < keys and {"dice/real_only/brain", "cases/mask_fidelity/whole_tumour"} < keys
+    assert math.isnan(res.to_record()["metrics"]["dice/synthetic_only/whole_tumour"])  # no image holds the region
+    report = {"arms": {c: scores[c] for c in SEGMENTATION_COLUMNS[:3]}, "mask_fidelity": scores["mask_fidelity"],
+              "num_real_train": 30, "num_synthetic": 8, "num_real_test": 12, "seconds": 2.5, "settings": {"steps": 5}}
+    assert SegmentationRes.from_report(1, report) == res
+    failure = Failure.for_message(MessageType.QUERY, site_index=1, reason="ValueError: x", traceback="")
+    assert isinstance(decode_reply(_answered(failure.to_record(), MessageType.QUERY)), Failure)
+    content = res.to_record()
+    del content["metrics"]["cases/real_only/brain"]
+    with pytest.raises(ProtocolError, match=r"lacks the key\(s\) \['cases/real_only/brain'\]"):
+        SegmentationRes.from_record(content)
+
+
 def test_train_replies_round_trip_and_are_told_apart():
     update = TrainRes.from_weights(WEIGHTS, METRICS, transport_dtype="fp16", ledger='{"site": "site_1"}')
     back = decode_reply(_answered(update.to_record()))
@@ -172,7 +197,8 @@ def test_a_record_without_the_experiment_config_names_the_key():
 def test_an_unknown_or_missing_query_kind_is_named():
     content = SetLatentScale(RoundConfig(tiny_config())).to_record()
     content["config"]["query"] = "format-disk"
-    with pytest.raises(ProtocolError, match="unknown query 'format-disk'; expected install-autoencoder or latent-scale"):
+    with pytest.raises(ProtocolError, match="unknown query 'format-disk'; expected one of install-autoencoder, latent-scale, "
+                       "segmentation-utility"):
         decode_query(content)
     del content["config"]["query"]
     with pytest.raises(ProtocolError, match="lacks the key 'query'"):

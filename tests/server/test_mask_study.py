@@ -1,11 +1,13 @@
 """A federated mask-conditioned study: sites train the mask_diffusion phase on their (image, mask)
 pairs, with and without DP, through the server's round loop and the real ClientApp in process."""
 
+import csv
 import json
 
 import pytest
 import torch
 
+from meddiff.board import read_scalars
 from meddiff.checkpoint import load_checkpoint
 from meddiff.recipes.phases import MASK_DIFFUSION
 from meddiff.recipes.sites import phantom_site
@@ -13,6 +15,8 @@ from server.federation import run_federation
 from tests.conftest import tiny_config
 from tests.flower_helpers import as_node
 from tests.inprocess_grid import InProcessGrid
+
+SEGMENT = ["evaluation.segmentation_steps=3", "evaluation.segmentation_samples=2", "evaluation.max_real=4"]
 
 MASKS = ["model.cond_channels=4", "federation.num_sites=2", "federation.min_train_nodes=2", "federation.num_rounds=2",
          "federation.local_steps=2", "data.num_samples=40", "output.num_samples=2", "sampler.num_inference_steps=2",
@@ -74,3 +78,34 @@ def test_a_federated_latent_mask_study_trains_the_autoencoder_then_the_mask_phas
     assert ckpt.model["conv_in.weight"].shape[1] == 2 + 4  # the latent and the 4 mask channels on its grid
     assert (tmp_path / "run" / "samples" / "round_0001.png").is_file()  # decoded samples of the study's masks
     assert set(summary["epsilon"]) == {"site_0", "site_1"} and all(0 < e <= 50 for e in summary["epsilon"].values())
+
+
+@pytest.mark.slow  # two rounds of a mask study, each followed by the sites' segmentation evaluation
+def test_each_site_reports_its_segmentation_utility_on_its_own_data(tmp_path, capsys):
+    """segmentation_every=1 over 2 rounds: an entry after each round (the last one once), one
+    metrics.csv row per site with the whole-tumour Dice of each column, TensorBoard, the summaries."""
+    summary, _ = _study(tmp_path, SEGMENT + ["evaluation.segmentation_every=1"])
+    assert summary["status"] == "completed", summary["stop_reason"]
+    entries = summary["segmentation"]
+    assert [(e["phase"], e["round"]) for e in entries] == [(MASK_DIFFUSION.name, 1), (MASK_DIFFUSION.name, 2)]
+    final = entries[-1]
+    assert final["region"] == "whole_tumour" and final["segmenter_steps"] == 3 and set(final["sites"]) == {"site_0", "site_1"}
+    for site in final["sites"].values():
+        assert site["num_synthetic"] == 2 and 0 < site["num_real_test"] <= 4 and site["num_real_train"] > 4
+        assert set(site["scores"]) == {"real_only", "synthetic_only", "real_plus_synthetic", "mask_fidelity"}
+        assert site["scores"]["real_only"]["brain"]["cases"] == site["num_real_test"]
+    run = tmp_path / "run"
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv"))  # neither a training nor a held-out-loss row
+            if r["scope"].startswith("site_") and r["accepted"] == "" and r["eval_loss"] == ""]
+    assert sorted((r["round"], r["scope"]) for r in rows) == [("1", "site_0"), ("1", "site_1"), ("2", "site_0"), ("2", "site_1")]
+    for r in rows:
+        scores = entries[int(r["round"]) - 1]["sites"][r["scope"]]["scores"]
+        for column in ("real_only", "synthetic_only", "real_plus_synthetic", "mask_fidelity"):
+            dice = scores[column]["whole_tumour"]["dice"]
+            assert r[f"seg_{column}"] == ("" if dice is None else f"{dice:.6g}")
+        assert r["num_examples"] == str(entries[0]["sites"][r["scope"]]["num_real_test"]) and r["steps"] == ""
+    tags = read_scalars(run)
+    assert [s for s, _ in tags["site_1/segmentation/real_only/brain"]] == [1, 2]
+    assert "| site_0 |" in (run / "summary.md").read_text()
+    out = capsys.readouterr().out
+    assert "segmentation utility after mask_diffusion round 2: whole tumour Dice" in out and "| site_1 |" in out

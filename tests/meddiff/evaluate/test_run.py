@@ -70,6 +70,20 @@ def test_plot_draws_loss_and_epsilon_against_round(tmp_path):
     assert main(["plot", str(tmp_path / "missing")]) == 2
 
 
+def test_a_metrics_file_with_fewer_columns_is_widened_keeping_its_rows(tmp_path):
+    import csv
+
+    from meddiff.recipes.runs import MetricsCSV
+
+    with MetricsCSV(tmp_path / "metrics.csv", ["round", "scope"]) as m:
+        m.write({"round": 1, "scope": "global"})
+    with MetricsCSV(tmp_path / "metrics.csv", ["round", "scope", "seg_real_only"]) as m:  # a resumed run, newer columns
+        m.write({"round": 2, "scope": "site_0", "seg_real_only": 0.5})
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert rows == [{"round": "1", "scope": "global", "seg_real_only": ""},
+                    {"round": "2", "scope": "site_0", "seg_real_only": "0.5"}]
+
+
 def test_tstr_on_separable_toy_classes_and_on_useless_synthetic_data():
     from meddiff.evaluate.utility import downstream_utility
 
