@@ -80,7 +80,8 @@ class SiteSegmentation:
                  for r in sorted(results, key=lambda r: r.site_index)}
         entry = {"phase": run.phase.name, "round": rnd, "region": headline_region(results),
                  "segmenter_steps": self.cfg.evaluation.segmentation_steps, "sites": sites}
-        self.say("\n".join(segmentation_table(entry)))
+        for line in filter(None, segmentation_table(entry)):  # line by line: `meddiff simulate` keeps prefixed lines
+            self.say(line)
         return entry
 
 
