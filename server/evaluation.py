@@ -20,7 +20,8 @@ from meddiff.latent import LatentCodec
 from meddiff.outputs import write_samples
 from meddiff.recipes.masks import study_masks
 from meddiff.recipes.sample import sample_images
-from protocol import NUM_EXAMPLES, EvaluateRes, Failure, ProtocolError, RoundConfig, decode_reply
+from protocol import NUM_EXAMPLES, EvaluateRes, RoundConfig
+from server.replies import expect_reply
 
 log = logging.getLogger("meddiff.server")
 
@@ -44,7 +45,7 @@ class Evaluation:
         messages = strategy.configure_evaluate(rnd, ArrayRecord(global_state), config, self.grid)
         rows, site_stats = [], {}
         for reply in self.grid.send_and_receive(messages=messages, timeout=self.cfg.federation.round_timeout):
-            result, problem = _decode(reply)
+            result, problem = expect_reply(reply, EvaluateRes, "an evaluate message")
             if problem:
                 log.warning("round %d: node %s could not evaluate: %s", rnd, reply.metadata.src_node_id, problem)
                 continue
@@ -74,20 +75,6 @@ class Evaluation:
         write_samples(samples, self.run_dir / "samples", stem, spacing=sample_spacing(self.cfg))
         return samples
 
-
-def _decode(reply) -> tuple[Optional[EvaluateRes], str]:
-    """The evaluate reply, or why there is none: ``(result, "")`` or ``(None, problem)``."""
-    if reply.has_error():
-        return None, (str(reply.error.reason).strip().splitlines() or ["error reply"])[-1]
-    try:
-        result = decode_reply(reply)
-    except ProtocolError as exc:
-        return None, str(exc)
-    if isinstance(result, Failure):
-        return None, result.reason or "failed"
-    if not isinstance(result, EvaluateRes):
-        return None, f"a {type(result).__name__} reply does not answer an evaluate message"
-    return result, ""
 
 
 def weighted_mean(rows: list[dict], key: str) -> float:

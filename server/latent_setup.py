@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from flwr.app import Message, MessageType
@@ -20,7 +20,8 @@ from flwr.serverapp import Grid
 from configs import ExperimentConfig
 from meddiff.recipes.build import build_autoencoder
 from meddiff.latent import LatentCodec, LatentStats
-from protocol import Failure, InstallAutoencoder, ProtocolError, Query, QueryRes, RoundConfig, SetLatentScale, decode_reply
+from protocol import InstallAutoencoder, Query, QueryRes, RoundConfig, SetLatentScale
+from server.replies import expect_reply
 
 log = logging.getLogger("meddiff.server")
 
@@ -42,7 +43,7 @@ class LatentSetup:
         replies = list(self.grid.send_and_receive(messages=messages, timeout=self.cfg.federation.round_timeout))
         ok = []
         for r in replies:
-            answer, problem = _answer(r)
+            answer, problem = expect_reply(r, QueryRes, "a query")
             if problem:
                 log.warning("node %s could not handle %s: %s", r.metadata.src_node_id, request.KIND, problem)
             else:
@@ -90,14 +91,3 @@ class LatentSetup:
                  f"weights sent to {len(lacking) + len(have & set(nodes))}")
 
 
-def _answer(reply: Message) -> tuple[Optional[QueryRes], str]:
-    """A site's answer to a query, or why there is none: ``(answer, "")`` or ``(None, problem)``."""
-    if reply.has_error():
-        return None, str(reply.error.reason)
-    try:
-        answer = decode_reply(reply)
-    except ProtocolError as exc:
-        return None, str(exc)
-    if isinstance(answer, QueryRes):
-        return answer, ""
-    return None, answer.reason if isinstance(answer, Failure) else f"a {type(answer).__name__} reply"

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 from flwr.app import Message
 
-from protocol import SITE_INDEX, Failure, MissingAutoencoder, Refusal, decode_reply, reply_kind, reply_metrics
+from protocol import SITE_INDEX, Failure, MissingAutoencoder, ProtocolError, Refusal, decode_reply, reply_kind, reply_metrics
 
 log = logging.getLogger("meddiff.server")
 
@@ -134,3 +134,19 @@ def round_counts(report: list[dict], replies: SortedReplies, *, kept: bool) -> d
               "failed": len(replies.failures), "lost": sum(r["reason"].startswith("lost") for r in report), "kept": kept}
     counts["rejected"] = len(report) - counts["accepted"] - counts["refused"] - counts["failed"] - counts["lost"]
     return counts
+
+
+def expect_reply(reply: Message, expected: type, what: str) -> tuple[object, str]:
+    """A site's reply decoded as ``expected``: ``(result, "")``; else ``(None, problem)``, or
+    ``(failure, problem)`` when the site sent a :class:`Failure` (its traceback is in it)."""
+    if reply.has_error():
+        return None, (str(reply.error.reason).strip().splitlines() or ["error reply"])[-1]
+    try:
+        result = decode_reply(reply)
+    except ProtocolError as exc:
+        return None, str(exc)
+    if isinstance(result, expected):
+        return result, ""
+    if isinstance(result, Failure):
+        return result, result.reason or "failed"
+    return None, f"a {type(result).__name__} reply does not answer {what}"

@@ -21,10 +21,9 @@ from flwr.serverapp import Grid
 
 from configs import ExperimentConfig
 from meddiff.recipes.phases import TrainingPhase
-from protocol import (SEGMENTATION_COLUMNS, Failure, ProtocolError, RoundConfig, SegmentationQuery, SegmentationRes,
-                      decode_reply)
+from protocol import SEGMENTATION_COLUMNS, Failure, RoundConfig, SegmentationQuery, SegmentationRes
 from server.phase import PhaseRun
-from server.replies import append_traceback
+from server.replies import append_traceback, expect_reply
 
 log = logging.getLogger("meddiff.server")
 
@@ -67,7 +66,7 @@ class SiteSegmentation:
             self.say(f"segmentation utility: node(s) {', '.join(map(str, silent))} did not answer within "
                      f"federation.round_timeout={timeout:g} s (raise it, or lower evaluation.segmentation_samples)")
         for reply in replies:
-            result, problem = _decode(reply)
+            result, problem = expect_reply(reply, SegmentationRes, "a segmentation query")
             if isinstance(result, Failure):
                 append_traceback(self.error_log, f"segmentation utility after round {rnd}, site {result.site_index}",
                                  result.traceback)
@@ -112,17 +111,3 @@ def segmentation_table(entry: dict) -> list[str]:
     return lines
 
 
-def _decode(reply: Message) -> tuple[Optional[SegmentationRes | Failure], str]:
-    """A site's segmentation figures, or why there are none: ``(result, "")``, or ``(failure or
-    None, problem)``."""
-    if reply.has_error():
-        return None, (str(reply.error.reason).strip().splitlines() or ["error reply"])[-1]
-    try:
-        result = decode_reply(reply)
-    except ProtocolError as exc:
-        return None, str(exc)
-    if isinstance(result, SegmentationRes):
-        return result, ""
-    if isinstance(result, Failure):
-        return result, result.reason or "failed"
-    return None, f"a {type(result).__name__} reply does not answer a segmentation query"
