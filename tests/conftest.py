@@ -51,6 +51,19 @@ def tiny_unet(**kwargs):
     return ADMUNet(**args)
 
 
+def twin_unets(**kwargs):
+    """``(model, reference)``: two tiny UNets with the same weights, drawn N(0, 0.05) so that no
+    output is trivially zero; the reference computes one example at a time."""
+    import torch
+
+    model, reference = tiny_unet(**kwargs), tiny_unet(**kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
 def shared_file(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_file():

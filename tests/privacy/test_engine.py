@@ -6,7 +6,7 @@ from meddiff.diffusion import GaussianDiffusion, collapse_noise_multiplicity, ma
 from meddiff.train import train_loop
 from privacy.engine import make_private, per_image_gradients
 from privacy.per_sample import per_example_gradients
-from tests.conftest import tiny_unet
+from tests.conftest import tiny_unet, twin_unets
 
 
 def _setup(n=6, k=1, noise=0.0, clip=1e6, seed=0, mode="hooks"):
@@ -169,11 +169,7 @@ def test_latent_unet_per_image_gradients_are_exact_under_dp(spatial_dims, mode):
     """Latent diffusion's UNet: multi-channel latents, 2-D and 3-D, K=2, against one image at a time."""
     torch.manual_seed(0)
     kw = dict(spatial_dims=spatial_dims, in_channels=3, out_channels=3, num_classes=2)
-    model, reference = tiny_unet(**kw), tiny_unet(**kw)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    reference.load_state_dict(model.state_dict())
+    model, reference = twin_unets(**kw)
     z0 = torch.randn(3, 3, *(8,) * spatial_dims)  # scaled latents
     y = torch.arange(3) % 2
     private = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), DataLoader(TensorDataset(z0, y), batch_size=3),

@@ -8,19 +8,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from meddiff.diffusion import DirectRegression
 from privacy.engine import make_private
-from tests.conftest import tiny_unet
+from tests.conftest import twin_unets
 from tests.privacy.test_engine import _per_image
 
 
 @pytest.mark.parametrize("mode", ["hooks", "vmap", "bk"])
 def test_regression_per_example_gradients_equal_one_example_at_a_time_autograd(mode):
     torch.manual_seed(0)
-    model = tiny_unet(cond_channels=1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    reference = tiny_unet(cond_channels=1)
-    reference.load_state_dict(model.state_dict())
+    model, reference = twin_unets(cond_channels=1)
     n = 5
     x0 = torch.randn(n, 2, 16, 16).clamp(-1, 1)  # packed (target, source)
     private = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0),
