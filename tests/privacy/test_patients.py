@@ -14,7 +14,7 @@ from meddiff.train import train_loop
 from privacy.clipping import unit_gradients
 from privacy.engine import make_private
 from privacy.patients import PatientSampler, patient_groups, site_units
-from tests.conftest import tiny_unet
+from tests.conftest import twin_unets
 from tests.meddiff.nets.test_autoencoder import tiny_ae
 from tests.privacy.test_engine import _per_image
 
@@ -30,12 +30,7 @@ class PatientDataset(TensorDataset):
 def _models(spatial_dims, seed=0):
     torch.manual_seed(seed)
     kw = dict(spatial_dims=spatial_dims, num_classes=2)
-    model, reference = tiny_unet(**kw), tiny_unet(**kw)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    reference.load_state_dict(model.state_dict())
-    return model, reference
+    return twin_unets(**kw)
 
 
 def _reference_per_patient(reference, diffusion, x0, y, groups, k, seed):
