@@ -134,7 +134,8 @@ def _evaluate_translation(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         raise ConfigError("--task translation scores a translation checkpoint: give --checkpoint")
     report = evaluate_translation(checkpoint=args.checkpoint, baseline=args.baseline, out_dir=args.out,
-                                  num_test=args.num_real_test, samples=args.samples, device=args.device, seed=args.seed)
+                                  num_test=args.num_real_test, samples=args.samples, device=args.device, seed=args.seed,
+                                  ddim_steps=args.ddim_steps, data_path=args.data)
     print(translation_table(report) + f"[meddiff] wrote {Path(report['out_dir']) / 'translation.json'}")
     return 0
 
@@ -143,7 +144,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from meddiff.recipes.translation_eval import run_translate  # on demand: no torch for --help
 
     done = run_translate(args.checkpoint, args.input, args.out, samples=args.samples, device=args.device, seed=args.seed,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, ddim_steps=args.ddim_steps)
     print(f"[meddiff] translated {len(done)} file(s) into {args.out}, {sum(t for _, t in done) / len(done):.1f}s each")
     return 0
 
@@ -155,6 +156,7 @@ def _add_translate_parser(sub) -> None:
     p.add_argument("--input", required=True, type=Path, help="a NIfTI file, a folder of them, or an .npz (array 'source')")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--samples", type=int, default=1, help="diffusion: the mean of this many DDIM samples")
+    p.add_argument("--ddim-steps", type=int, default=None, help="diffusion: DDIM steps (default: the checkpoint's sampler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -207,6 +209,7 @@ def _add_evaluate_parser(sub) -> None:
                         "MAE of a translation checkpoint (and --baseline) on held-out pairs")
     p.add_argument("--baseline", type=Path, default=None, help="translation: a second checkpoint (the regression baseline)")
     p.add_argument("--samples", type=int, default=4, help="translation: DDIM samples averaged (also scored: 1 sample)")
+    p.add_argument("--ddim-steps", type=int, default=None, help="translation: DDIM steps (default: the checkpoint's sampler)")
     p.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint (segmentation: a mask-conditioned one)")
     p.add_argument("--synthetic", type=Path, default=None, metavar="NPZ",
                    help="segmentation: generated pairs (arrays 'images', 'masks', as `meddiff sample --masks` writes) "
@@ -215,7 +218,8 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--seg-steps", type=int, default=1000, help="segmentation: training steps of every segmenter")
     p.add_argument("--num-real-test", type=int, default=256, help="segmentation/translation: held-out phantom pairs to test on (BraTS-layout data: 20%% of patients)")
     p.add_argument("--segmenter", default=None, help="segmentation: a saved real-data segmenter for mask fidelity")
-    p.add_argument("--data", default=None, help="dataset file (default: the checkpoint's data.path)")
+    p.add_argument("--data", default=None, help="dataset file (default: the checkpoint's data.path); translation: a BraTS-layout "
+                   "cohort of other patients, all of them scored")
     p.add_argument("--encoder", default="domain", help="domain | inception | pixels | random_projection")
     p.add_argument("--encoder-weights", default=None, help="encoder file (domain: from train-encoder; inception: a local .pth)")
     p.add_argument("--num", type=int, default=256, help="samples to generate")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -32,9 +33,14 @@ TEST_START = 1_000_000
 BRATS_TEST_FRACTION = 0.2
 
 
-def load_translator(checkpoint, device):
-    """``(model, cfg, phase)`` of a translation checkpoint; a clear error for any other model."""
+def load_translator(checkpoint, device, ddim_steps: Optional[int] = None):
+    """``(model, cfg, phase)`` of a translation checkpoint (``ddim_steps``: its sampler's steps
+    instead of ``sampler.num_inference_steps``); a clear error for any other model."""
     model, cfg, _ = model_from_checkpoint(checkpoint, device=device)
+    if ddim_steps is not None:
+        if ddim_steps < 1:
+            raise ValueError(f"ddim_steps must be >= 1, got {ddim_steps}")
+        cfg = replace(cfg, sampler=replace(cfg.sampler, num_inference_steps=int(ddim_steps)))
     phase = denoiser_phase(cfg)
     if not phase.packs_source:
         raise ValueError(f"{checkpoint}: a {phase.name} model, not a translation model (train one with "
@@ -43,13 +49,13 @@ def load_translator(checkpoint, device):
 
 
 def run_translate(checkpoint, source: Path, out_dir: Path, *, samples: int = 1, device: str = "auto",
-                  seed: int = 0, progress: bool = True) -> list[tuple[str, float]]:
+                  seed: int = 0, progress: bool = True, ddim_steps: Optional[int] = None) -> list[tuple[str, float]]:
     """Translate a NIfTI file, every NIfTI of a folder, or an ``.npz`` of 2-D sources (array
     ``source`` ``[N, 1, H, W]`` in [-1, 1], the model's side) into ``out_dir``; ``[(output, seconds)]``."""
     from tqdm import tqdm
 
     dev = resolve_device(device)
-    model, cfg, phase = load_translator(checkpoint, dev)
+    model, cfg, phase = load_translator(checkpoint, dev, ddim_steps)
     fn = lambda x: phase.translate(model, cfg, x.to(dev), samples=samples, seed=seed, device=dev).cpu()  # noqa: E731
     source, out_dir = Path(source), Path(out_dir)
     if not source.exists():
@@ -75,17 +81,22 @@ def run_translate(checkpoint, source: Path, out_dir: Path, *, samples: int = 1, 
     return done
 
 
-def held_out_pairs(cfg: ExperimentConfig, *, num: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(source, target)`` ``[N, 1, *S]`` in [-1, 1] that no model of ``cfg`` trained on."""
+def held_out_pairs(cfg: ExperimentConfig, *, num: int, seed: int = 0,
+                   data_path: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(source, target)`` ``[N, 1, *S]`` in [-1, 1]: phantoms of the held-out stream; for a
+    BraTS-layout study every patient of ``data_path`` (a cohort the federation never saw), else a
+    seeded :data:`BRATS_TEST_FRACTION` of the study's own patients."""
     d = cfg.data
     if d.dataset == "phantoms":
         data = phantom_pairs_data(cfg, range(TEST_START, TEST_START + num), seed=d.seed + HELD_OUT_SEED_OFFSET,
                                   lesion_fraction=d.lesion_fraction)
     else:
+        if data_path:
+            d = replace(d, path=str(data_path))
         records = index_dataset(d).records
         patients = sorted({r.patient_id for r in records})
         order = np.random.default_rng(seed).permutation(len(patients))
-        held = {patients[i] for i in order[:max(1, round(BRATS_TEST_FRACTION * len(patients)))]}
+        held = set(patients) if data_path else {patients[i] for i in order[:max(1, round(BRATS_TEST_FRACTION * len(patients)))]}
         data = paired_records_data([r for r in records if r.patient_id in held], d, cfg, train=False)
     return data.source[:num], data.target[:num]
 
@@ -101,17 +112,20 @@ def _scores(pred: torch.Tensor, target: torch.Tensor, contrast: str) -> dict:
 
 
 def evaluate_translation(*, checkpoint, baseline=None, out_dir=None, num_test: int = 64, samples: int = 4,
-                         device: str = "auto", seed: int = 0) -> dict:
+                         device: str = "auto", seed: int = 0, ddim_steps: Optional[int] = None,
+                         data_path: Optional[str] = None) -> dict:
     """Score a translation checkpoint (and ``baseline``) on held-out pairs; writes ``translation.json``,
     ``translation.md`` and ``translation.png`` (source / target / prediction / |error| rows) in
     ``out_dir`` (default: beside the checkpoint). A stochastic (diffusion) model is scored on one
-    sample and on the mean of ``samples``."""
+    sample and on the mean of ``samples`` (``ddim_steps`` DDIM steps, default: its sampler's).
+    ``data_path``: a BraTS-layout cohort of other patients to test on (see :func:`held_out_pairs`)."""
     dev = resolve_device(device)
-    model, cfg, phase = load_translator(checkpoint, dev)
-    source, target = held_out_pairs(cfg, num=num_test, seed=seed)
+    model, cfg, phase = load_translator(checkpoint, dev, ddim_steps)
+    source, target = held_out_pairs(cfg, num=num_test, seed=seed, data_path=data_path)
     out = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent.parent / "translation"
     report = {"checkpoint": str(checkpoint), "source": cfg.data.source_sequence, "target": cfg.data.target_sequence,
-              "num_test": len(source), "image_size": cfg.data.image_size, "models": {}}
+              "num_test": len(source), "image_size": cfg.data.image_size,
+              "ddim_steps": cfg.sampler.num_inference_steps, "models": {}}
     preds = {}
     runs = [(phase.name, model, cfg, phase, k) for k in ((1, samples) if phase.stochastic else (1,))]
     if baseline:

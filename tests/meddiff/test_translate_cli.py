@@ -8,6 +8,7 @@ import pytest
 
 from meddiff.cli import main
 from meddiff.recipes.centralized import train_centralized
+from meddiff.recipes.translation_eval import run_translate
 from tests.conftest import tiny_config
 from tests.fixtures import head_volume
 
@@ -54,9 +55,15 @@ def test_translate_reads_an_npz_of_sources_and_refuses_a_missing_array(tmp_path,
 def test_evaluate_translation_scores_the_model_and_the_baseline_and_writes_a_grid(tmp_path, checkpoints):
     assert main(["evaluate", "--task", "translation", "--checkpoint", str(checkpoints["diffusion"]), "--baseline",
                  str(checkpoints["regression"]), "--num-real-test", "4", "--samples", "2", "--out", str(tmp_path),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--ddim-steps", "3"]) == 0
     report = json.loads((tmp_path / "translation.json").read_text())
+    assert report["ddim_steps"] == 3  # the checkpoint's sampler says 2
     assert set(report["models"]) == {"translation (1 sample)", "translation (mean of 2)", "translation_regression"}
     for scores in report["models"].values():
         assert scores["unit"] == "HU" and scores["mae"] > 0 and -1 <= scores["ssim"] <= 1 and "mae_masked" in scores
     assert (tmp_path / "translation.png").is_file() and "MAE in HU" in (tmp_path / "translation.md").read_text()
+
+
+def test_ddim_steps_below_one_are_refused_naming_the_value(tmp_path, checkpoints):
+    with pytest.raises(ValueError, match="ddim_steps must be >= 1, got 0"):
+        run_translate(checkpoints["diffusion"], tmp_path / "missing.nii.gz", tmp_path, ddim_steps=0, device="cpu")

@@ -136,3 +136,14 @@ def test_a_volume_goes_through_slicing_and_reorientation_and_back_to_its_own_vox
     out = nib.load(str(tmp_path / "o.nii.gz"))
     want = (np.asarray(percentile_normalise(torch.from_numpy(volume)[None]))[0] + 1) / 2  # MR target: [0, 1]
     assert np.allclose(out.affine, affine) and np.allclose(np.asarray(out.dataobj), want, atol=1e-5)
+
+
+def test_held_out_brats_pairs_are_every_patient_of_another_cohort_or_a_fifth_of_the_study(tmp_path):
+    from meddiff.recipes.translation_eval import held_out_pairs
+
+    cfg = _brats_config(make_brats(tmp_path / "study", n_cases=5))
+    other = make_brats(tmp_path / "other", n_cases=2)
+    per_case = len(held_out_pairs(_brats_config(make_brats(tmp_path / "one", n_cases=1)), num=10_000)[0])
+    assert len(held_out_pairs(cfg, num=10_000)[0]) == per_case  # 20% of 5 patients
+    source, target = held_out_pairs(cfg, num=10_000, data_path=str(other))
+    assert len(source) == 2 * per_case and source.shape == target.shape
