@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=120)
     ap.add_argument("--epsilon", type=float, default=10.0)
-    ap.add_argument("--num-test", type=int, default=64, help="held-out phantom pairs (template: every eval-cohort slice)")
+    ap.add_argument("--num-test", type=int, default=128, help="held-out pairs (template: spread over the eval cohort's slices)")
     ap.add_argument("--samples", type=int, default=4, help="DDIM samples averaged for the diffusion model")
     ap.add_argument("--ddim-steps", default="10,25,50", help="DDIM steps timed on the volume; the last one also scores")
     ap.add_argument("--volume-slices", type=int, default=64)

@@ -98,6 +98,9 @@ def held_out_pairs(cfg: ExperimentConfig, *, num: int, seed: int = 0,
         order = np.random.default_rng(seed).permutation(len(patients))
         held = set(patients) if data_path else {patients[i] for i in order[:max(1, round(BRATS_TEST_FRACTION * len(patients)))]}
         data = paired_records_data([r for r in records if r.patient_id in held], d, cfg, train=False)
+        if len(data) > num:  # evenly over the patients' slices, not the first patient's
+            keep = torch.from_numpy(np.linspace(0, len(data) - 1, num).round().astype(np.int64))
+            return data.source[keep], data.target[keep]
     return data.source[:num], data.target[:num]
 
 

@@ -147,3 +147,5 @@ def test_held_out_brats_pairs_are_every_patient_of_another_cohort_or_a_fifth_of_
     assert len(held_out_pairs(cfg, num=10_000)[0]) == per_case  # 20% of 5 patients
     source, target = held_out_pairs(cfg, num=10_000, data_path=str(other))
     assert len(source) == 2 * per_case and source.shape == target.shape
+    few, _ = held_out_pairs(cfg, num=3, data_path=str(other))
+    assert torch.equal(few[0], source[0]) and torch.equal(few[-1], source[-1])  # spread over both patients
