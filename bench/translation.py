@@ -50,7 +50,8 @@ PAIRS = {"phantoms": ("t1", "t2"), "template": ("t1n", "t2w")}
 def data_overrides(args: argparse.Namespace, work: Path) -> tuple[list[str], str | None]:
     """The overrides that select ``--data``, and the cohort to score on (None: the phantoms' held-out stream)."""
     source, target = PAIRS[args.data]
-    common = [f"data.image_size={args.size}", f"data.source_sequence={source}", f"data.target_sequence={target}"]
+    common = [f"data.image_size={args.size}", f"data.source_sequence={source}", f"data.target_sequence={target}",
+              f"model.attention_resolutions=[{args.size // 4}]"]  # the smallest feature map of channel_mult (1, 2, 4)
     if args.data == "phantoms":
         return common, None
     from meddiff.data.template import write_template_cohort
