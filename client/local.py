@@ -18,7 +18,9 @@ from meddiff.evaluate import build_encoder, site_feature_stats
 from meddiff.nets.trainable import update_keys
 from meddiff.recipes.phases import DIFFUSION, TrainingPhase
 from privacy.site import SitePrivacy
+from meddiff.recipes.translation_eval import site_translation_scores
 from protocol import evaluate_metrics, non_private_metrics, privacy_metrics, train_metrics
+from protocol.keys import TRANSLATION_MAE, TRANSLATION_PSNR, TRANSLATION_SSIM
 
 
 def round_seed(*parts: int) -> int:
@@ -145,7 +147,8 @@ def _private_round(cfg: ExperimentConfig, phase: TrainingPhase, model: nn.Module
 def local_evaluate(cfg: ExperimentConfig, state: Mapping[str, torch.Tensor], dataset: Dataset, *, site_index: int,
                    max_examples: int = 256, phase: TrainingPhase = DIFFUSION) -> dict[str, float]:
     """Held-out loss of the global model of ``phase`` on the first ``max_examples`` of ``dataset``
-    (:meth:`~meddiff.recipes.phases.TrainingPhase.held_out_losses`, with fixed randomness)."""
+    (:meth:`~meddiff.recipes.phases.TrainingPhase.held_out_losses`, with fixed randomness); for a
+    translation phase also SSIM, PSNR and MAE on the first ``evaluation.translation_examples``."""
     device = resolve_device(cfg.train.device)
     model, objective = _phase_model(cfg, phase, state).to(device).eval(), phase.held_out_objective(cfg)
     gen = torch.Generator(device=device).manual_seed(round_seed(cfg.train.seed, site_index, 7))
@@ -155,7 +158,19 @@ def local_evaluate(cfg: ExperimentConfig, state: Mapping[str, torch.Tensor], dat
         losses = phase.held_out_losses(model, objective, x0.to(device), y.to(device), gen, cfg)
         total += float(losses.sum())
         count += len(losses)
-    return evaluate_metrics(num_examples=count, eval_loss=total / max(count, 1), site_index=site_index)
+    return evaluate_metrics(num_examples=count, eval_loss=total / max(count, 1), site_index=site_index,
+                            translation=_translation_scores(cfg, phase, model, dataset, site_index, device))
+
+
+def _translation_scores(cfg: ExperimentConfig, phase: TrainingPhase, model: nn.Module, dataset: Dataset,
+                        site_index: int, device) -> Optional[dict[str, float]]:
+    """The site's translation scores (``None`` unless ``phase`` translates and they are asked for)."""
+    n = min(len(dataset), cfg.evaluation.translation_examples)
+    if not (phase.packs_source and n):
+        return None
+    packed = torch.stack([dataset[i][0] for i in range(n)])
+    scores = site_translation_scores(phase, model, cfg, packed, seed=round_seed(cfg.train.seed, site_index, 11), device=device)
+    return {TRANSLATION_SSIM: scores["ssim"], TRANSLATION_PSNR: scores["psnr"], TRANSLATION_MAE: scores["mae"]}
 
 
 def local_feature_stats(cfg: ExperimentConfig, dataset: Dataset):

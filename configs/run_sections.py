@@ -23,7 +23,8 @@ class SimulationConfig:
 @dataclass(frozen=True)
 class EvaluationConfig:
     """Light evaluation during federated training: FID from per-site feature statistics, and in a
-    mask-conditioned study each site's segmentation utility on its own data."""
+    mask-conditioned study each site's segmentation utility on its own data, in a translation study
+    each site's SSIM, PSNR and MAE on its own held-out pairs."""
 
     every: int = _f(0, help="rounds between federated FID evaluations; 0 = off", min=0)
     encoder: str = _f("random_projection", help="feature encoder", choices=("domain", "inception", "pixels", "random_projection"))
@@ -36,6 +37,8 @@ class EvaluationConfig:
                                             "training split", min=1)
     segmentation_every: int = _f(0, help="rounds between per-site segmentation evaluations besides the last; "
                                          "0 = after the last round only", min=0)
+    translation_examples: int = _f(32, help="translation studies: held-out pairs each site translates every round "
+                                            "for its SSIM, PSNR and MAE (one DDIM sample); 0 = off", min=0)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ A reply to TRAIN is one of (:func:`decode_reply` tells them apart by their recor
   reply kind, NaN or 0) and the ConfigRecord ``failure`` with ``reason`` (one line) and
   ``traceback``. Any message can be answered with a failure.
 
-A reply to EVALUATE (:class:`EvaluateRes`): ``metrics`` with ``EVALUATE_METRIC_KEYS``; when
+A reply to EVALUATE (:class:`EvaluateRes`): ``metrics`` with ``EVALUATE_METRIC_KEYS`` (the
+translation scores ``translation_ssim``/``_psnr``/``_mae`` are NaN unless the phase translates); when
 asked for feature statistics also the metric ``feature-count`` and the ArrayRecord
 ``feature-stats`` with ``mean`` and ``cov``.
 
@@ -65,7 +66,8 @@ A malformed message raises :class:`ProtocolError`, naming the missing record or 
 
 from protocol.errors import ProtocolError
 from protocol.keys import (EVALUATE_METRIC_KEYS, FEATURE_COUNT, NUM_EXAMPLES, PRIVACY_METRIC_KEYS, QUERY_METRIC_KEYS,
-                           SEGMENTATION_COLUMNS, SEGMENTATION_METRIC_KEYS, SITE_INDEX, TRAIN_METRIC_KEYS)
+                           SEGMENTATION_COLUMNS, SEGMENTATION_METRIC_KEYS, SITE_INDEX, TRAIN_METRIC_KEYS,
+                           TRANSLATION_METRIC_KEYS)
 from protocol.metrics import (METRIC_KEYS_BY_TYPE, evaluate_metrics, metric_record, non_private_metrics, privacy_metrics,
                               train_metrics)
 from protocol.queries import InstallAutoencoder, Query, QueryRes, SetLatentScale, decode_query
@@ -78,7 +80,7 @@ from protocol.weights import TRANSPORT_DTYPES, arrays_to_state, exact_arrays, st
 __all__ = [
     "EVALUATE_METRIC_KEYS", "FEATURE_COUNT", "METRIC_KEYS_BY_TYPE", "NUM_EXAMPLES", "PRIVACY_METRIC_KEYS",
     "QUERY_METRIC_KEYS", "SEGMENTATION_COLUMNS", "SEGMENTATION_METRIC_KEYS", "SITE_INDEX", "TRAIN_METRIC_KEYS",
-    "TRANSPORT_DTYPES", "EvaluateRes", "Failure", "InstallAutoencoder", "MissingAutoencoder", "ProtocolError", "Query",
+    "TRANSLATION_METRIC_KEYS", "TRANSPORT_DTYPES", "EvaluateRes", "Failure", "InstallAutoencoder", "MissingAutoencoder", "ProtocolError", "Query",
     "QueryRes", "Refusal", "Reply", "RoundConfig", "RoundIns", "SegmentationQuery", "SegmentationRes", "SetLatentScale",
     "TrainRes", "arrays_to_state", "central_dp_mode", "decode_query", "decode_reply",
     "evaluate_metrics", "exact_arrays", "metric_record", "non_private_metrics", "privacy_metrics", "replace_update_arrays",

@@ -80,6 +80,12 @@ NUM_REAL_TEST = "num_real_test"
 SEGMENTATION_COLUMNS = ("real_only", "synthetic_only", "real_plus_synthetic", "mask_fidelity")
 DICE = "dice"
 CASES = "cases"
+#: A site's translation scores on its held-out pairs (target units: HU for CT); NaN when the
+#: phase does not translate.
+TRANSLATION_SSIM = "translation_ssim"
+TRANSLATION_PSNR = "translation_psnr"
+TRANSLATION_MAE = "translation_mae"
+TRANSLATION_METRIC_KEYS = (TRANSLATION_SSIM, TRANSLATION_PSNR, TRANSLATION_MAE)
 
 #: The privacy metrics of every train reply (a site without DP sends epsilon = inf).
 PRIVACY_METRIC_KEYS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, CLIP_FRACTION, BUDGET_EXHAUSTED, PRIVACY_UNIT,
@@ -88,7 +94,7 @@ PRIVACY_METRIC_KEYS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, CLIP_FRACT
 #: the replies it aggregates differ in their keys, and it weights the average by "num-examples".
 TRAIN_METRIC_KEYS = (NUM_EXAMPLES, TRAIN_LOSS, STEPS, SITE_INDEX, SECONDS, *PRIVACY_METRIC_KEYS)
 #: An evaluate reply carries these, plus "feature-count" when it carries feature statistics.
-EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, EVAL_LOSS, SITE_INDEX)
+EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, EVAL_LOSS, SITE_INDEX, *TRANSLATION_METRIC_KEYS)
 QUERY_METRIC_KEYS = (SITE_INDEX, INSTALLED, COUNT, TOTAL, TOTAL_SQ)
 #: A segmentation reply carries these, plus a Dice and a case count per column and region.
 SEGMENTATION_METRIC_KEYS = (SITE_INDEX, NUM_REAL_TRAIN, NUM_SYNTHETIC, NUM_REAL_TEST, SECONDS)

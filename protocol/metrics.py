@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Optional
 
 from flwr.app import MessageType, MetricRecord
 
 from protocol.keys import (BUDGET_EXHAUSTED, CLIP_FRACTION, DELTA, EPSILON, EVAL_LOSS, EVALUATE_METRIC_KEYS, NOISE_MULTIPLIER,
                            NUM_EXAMPLES, PRIVACY_UNIT, PRIVACY_UNITS, QUERY_METRIC_KEYS, RECORDS_PER_PATIENT, SAMPLE_RATE,
-                           SECONDS, SITE_INDEX, STEPS, TRAIN_LOSS, TRAIN_METRIC_KEYS)
+                           SECONDS, SITE_INDEX, STEPS, TRAIN_LOSS, TRAIN_METRIC_KEYS, TRANSLATION_METRIC_KEYS)
 
 #: The metric keys of the replies to each kind of message.
 METRIC_KEYS_BY_TYPE = {MessageType.TRAIN: TRAIN_METRIC_KEYS, MessageType.EVALUATE: EVALUATE_METRIC_KEYS,
@@ -46,9 +46,12 @@ def train_metrics(*, num_examples: int, train_loss: float, steps: int, site_inde
             **privacy}
 
 
-def evaluate_metrics(*, num_examples: int, eval_loss: float, site_index: int) -> dict[str, float]:
-    """The metrics of an evaluate reply (without feature statistics)."""
-    return {NUM_EXAMPLES: num_examples, EVAL_LOSS: eval_loss, SITE_INDEX: site_index}
+def evaluate_metrics(*, num_examples: int, eval_loss: float, site_index: int,
+                     translation: Optional[Mapping[str, float]] = None) -> dict[str, float]:
+    """The metrics of an evaluate reply (without feature statistics); ``translation``: the site's
+    ``{TRANSLATION_SSIM, TRANSLATION_PSNR, TRANSLATION_MAE}`` (NaN without)."""
+    scores = {k: float((translation or {}).get(k, math.nan)) for k in TRANSLATION_METRIC_KEYS}
+    return {NUM_EXAMPLES: num_examples, EVAL_LOSS: eval_loss, SITE_INDEX: site_index, **scores}
 
 
 def failure_metrics(message_type: str, site_index: int) -> dict[str, float]:
@@ -56,6 +59,6 @@ def failure_metrics(message_type: str, site_index: int) -> dict[str, float]:
     so that a failure keeps the replies' key sets identical."""
     keys = METRIC_KEYS_BY_TYPE[message_type]
     values = {k: 0 for k in keys}
-    values.update({k: math.nan for k in (TRAIN_LOSS, EVAL_LOSS, SECONDS) if k in keys})
+    values.update({k: math.nan for k in (TRAIN_LOSS, EVAL_LOSS, SECONDS, *TRANSLATION_METRIC_KEYS) if k in keys})
     values[SITE_INDEX] = site_index
     return values

@@ -45,7 +45,7 @@ from meddiff.recipes.phases import TrainingPhase, denoiser_phase, phase_named, s
 from meddiff.recipes.restore import codec_from_checkpoint
 from meddiff.train import seed_everything
 from privacy.report import save_central, save_site_ledgers
-from protocol import NUM_EXAMPLES, RoundConfig, arrays_to_state
+from protocol import NUM_EXAMPLES, SITE_INDEX, TRANSLATION_METRIC_KEYS, RoundConfig, arrays_to_state
 from server.evaluation import Evaluation, weighted_mean
 from server.latent_setup import LatentSetup
 from server.phase import PhaseRun
@@ -54,7 +54,8 @@ from server.run_state import RunState, record_config, save_round_checkpoint
 from server.screening import aggregate, screen
 from server.site_segmentation import SiteSegmentation
 from server.strategy import base_strategy, create_strategy, load_strategy_state, sites_per_round
-from server.summary import RunRecord, build_summary, round_line, say, supersede_rows_after, write_summary
+from server.summary import (RunRecord, build_summary, round_line, say, supersede_rows_after, translation_scores,
+                            write_summary)
 
 log = logging.getLogger("meddiff.server")
 
@@ -211,17 +212,18 @@ class _Federation:
         report, counts = self._train(run, rnd, round_config)
         kept = counts.pop("kept")
         self.record.sites(rnd, phase, report)
-        eval_loss, fid = self._evaluate(run, rnd, round_config)
+        eval_loss, fid, translated = self._evaluate(run, rnd, round_config)
         accepted = [r for r in report if r["accepted"]]
         row = {"round": rnd, "accepted": len(accepted), "reason": "kept previous global model" if kept else "",
                "num_examples": sum(r.get(NUM_EXAMPLES, 0) for r in accepted), "train_loss": weighted_mean(accepted, "train_loss"),
-               "eval_loss": eval_loss, "fid": fid.get("fid_global", ""), "seconds": time.perf_counter() - t0}
+               "eval_loss": eval_loss, "fid": fid.get("fid_global", ""), "seconds": time.perf_counter() - t0,
+               **{k: translated[k] for k in TRANSLATION_METRIC_KEYS if k in translated}}
         self.record.round(phase, row)
         row["max_epsilon"] = max((float(r["epsilon"]) for r in accepted if "epsilon" in r), default=float("nan"))
         self.state.history.append({"phase": phase.name, "round": rnd, "accepted": len(accepted),
                                    "rejected": len(report) - len(accepted), "refused": counts["refused"],
                                    "train_loss": row["train_loss"], "eval_loss": eval_loss, "max_epsilon": row["max_epsilon"],
-                                   "fid": fid.get("fid_global"), "seconds": row["seconds"]})
+                                   "fid": fid.get("fid_global"), "seconds": row["seconds"], **translated})
         say(round_line(self.cfg, phase, rnd, counts, row, kept))
         if self.cfg.privacy.enabled:
             save_site_ledgers(self.run_dir, self.state.ledgers, refused=sorted(self.state.refused_sites))
@@ -267,13 +269,17 @@ class _Federation:
         if run.ema is not None:
             run.ema.update(run.model)
 
-    def _evaluate(self, run: PhaseRun, rnd: int, round_config: RoundConfig) -> tuple[float, dict]:
+    def _evaluate(self, run: PhaseRun, rnd: int, round_config: RoundConfig) -> tuple[float, dict, dict]:
+        """``(held-out loss, FID, translation scores: weighted means and "translation_per_site", or {})``."""
         ev = self.cfg.evaluation
         with_fid = run.phase.draws_samples and bool(ev.every) and rnd % ev.every == 0
         rows, site_stats = self.evaluation.held_out(run.strategy, rnd, run.global_state, round_config, with_fid=with_fid)
         fid = self.evaluation.federated_fid(run.ema, run.sample_model, site_stats) if site_stats else {}
         self.record.evaluation(rnd, run.phase, rows, fid.get("fid_per_site", {}))
-        return weighted_mean(rows, "eval_loss"), fid
+        scored = [r for r in rows if translation_scores(r)]
+        translated = {**{k: weighted_mean(scored, k) for k in TRANSLATION_METRIC_KEYS},
+                      "translation_per_site": {f"site_{int(r[SITE_INDEX])}": translation_scores(r) for r in scored}}
+        return weighted_mean(rows, "eval_loss"), fid, translated if scored else {}
 
     def _too_many_failures(self, kept: bool, rnd: int, phase: TrainingPhase) -> bool:
         fed = self.cfg.federation

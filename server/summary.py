@@ -14,7 +14,7 @@ from meddiff.board import RunBoard
 from meddiff.recipes.phases import TrainingPhase, denoiser_phase, phase_named
 from meddiff.recipes.runs import MetricsCSV
 from privacy.report import save_site_ledgers, write_privacy_report
-from protocol import NUM_EXAMPLES, SEGMENTATION_COLUMNS, SITE_INDEX
+from protocol import NUM_EXAMPLES, SEGMENTATION_COLUMNS, SITE_INDEX, TRANSLATION_METRIC_KEYS
 from server.site_segmentation import column_dice, segmentation_table
 
 log = logging.getLogger("meddiff.server")
@@ -23,7 +23,12 @@ PRIVACY_FIELDS = ["epsilon", "delta", "noise_multiplier", "sample_rate", "clip_f
 #: A site's segmentation utility (headline region's Dice): real only, synthetic only, real + synthetic, mask fidelity.
 SEGMENTATION_FIELDS = [f"seg_{c}" for c in SEGMENTATION_COLUMNS]
 METRIC_FIELDS = ["round", "phase", "scope", "node", "accepted", "reason", "num_examples", "train_loss", "eval_loss", "fid",
-                 "steps", "seconds", *PRIVACY_FIELDS, *SEGMENTATION_FIELDS]
+                 "steps", "seconds", *PRIVACY_FIELDS, *SEGMENTATION_FIELDS, *TRANSLATION_METRIC_KEYS]
+
+
+def translation_scores(metrics: dict) -> dict[str, float]:
+    """The finite translation scores of a site's (or a round's) metrics; empty unless it translates."""
+    return {k: float(metrics[k]) for k in TRANSLATION_METRIC_KEYS if k in metrics and math.isfinite(float(metrics[k]))}
 
 
 def say(msg: str) -> None:
@@ -52,9 +57,10 @@ class RunRecord:
     def evaluation(self, rnd: int, phase: TrainingPhase, rows: list[dict], fid_per_site: dict) -> None:
         for m in rows:
             scope = f"site_{int(m[SITE_INDEX])}"
+            scores = translation_scores(m)
             self.metrics.write({"round": rnd, "phase": phase.name, "scope": scope, "accepted": "", "num_examples": m[NUM_EXAMPLES],
-                                "eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope, "")})
-            self.board.scalars(phase.scope(scope), {"eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope)}, rnd)
+                                "eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope, ""), **scores})
+            self.board.scalars(phase.scope(scope), {"eval_loss": m["eval_loss"], "fid": fid_per_site.get(scope), **scores}, rnd)
 
     def segmentation(self, entry: dict) -> None:
         """One row per site of a segmentation-utility entry (the headline region's Dice; ``num_examples``:
@@ -71,8 +77,8 @@ class RunRecord:
 
     def round(self, phase: TrainingPhase, row: dict) -> None:
         self.metrics.write({"phase": phase.name, "scope": "global", **row})
-        self.board.scalars(phase.scope("global"), {k: row.get(k) for k in ("train_loss", "eval_loss", "fid", "accepted")},
-                           row["round"])
+        self.board.scalars(phase.scope("global"), {k: row.get(k) for k in ("train_loss", "eval_loss", "fid", "accepted",
+                                                                            *TRANSLATION_METRIC_KEYS)}, row["round"])
         self.board.flush()
 
     def close(self) -> None:
@@ -121,8 +127,11 @@ def round_line(cfg: ExperimentConfig, phase: TrainingPhase, rnd: int, counts: di
     extra = "".join(f", {n} {k}" for k, n in (("rejected", counts["rejected"]), ("refused", counts["refused"]),
                                                 ("failed", counts["failed"]), ("lost", counts["lost"])) if n)
     eps = f", max site epsilon {row['max_epsilon']:.3f}" if cfg.privacy.enabled and math.isfinite(row["max_epsilon"]) else ""
+    scores = translation_scores(row)
+    translated = (f", held-out SSIM {scores['translation_ssim']:.3f}, PSNR {scores['translation_psnr']:.2f} dB, "
+                  f"MAE {scores['translation_mae']:.4g}") if len(scores) == len(TRANSLATION_METRIC_KEYS) else ""
     return (f"{name} {rnd}/{num_rounds}: {fate}{extra}; train loss {row['train_loss']:.4f}, {what} "
-            f"{row['eval_loss']:.4f}{eps} ({row['seconds']:.1f}s)")
+            f"{row['eval_loss']:.4f}{translated}{eps} ({row['seconds']:.1f}s)")
 
 
 def write_summary(run_dir: Path, cfg: ExperimentConfig, summary: dict) -> None:
@@ -156,7 +165,23 @@ def _summary_md(run_dir: Path, cfg: ExperimentConfig, summary: dict) -> str:
                      f"{r['train_loss']:.4f} | {r['eval_loss']:.4f} | {r.get('max_epsilon', float('nan')):.3f} | {r['seconds']:.1f} |")
     for entry in summary.get("segmentation", []):
         lines += ["", *segmentation_table(entry)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _translation_table(cfg, summary["rounds"])) + "\n"
+
+
+def _translation_table(cfg: ExperimentConfig, rounds: list[dict]) -> list[str]:
+    """Each site's SSIM / PSNR / MAE on its own held-out pairs, per round (none unless the study translates)."""
+    scored = [r for r in rounds if r.get("translation_per_site")]
+    if not scored:
+        return []
+    unit = "HU" if cfg.data.target_sequence == "ct" else "[0, 1]"
+    lines = ["", f"Translation {cfg.data.source_sequence} -> {cfg.data.target_sequence} on each site's own held-out pairs "
+             f"({cfg.evaluation.translation_examples} per site, one DDIM sample for diffusion; MAE in {unit}):", "",
+             "| phase | round | site | SSIM | PSNR (dB) | MAE |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in scored:
+        for site, s in sorted(r["translation_per_site"].items()):
+            lines.append(f"| {r['phase']} | {r['round']} | {site} | {s['translation_ssim']:.3f} | {s['translation_psnr']:.2f} "
+                         f"| {s['translation_mae']:.4g} |")
+    return lines
 
 
 def _privacy(cfg: ExperimentConfig, summary: dict) -> str:

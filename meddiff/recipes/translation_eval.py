@@ -104,6 +104,18 @@ def held_out_pairs(cfg: ExperimentConfig, *, num: int, seed: int = 0,
     return data.source[:num], data.target[:num]
 
 
+@torch.no_grad()
+def site_translation_scores(phase, model, cfg: ExperimentConfig, packed: torch.Tensor, *, seed: int = 0,
+                            device="cpu") -> dict[str, float]:
+    """A site's SSIM, PSNR and MAE (whole image, the target's unit) of ``phase``'s translations
+    of its held-out pairs ``packed [N, C_t + C_s, *S]`` (``cat([target, source])`` in [-1, 1];
+    one DDIM sample for a diffusion model)."""
+    c = cfg.model.in_channels
+    pred = phase.translate(model, cfg, packed[:, c:].to(device), samples=1, seed=seed, device=device).cpu()
+    scores = _scores(pred, packed[:, :c].cpu(), cfg.data.target_sequence)
+    return {"ssim": scores["ssim"], "psnr": scores["psnr"], "mae": scores["mae"]}
+
+
 def _scores(pred: torch.Tensor, target: torch.Tensor, contrast: str) -> dict:
     """Whole-image and body-masked scores in the target's unit, averaged over the images."""
     ct = contrast in HU_CONTRASTS

@@ -15,7 +15,8 @@ from meddiff.evaluate.metrics import FeatureStats
 from protocol import (EVALUATE_METRIC_KEYS, FEATURE_COUNT, QUERY_METRIC_KEYS, TRAIN_METRIC_KEYS, EvaluateRes, Failure,
                       InstallAutoencoder, MissingAutoencoder, ProtocolError, QueryRes, Refusal, RoundConfig, RoundIns,
                       SEGMENTATION_COLUMNS, SEGMENTATION_METRIC_KEYS, SegmentationQuery, SegmentationRes, SetLatentScale,
-                      TrainRes, arrays_to_state, central_dp_mode, decode_query, decode_reply,
+                      TRANSLATION_METRIC_KEYS, TrainRes, arrays_to_state, central_dp_mode, decode_query, decode_reply,
+                      evaluate_metrics,
                       non_private_metrics, reply_kind, reply_ledger, reply_metrics, state_to_arrays, train_metrics)
 from tests.conftest import tiny_config
 from tests.flower_helpers import as_node
@@ -159,7 +160,8 @@ def test_a_failure_carries_every_metric_key_of_its_reply_kind(message_type, keys
 
 
 def test_evaluate_replies_round_trip_with_and_without_feature_statistics():
-    plain = EvaluateRes({"num-examples": 2, "eval_loss": 0.75, "site-index": 1})
+    scores = dict(zip(TRANSLATION_METRIC_KEYS, (0.9, 31.5, 0.02)))
+    plain = EvaluateRes(evaluate_metrics(num_examples=2, eval_loss=0.75, site_index=1, translation=scores))
     record = plain.to_record()
     assert set(record["metrics"].keys()) == set(EVALUATE_METRIC_KEYS) and FEATURE_COUNT not in record["metrics"]
     assert decode_reply(_answered(record, MessageType.EVALUATE)) == plain
@@ -171,9 +173,15 @@ def test_evaluate_replies_round_trip_with_and_without_feature_statistics():
     np.testing.assert_allclose(back.feature_stats.cov, stats.cov)
 
 
+def test_an_evaluate_reply_without_translation_carries_nan_scores():
+    metrics = decode_reply(_answered(EvaluateRes(evaluate_metrics(num_examples=2, eval_loss=0.5, site_index=0)).to_record(),
+                                     MessageType.EVALUATE)).metrics
+    assert all(np.isnan(metrics[k]) for k in TRANSLATION_METRIC_KEYS) and metrics["eval_loss"] == 0.5
+
+
 def test_bare_contents_are_classified_by_their_metrics():
     assert reply_kind(TrainRes.from_weights(WEIGHTS, METRICS).to_record()) is TrainRes
-    assert reply_kind(EvaluateRes({"num-examples": 1, "eval_loss": 0.1, "site-index": 0}).to_record()) is EvaluateRes
+    assert reply_kind(EvaluateRes(evaluate_metrics(num_examples=1, eval_loss=0.1, site_index=0)).to_record()) is EvaluateRes
     assert reply_kind(QueryRes(site_index=0, installed=False).to_record()) is QueryRes
     content = Refusal.for_site(site_index=1, num_examples=3, reason="r", epsilon=1.0, exhausted=False).to_record()
     assert reply_kind(content) is Refusal and reply_ledger(content) is None and reply_metrics(RecordDict()) == {}

@@ -4,7 +4,7 @@ a reply of another kind, each with a one-line problem."""
 import torch
 from flwr.app import Error, Message, MessageType
 
-from protocol import EvaluateRes, Failure, SegmentationRes
+from protocol import EvaluateRes, Failure, SegmentationRes, evaluate_metrics
 from server.replies import expect_reply
 from tests.conftest import tiny_config
 from tests.flower_helpers import as_node, reply, server_message
@@ -20,7 +20,7 @@ def test_a_site_failure_is_returned_with_its_reason_and_other_kinds_are_named():
     failure = Failure.for_message(MessageType.EVALUATE, site_index=1, reason="disk full", traceback="Traceback ...")
     result, problem = expect_reply(reply(msg, failure.to_record()), EvaluateRes, "an evaluate message")
     assert isinstance(result, Failure) and problem == "disk full" and result.traceback == "Traceback ..."
-    evaluated = reply(msg, EvaluateRes({"num-examples": 3, "site-index": 1, "eval_loss": 0.5}).to_record())
+    evaluated = reply(msg, EvaluateRes(evaluate_metrics(num_examples=3, eval_loss=0.5, site_index=1)).to_record())
     result, problem = expect_reply(evaluated, EvaluateRes, "an evaluate message")
     assert isinstance(result, EvaluateRes) and problem == ""
     result, problem = expect_reply(evaluated, SegmentationRes, "a segmentation query")

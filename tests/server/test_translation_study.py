@@ -1,6 +1,8 @@
 """A federated translation study: sites train the translation phases on their (target, source)
 pairs through the server's round loop and the real ClientApp in process, with and without DP."""
 
+import csv
+
 import pytest
 
 from meddiff.checkpoint import load_checkpoint
@@ -11,7 +13,8 @@ from tests.flower_helpers import as_node
 from tests.inprocess_grid import InProcessGrid
 
 STUDY = ["data.source_sequence=t1", "data.target_sequence=ct", "federation.num_sites=2", "federation.min_train_nodes=2",
-         "federation.num_rounds=2", "federation.local_steps=2", "data.num_samples=40", "diffusion.prediction_type=v"]
+         "federation.num_rounds=2", "federation.local_steps=2", "data.num_samples=40", "diffusion.prediction_type=v",
+         "evaluation.translation_examples=4", "sampler.num_inference_steps=3"]
 
 
 @pytest.mark.parametrize("phase, extra", [
@@ -31,5 +34,12 @@ def test_a_federated_translation_study_trains_its_phase_and_checkpoints_a_source
     assert ckpt.extra.get("phase") == phase.name
     assert ckpt.model["conv_in.weight"].shape[1] == 2  # x_t and the source image
     assert summary["samples"] is None  # no unconditional sample grids for a translation model
+    # every round each site scores its own held-out pairs (numbers only), in metrics.csv and summary.md
+    last = summary["rounds"][-1]
+    assert set(last["translation_per_site"]) == {"site_0", "site_1"} and -1 <= last["translation_ssim"] <= 1
+    assert all(s["translation_mae"] > 0 for s in last["translation_per_site"].values())  # MAE in HU
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert sum(bool(r["translation_ssim"]) for r in rows if r["scope"].startswith("site_")) == 4  # 2 sites x 2 rounds
+    assert "| site_1 |" in (tmp_path / "run" / "summary.md").read_text()
     if cfg.privacy.enabled:
         assert set(summary["epsilon"]) == {"site_0", "site_1"} and all(0 < e <= 50 for e in summary["epsilon"].values())
