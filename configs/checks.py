@@ -107,10 +107,11 @@ def check_translation(cfg: ExperimentConfig) -> None:
     if d.source_sequence == d.target_sequence:
         raise ConfigError(f"'data.source_sequence' and 'data.target_sequence' are both {d.source_sequence!r}: a "
                           "translation maps one contrast to another")
-    known = {"phantoms": PHANTOM_CONTRASTS, "brats": BRATS_SEQUENCES}
+    known = {"phantoms": PHANTOM_CONTRASTS, "brats": BRATS_SEQUENCES, "folder": PHANTOM_CONTRASTS + BRATS_SEQUENCES}
     if d.dataset not in known:
         raise ConfigError(f"a translation study trains on aligned pairs, which data.dataset={d.dataset!r} does not "
-                          "provide; use data.dataset=phantoms (t1, t2, ct) or brats (t1n, t1c, t2w, t2f)")
+                          "provide; use data.dataset=phantoms (t1, t2, ct), brats (t1n, t1c, t2w, t2f) or folder (a CSV of source,target "
+                          "pairs, named with any of those contrasts; ct is read in HU)")
     for field, value in (("source_sequence", d.source_sequence), ("target_sequence", d.target_sequence)):
         if value not in known[d.dataset]:
             raise ConfigError(f"'data.{field}' is {value!r}, no contrast of data.dataset={d.dataset!r}; choose one of "

@@ -17,7 +17,9 @@ Supported layouts (see the README's "Datasets" section):
 - ``covid_ct``: ``CT_COVID/`` (label 1) and ``CT_NonCOVID/`` (label 0) image folders.
 - ``lidc``: ``LIDC-IDRI-xxxx/<study>/<series>/*.dcm`` DICOM series, in HU.
 - ``folder``: any NIfTI or image files named in a CSV ``path,label[,patient_id][,site][,mask]``; a
-  ``mask`` is the image's label map (BraTS labels), read for mask-conditioned synthesis.
+  ``mask`` is the image's label map (BraTS labels), read for mask-conditioned synthesis. A CSV
+  ``source,target[,label][,patient_id][,site]`` lists translation pairs instead
+  (:mod:`meddiff.data.pair_index`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from configs import DataConfig
+from meddiff.data.pair_index import has_pair_columns, index_pair_rows
 from meddiff.data.readers import DataError
 from meddiff.data.records import NIFTI_SUFFIXES, IndexResult, Record, npz_split
 
@@ -222,6 +225,9 @@ def index_folder(cfg: DataConfig) -> IndexResult:
     root = _root(cfg)
     table = Path(cfg.labels_csv)
     result = IndexResult([])
+    if table.is_file() and has_pair_columns(table):  # translation pairs: source,target[,label][,patient_id][,site]
+        result.records.extend(index_pair_rows(table, root, lambda message: _problem(result, cfg, message)))
+        return result
     for rel, (label, patient, site, row_no, mask) in _labels_from_csv(cfg, result).items():
         f = root / rel
         if not f.is_file():

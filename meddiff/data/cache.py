@@ -41,7 +41,7 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 def content_digest(record: Record) -> str:
     """SHA-256 of a record's source bytes (memoised per path, size and mtime)."""
     parts = []
-    for f in record.files + ((record.meta["seg"],) if "seg" in record.meta else ()):
+    for f in record.files + tuple(record.meta[k] for k in ("seg", "target") if k in record.meta):
         p = Path(f)
         if p.is_dir():
             parts.append(file_digest([p]))

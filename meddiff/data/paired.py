@@ -15,6 +15,7 @@ alike, cropped by the source's foreground box, and sliced at the same indices.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 
 from configs import DataConfig
 from meddiff.data.phantom_anatomy import HU_CONTRASTS
-from meddiff.data.readers import DataError, read_nifti
+from meddiff.data.readers import DataError, read_dicom_series, read_nifti
 from meddiff.data.records import Record, _resample_label
 from meddiff.data.transforms import fit_to_size, foreground_bbox, paired_train_augmentation, preprocess_volume
 
@@ -103,9 +104,14 @@ class PackedSource(Dataset):
         return torch.cat([target, source.to(target.dtype)], dim=0), label
 
 
+def _read_scan(path: str):
+    """A NIfTI file, or a DICOM series folder (in HU)."""
+    return read_dicom_series(path) if Path(path).is_dir() else read_nifti(path)
+
+
 def read_pair(source_path: str, target_path: str):
     """Both volumes of a case; a :class:`DataError` naming both files unless they share one grid."""
-    source, target = read_nifti(source_path), read_nifti(target_path)
+    source, target = _read_scan(source_path), _read_scan(target_path)
     if source.array.shape != target.array.shape:
         raise DataError(f"{source_path} {source.array.shape} and {target_path} {target.array.shape}: source and target "
                         "are on different grids (shapes differ); a translation pair must be voxel-aligned")
@@ -131,12 +137,19 @@ def _aligned_slices(source: np.ndarray, target: np.ndarray, seg: Optional[np.nda
     return out
 
 
+def _to_model(volume, contrast: str, cfg: DataConfig) -> np.ndarray:
+    """RAS, resampled, in [-1, 1]: MR percentile-normalised, CT through :func:`hu_to_model`."""
+    ct = contrast in HU_CONTRASTS
+    array = preprocess_volume(volume, modality="hu" if ct else "mri", target_spacing=cfg.target_spacing,
+                              percentiles=tuple(cfg.intensity_percentiles))[0]
+    return hu_to_model(array).astype(np.float32) if ct else array
+
+
 def load_pair(record: Record, cfg: DataConfig, *, spatial_dims: int = 2):
-    """A BraTS-layout case's source (``record.files[0]``) and target (``record.meta["target"]``) as
-    ``(source [n, 1, *S], target [n, 1, *S], labels [n])``, both MR-normalised to [-1, 1]."""
+    """A case's source (``record.files[0]``) and target (``record.meta["target"]``) as
+    ``(source [n, 1, *S], target [n, 1, *S], labels [n])`` in [-1, 1] (MR normalised, CT mapped from HU)."""
     source_vol, target_vol = read_pair(record.files[0], record.meta["target"])
-    arrays = [preprocess_volume(v, modality="mri", target_spacing=cfg.target_spacing, hu_window_name=cfg.hu_window,
-                                percentiles=tuple(cfg.intensity_percentiles))[0] for v in (source_vol, target_vol)]
+    arrays = [_to_model(v, c, cfg) for v, c in ((source_vol, cfg.source_sequence), (target_vol, cfg.target_sequence))]
     seg = _resample_label(read_nifti(record.meta["seg"]), cfg)[0] if "seg" in record.meta else None
     if seg is not None and seg.shape != arrays[0].shape:
         raise DataError(f"{record.meta['seg']}: resampled segmentation {seg.shape} != image {arrays[0].shape}")

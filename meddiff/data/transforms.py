@@ -73,10 +73,10 @@ def preprocess_volume(
     """Orient to RAS, resample and normalise a volume.
 
     Args:
-        modality: ``"ct"`` (HU windowing) or ``"mri"`` (percentile normalisation).
+        modality: ``"ct"`` (HU windowing), ``"mri"`` (percentile normalisation) or ``"hu"`` (kept in HU).
         target_spacing: mm per voxel ``(x, y, z)``; empty keeps the native spacing.
     Returns:
-        ``(array [X, Y, Z] float32 in [-1, 1] in RAS order, affine [4, 4])``.
+        ``(array [X, Y, Z] float32 in [-1, 1] (HU for ``"hu"``) in RAS order, affine [4, 4])``.
     """
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing
@@ -91,8 +91,8 @@ def preprocess_volume(
         x = window_by_name(x, hu_window_name)
     elif modality == "mri":
         x = percentile_normalise(x, lower=percentiles[0], upper=percentiles[1])
-    else:
-        raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
+    elif modality != "hu":
+        raise ValueError(f"modality must be 'ct', 'mri' or 'hu', got {modality!r}")
     affine = np.asarray(x.affine, dtype=np.float64)
     return np.asarray(x.as_tensor()[0], dtype=np.float32), affine
 

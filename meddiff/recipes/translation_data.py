@@ -87,10 +87,17 @@ def _runs(indices: list[int]) -> list[list[int]]:
 
 
 def paired_records(records: list[Record], data_cfg: DataConfig) -> list[Record]:
-    """BraTS-layout records with the case's source sequence as ``files[0]`` and its target sequence
-    in ``meta["target"]``; a :class:`DataError` naming the missing file."""
+    """Records with the source as ``files[0]`` and the target in ``meta["target"]``: folder pairs as
+    indexed, BraTS-layout cases with their two sequence files; a :class:`DataError` naming the
+    missing file, or the folder CSV that lists no pairs."""
     out = []
     for r in records:
+        if "target" in r.meta:  # a folder CSV pair
+            out.append(r)
+            continue
+        if data_cfg.dataset == "folder":
+            raise DataError(f"{data_cfg.labels_csv}: a translation study reads a CSV with 'source' and 'target' columns "
+                            f"(one registered pair per row); this one lists single images ({r.files[0]})")
         case = Path(r.files[0]).parent
         files = [case / f"{case.name}-{seq}.nii.gz" for seq in (data_cfg.source_sequence, data_cfg.target_sequence)]
         for f in files:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from configs import ExperimentConfig
-from meddiff.data.paired import model_to_hu
+from meddiff.data.paired import hu_to_model, model_to_hu
 from meddiff.data.phantom_anatomy import HU_CONTRASTS
 from meddiff.data.transforms import percentile_normalise
 from meddiff.device import autocast_dtype, autocast_factory
@@ -95,7 +95,8 @@ def translate_nifti(translate, path: Path, out_path: Path, cfg: ExperimentConfig
     ornt = nib.orientations.io_orientation(img.affine)
     ras = np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt))  # the training orientation (RAS)
     lo, hi = cfg.data.intensity_percentiles
-    normalised = np.asarray(percentile_normalise(torch.from_numpy(ras)[None], lower=lo, upper=hi))[0]
+    normalised = hu_to_model(ras) if cfg.data.source_sequence in HU_CONTRASTS else \
+        np.asarray(percentile_normalise(torch.from_numpy(ras)[None], lower=lo, upper=hi))[0]  # as in training
     translated = to_target_unit(translate_volume(translate, normalised, cfg, progress=progress), cfg.data.target_sequence)
     back = nib.orientations.apply_orientation(translated, nib.orientations.ornt_transform(
         nib.orientations.axcodes2ornt(("R", "A", "S")), ornt))
