@@ -11,7 +11,8 @@ from configs import config_to_yaml
 from meddiff.data.adapters import index_dataset
 from meddiff.data.cache import MedicalDataset
 from meddiff.data.template import write_template_cohort
-from meddiff.recipes.phases import DIFFUSION
+from meddiff.recipes.phases import DIFFUSION, TRANSLATION, TRANSLATION_REGRESSION
+from meddiff.recipes.sites import records_dataset
 from privacy.accounting import poisson_sample_rate
 from privacy.refusals import BudgetExhausted, SiteRefusal
 from privacy.report import privacy_report, write_privacy_report
@@ -125,3 +126,20 @@ def test_3d_volumes_several_scans_of_one_patient_are_one_unit(tmp_path):
     privacy = _open(cfg, data, tmp_path / "state")
     assert len(data) == 6 and privacy.units.unit == "patient" and privacy.units.count == 3 and privacy.units.max_records == 2
     assert privacy.calibration.num_examples == 3 and privacy.ledger.delta == pytest.approx(1 / 30)
+
+
+@pytest.mark.slow  # a template cohort with a second sequence, then one DP round of each translation phase
+@pytest.mark.parametrize("phase", [TRANSLATION, TRANSLATION_REGRESSION])
+def test_a_brats_translation_study_protects_each_patient_of_its_pairs(tmp_path, phase):
+    img, _ = head_volume(shape=(40, 48, 36), seed=0, lesion=False)
+    template = write_nifti(tmp_path / "template.nii.gz", img, spacing=(2.0, 2.0, 2.0))
+    write_template_cohort(template, tmp_path / "cohort", num_patients=4, spacing=4.0, seed=3, t2w=True)
+    cfg = tiny_config(extra=_overrides(tmp_path) + ["data.source_sequence=t1n", "data.target_sequence=t2w",
+                                                    f"train.translation_objective={phase.objective}"])
+    data = records_dataset(index_dataset(cfg.data).records, cfg, train=True)  # (target | source) pairs of 4 patients
+    assert len(data) > 8 and data[0][0].shape[0] == 2 and len(set(data.patient_ids)) == 4
+    privacy = _open(cfg, data, tmp_path / "state")
+    assert (privacy.calibration.unit, privacy.calibration.num_examples) == ("patient", 4)
+    privacy.check(phase)
+    metrics = _round(privacy, cfg, data, 1, phase=phase)
+    assert metrics["patient_unit"] and metrics["units"] == 4 and 0 < metrics["epsilon"] <= 8

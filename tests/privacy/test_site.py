@@ -24,18 +24,18 @@ def _open(cfg, tmp_path: Path, data, mirrors: list, **kw) -> SitePrivacy:
                             keep_mirror=mirrors.append, **kw)
 
 
-def _round(privacy: SitePrivacy, cfg, data, server_round: int) -> dict:
-    model = DIFFUSION.build_model(cfg)
-    optimizer = DIFFUSION.build_optimizer(cfg, model.parameters())
-    dp = privacy.wrap(DIFFUSION, model, optimizer, data, torch.device("cpu"))
+def _round(privacy: SitePrivacy, cfg, data, server_round: int, phase=DIFFUSION) -> dict:
+    model = phase.build_model(cfg)
+    optimizer = phase.build_optimizer(cfg, model.parameters())
+    dp = privacy.wrap(phase, model, optimizer, data, torch.device("cpu"))
     batches = dp.batches(cfg.privacy.max_physical_batch_size)
     try:
-        result = train_loop(model=dp.model, objective=DIFFUSION.build_objective(cfg), optimizer=dp.optimizer,
-                            batches=batches, steps=DIFFUSION.local_steps(cfg), device=torch.device("cpu"),
+        result = train_loop(model=dp.model, objective=phase.build_objective(cfg), optimizer=dp.optimizer,
+                            batches=batches, steps=phase.local_steps(cfg), device=torch.device("cpu"),
                             step_fn=dp.step_fn, optimizer_stepped=dp.optimizer_stepped)
     finally:
         batches.close()
-    return privacy.record(dp, DIFFUSION, server_round, result.steps)
+    return privacy.record(dp, phase, server_round, result.steps)
 
 
 def test_a_study_enrols_once_and_each_round_is_recorded_as_opacus_accounts_it(tmp_path):
