@@ -166,7 +166,7 @@ def _translation_scores(cfg: ExperimentConfig, phase: TrainingPhase, model: nn.M
                         site_index: int, device) -> Optional[dict[str, float]]:
     """The site's translation scores (``None`` unless ``phase`` translates and they are asked for)."""
     n = min(len(dataset), cfg.evaluation.translation_examples)
-    if not (phase.packs_source and n):
+    if not (phase.packs_source and n) or phase.trains_on_latents(cfg):  # latent sites hold latents, not images
         return None
     packed = torch.stack([dataset[i][0] for i in range(n)])
     scores = site_translation_scores(phase, model, cfg, packed, seed=round_seed(cfg.train.seed, site_index, 11), device=device)

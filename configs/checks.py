@@ -120,9 +120,9 @@ def check_translation(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"'model.cond_channels' ({cfg.model.cond_channels}) conditions on masks, but this is a "
                           "translation study (data.target_sequence set), conditioned on the source image: set "
                           "model.cond_channels=0 (the source's channels are added by the translation phase)")
-    if cfg.autoencoder.enabled:
-        raise ConfigError("a translation study trains the pixel-space UNet; latent translation does not exist: set "
-                          "autoencoder.enabled=false")
+    if cfg.autoencoder.enabled and cfg.autoencoder.image_channels != 1:
+        raise ConfigError(f"'autoencoder.image_channels' is {cfg.autoencoder.image_channels}, but a latent translation "
+                          "study encodes its single-channel target and source images with the one autoencoder: set 1")
 
 
 def check_autoencoder(cfg: ExperimentConfig) -> None:

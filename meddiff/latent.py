@@ -112,13 +112,17 @@ class LatentCodec:
         return self.autoencoder.encode(x)[0] * self.scale_factor
 
     @torch.no_grad()
-    def encode_packed(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_packed(self, x: torch.Tensor, *, condition_is_image: bool = False) -> torch.Tensor:
         """``[N, C + K, *S]`` packed examples -> ``[N, L + K, *S/f]``: the ``C`` image channels
-        encoded, the ``K`` condition channels (none: a plain image) area-pooled to the latent grid."""
+        encoded, the ``K`` condition channels (none: a plain image) area-pooled to the latent grid
+        (masks); with ``condition_is_image`` (a translation source, ``K = C``) the condition is
+        encoded too, ``[N, 2 L, *S/f]``."""
         c = self.autoencoder.in_channels
         z = self.encode(x[:, :c])
         if x.shape[1] == c:
             return z
+        if condition_is_image:
+            return torch.cat([z, self.encode(x[:, c:])], dim=1)
         return torch.cat([z, condition_on_grid(x[:, c:], tuple(z.shape[2:])).to(z.dtype)], dim=1)
 
     @torch.no_grad()
@@ -172,12 +176,14 @@ class LatentDataset(Dataset):
 def encode_dataset(codec: LatentCodec, dataset: Dataset, *, batch_size: int = 32, device: torch.device | str = "cpu",
                    progress: bool = False) -> LatentDataset:
     """Encode every example of ``dataset`` once (the first stage is frozen, so latents never change);
-    packed examples keep their condition, pooled to the latent grid (:meth:`LatentCodec.encode_packed`)."""
+    packed examples keep their condition, pooled to the latent grid, or encoded when the dataset's
+    ``condition_is_image`` (a translation source; :meth:`LatentCodec.encode_packed`)."""
     codec.to(device)
     latents, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size)
+    image_condition = bool(getattr(dataset, "condition_is_image", False))
     for x, y in tqdm(loader, desc="encoding latents", disable=not progress, leave=False):
-        latents.append(codec.encode_packed(x.to(device)).cpu())
+        latents.append(codec.encode_packed(x.to(device), condition_is_image=image_condition).cpu())
         labels.append(torch.as_tensor(y).reshape(-1))
     if not latents:
         raise ValueError("cannot encode an empty dataset")

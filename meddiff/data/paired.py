@@ -86,6 +86,8 @@ class PairedImages(Dataset):
 class PackedSource(Dataset):
     """``(target, label, source)`` triples as ``(cat([target, source]) [C_t + C_s, *S], label)`` pairs."""
 
+    condition_is_image = True  # latent diffusion encodes the source as it encodes the target
+
     def __init__(self, dataset: Dataset):
         first = dataset[0] if len(dataset) else None
         if first is not None and (len(first) != 3 or not getattr(dataset, "condition_is_image", False)):

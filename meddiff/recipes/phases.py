@@ -30,7 +30,7 @@ from meddiff.recipes.build import (build_autoencoder, build_autoencoder_objectiv
 from meddiff.data import ImageChannels
 from meddiff.nets.autoencoder import AutoencoderObjective
 from meddiff.recipes.phase_base import TrainingPhase
-from meddiff.recipes.translation_infer import sample_translation
+from meddiff.recipes.translation_infer import regress_translation, sample_translation
 from meddiff.recipes.translation_data import (build_paired_dataset, build_translation_diffusion, build_translation_regression,
                                               build_translation_unet, translating)
 
@@ -207,9 +207,6 @@ class TranslationPhase(DiffusionPhase):
     def federated(self, cfg: ExperimentConfig) -> bool:
         return translating(cfg) and cfg.train.translation_objective == self.objective
 
-    def trains_on_latents(self, cfg: ExperimentConfig) -> bool:
-        return False  # configs refuse autoencoder.enabled for translation
-
     def build_model(self, cfg: ExperimentConfig) -> nn.Module:
         return build_translation_unet(cfg)
 
@@ -220,9 +217,10 @@ class TranslationPhase(DiffusionPhase):
         return build_paired_dataset(cfg)
 
     def translate(self, model, cfg: ExperimentConfig, source: torch.Tensor, *, samples: int = 1, seed: int = 0,
-                  device="cpu") -> torch.Tensor:
-        """``source [N, C_s, *S]`` in [-1, 1] to targets ``[N, C, *S]``: the mean of ``samples`` DDIM draws."""
-        return sample_translation(model, cfg, source, samples=samples, seed=seed, device=device)
+                  device="cpu", codec=None) -> torch.Tensor:
+        """``source [N, C_s, *S]`` in [-1, 1] to targets ``[N, C, *S]``: the mean of ``samples`` DDIM
+        draws (latent diffusion: in the latents of ``codec``, decoded)."""
+        return sample_translation(model, cfg, source, samples=samples, seed=seed, device=device, codec=codec)
 
     def banner(self, cfg: ExperimentConfig) -> str:
         d = cfg.data
@@ -246,9 +244,9 @@ class TranslationRegressionPhase(TranslationPhase):
 
     @torch.no_grad()
     def translate(self, model, cfg: ExperimentConfig, source: torch.Tensor, *, samples: int = 1, seed: int = 0,
-                  device="cpu") -> torch.Tensor:
+                  device="cpu", codec=None) -> torch.Tensor:
         """One forward pass (``samples`` and ``seed`` do not apply: the baseline is deterministic)."""
-        return self.build_objective(cfg).predict(model.eval(), source.to(device)).clamp(-1.0, 1.0).cpu()
+        return regress_translation(self.build_objective(cfg), model, source, device=device, codec=codec)
 
     def held_out_losses(self, model, objective, x0, y, generator, cfg) -> torch.Tensor:
         """The L1 of the one-pass translation."""

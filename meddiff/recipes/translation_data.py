@@ -41,8 +41,10 @@ def translating(cfg: ExperimentConfig) -> bool:
 
 
 def build_translation_unet(cfg: ExperimentConfig) -> ADMUNet:
-    """The study's UNet reading ``cat([x_t, source])`` (the source's channels as ``cond_channels``)."""
-    model = build_unet_from_section(replace(cfg.model, cond_channels=SOURCE_CHANNELS), cfg.unet_input_size)
+    """The study's UNet reading ``cat([x_t, source])`` (the source's channels as ``cond_channels``;
+    with latent diffusion ``x_t`` and the source are latents of the one autoencoder)."""
+    source = cfg.autoencoder.latent_channels if cfg.autoencoder.enabled else SOURCE_CHANNELS
+    model = build_unet_from_section(replace(cfg.model, cond_channels=source), cfg.unet_input_size)
     return select_trainable(model, cfg.train.trainable, lora_rank=cfg.train.lora_rank)
 
 

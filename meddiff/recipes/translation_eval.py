@@ -25,7 +25,7 @@ from meddiff.device import resolve_device
 from meddiff.evaluate.translation import body_mask, translation_metrics
 from meddiff.recipes.masks import HELD_OUT_SEED_OFFSET
 from meddiff.recipes.phases import denoiser_phase
-from meddiff.recipes.restore import model_from_checkpoint
+from meddiff.recipes.restore import codec_from_checkpoint, model_from_checkpoint
 from meddiff.recipes.translation_data import paired_records_data, phantom_pairs_data
 from meddiff.recipes.translation_infer import to_target_unit, translate_nifti
 
@@ -34,9 +34,10 @@ BRATS_TEST_FRACTION = 0.2
 
 
 def load_translator(checkpoint, device, ddim_steps: Optional[int] = None):
-    """``(model, cfg, phase)`` of a translation checkpoint (``ddim_steps``: its sampler's steps
-    instead of ``sampler.num_inference_steps``); a clear error for any other model."""
-    model, cfg, _ = model_from_checkpoint(checkpoint, device=device)
+    """``(model, cfg, phase, translate)`` of a translation checkpoint, ``translate(source, samples=,
+    seed=)`` running it (with its autoencoder for latent diffusion); ``ddim_steps``: its sampler's
+    steps instead of ``sampler.num_inference_steps``. A clear error for any other model."""
+    model, cfg, ckpt = model_from_checkpoint(checkpoint, device=device)
     if ddim_steps is not None:
         if ddim_steps < 1:
             raise ValueError(f"ddim_steps must be >= 1, got {ddim_steps}")
@@ -45,7 +46,11 @@ def load_translator(checkpoint, device, ddim_steps: Optional[int] = None):
     if not phase.packs_source:
         raise ValueError(f"{checkpoint}: a {phase.name} model, not a translation model (train one with "
                          "data.source_sequence and data.target_sequence set)")
-    return model, cfg, phase
+    codec = codec_from_checkpoint(ckpt, cfg, source=str(checkpoint))
+
+    def translate(source: torch.Tensor, *, samples: int = 1, seed: int = 0) -> torch.Tensor:
+        return phase.translate(model, cfg, source.to(device), samples=samples, seed=seed, device=device, codec=codec).cpu()
+    return model, cfg, phase, translate
 
 
 def run_translate(checkpoint, source: Path, out_dir: Path, *, samples: int = 1, device: str = "auto",
@@ -55,8 +60,8 @@ def run_translate(checkpoint, source: Path, out_dir: Path, *, samples: int = 1, 
     from tqdm import tqdm
 
     dev = resolve_device(device)
-    model, cfg, phase = load_translator(checkpoint, dev, ddim_steps)
-    fn = lambda x: phase.translate(model, cfg, x.to(dev), samples=samples, seed=seed, device=dev).cpu()  # noqa: E731
+    _, cfg, _, translate = load_translator(checkpoint, dev, ddim_steps)
+    fn = lambda x: translate(x, samples=samples, seed=seed)  # noqa: E731
     source, out_dir = Path(source), Path(out_dir)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
@@ -135,20 +140,20 @@ def evaluate_translation(*, checkpoint, baseline=None, out_dir=None, num_test: i
     sample and on the mean of ``samples`` (``ddim_steps`` DDIM steps, default: its sampler's).
     ``data_path``: a BraTS-layout cohort of other patients to test on (see :func:`held_out_pairs`)."""
     dev = resolve_device(device)
-    model, cfg, phase = load_translator(checkpoint, dev, ddim_steps)
+    _, cfg, phase, translate = load_translator(checkpoint, dev, ddim_steps)
     source, target = held_out_pairs(cfg, num=num_test, seed=seed, data_path=data_path)
     out = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent.parent / "translation"
     report = {"checkpoint": str(checkpoint), "source": cfg.data.source_sequence, "target": cfg.data.target_sequence,
               "num_test": len(source), "image_size": cfg.data.image_size,
               "ddim_steps": cfg.sampler.num_inference_steps, "models": {}}
     preds = {}
-    runs = [(phase.name, model, cfg, phase, k) for k in ((1, samples) if phase.stochastic else (1,))]
+    runs = [(phase.name, translate, cfg, phase, k) for k in ((1, samples) if phase.stochastic else (1,))]
     if baseline:
-        b_model, b_cfg, b_phase = load_translator(baseline, dev)
-        runs.append((b_phase.name, b_model, b_cfg, b_phase, 1))
-    for name, m, c, ph, k in runs:
+        _, b_cfg, b_phase, b_translate = load_translator(baseline, dev)
+        runs.append((b_phase.name, b_translate, b_cfg, b_phase, 1))
+    for name, fn, c, ph, k in runs:
         t0 = time.perf_counter()
-        pred = ph.translate(m, c, source, samples=k, seed=seed, device=dev)
+        pred = fn(source, samples=k, seed=seed)
         label = f"{name} (mean of {k})" if ph.stochastic and k > 1 else (f"{name} (1 sample)" if ph.stochastic else name)
         report["models"][label] = {**_scores(pred, target, c.data.target_sequence),
                                    "seconds_per_image": (time.perf_counter() - t0) / max(1, len(source))}

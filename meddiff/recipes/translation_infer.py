@@ -28,20 +28,41 @@ from meddiff.recipes.build import build_diffusion, build_sampler
 from meddiff.sampling import generate
 
 
+def _codec_check(cfg: ExperimentConfig, codec) -> None:
+    if cfg.autoencoder.enabled and codec is None:
+        raise ValueError("a latent translation model works in latents: pass its autoencoder (codec) to encode the source "
+                         "and decode the translation")
+
+
+@torch.no_grad()
 def sample_translation(model, cfg: ExperimentConfig, source: torch.Tensor, *, samples: int = 1, seed: int = 0,
-                       device="cpu", batch: int = 64) -> torch.Tensor:
-    """The mean of ``samples`` DDIM translations of ``source [N, C_s, *S]`` in [-1, 1]: ``[N, C, *S]``."""
+                       device="cpu", batch: int = 64, codec=None) -> torch.Tensor:
+    """The mean of ``samples`` DDIM translations of ``source [N, C_s, *S]`` in [-1, 1]: ``[N, C, *S]``.
+    With latent diffusion (``codec``) the source is encoded, each draw is a latent, decoded before
+    the mean."""
+    _codec_check(cfg, codec)
     sampler = build_sampler(cfg.sampler, build_diffusion(cfg.diffusion))
     autocast = autocast_factory(torch.device(device), autocast_dtype(torch.device(device), cfg.train.mixed_precision))
+    to_image = (lambda z: z) if codec is None else codec.to(device).decode  # noqa: E731
     out = []
     for start in range(0, len(source), batch):
-        chunk = source[start:start + batch]
-        draws = [generate(model, sampler, shape=(len(chunk), cfg.model.in_channels, *chunk.shape[2:]),
-                          num_inference_steps=cfg.sampler.num_inference_steps, guidance_scale=1.0,
-                          generator=torch.Generator().manual_seed(seed + 1000 * k + start), device=device,
-                          autocast=autocast, progress=False, cond=chunk).clamp(-1.0, 1.0) for k in range(samples)]
+        chunk = source[start:start + batch].to(device)
+        cond = chunk if codec is None else codec.to(device).encode(chunk)
+        draws = [to_image(generate(model, sampler, shape=(len(chunk), cfg.model.in_channels, *cond.shape[2:]),
+                                   num_inference_steps=cfg.sampler.num_inference_steps, guidance_scale=1.0,
+                                   generator=torch.Generator().manual_seed(seed + 1000 * k + start), device=device,
+                                   autocast=autocast, progress=False, cond=cond)).clamp(-1.0, 1.0) for k in range(samples)]
         out.append(torch.stack(draws).mean(0).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def regress_translation(objective, model, source: torch.Tensor, *, device="cpu", codec=None) -> torch.Tensor:
+    """The regression baseline's one-pass translation of ``source [N, C_s, *S]``: ``[N, C, *S]`` in
+    [-1, 1] (latent: the source encoded and the prediction decoded by ``codec``)."""
+    cond = source.to(device) if codec is None else codec.to(device).encode(source.to(device))
+    pred = objective.predict(model.eval(), cond)
+    return (pred if codec is None else codec.decode(pred)).clamp(-1.0, 1.0).cpu()
 
 
 def to_target_unit(x: torch.Tensor | np.ndarray, target: str):

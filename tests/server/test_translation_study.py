@@ -4,6 +4,7 @@ pairs through the server's round loop and the real ClientApp in process, with an
 import csv
 
 import pytest
+import torch
 
 from meddiff.checkpoint import load_checkpoint
 from meddiff.recipes.phases import TRANSLATION, TRANSLATION_REGRESSION
@@ -43,3 +44,27 @@ def test_a_federated_translation_study_trains_its_phase_and_checkpoints_a_source
     assert "| site_1 |" in (tmp_path / "run" / "summary.md").read_text()
     if cfg.privacy.enabled:
         assert set(summary["epsilon"]) == {"site_0", "site_1"} and all(0 < e <= 50 for e in summary["epsilon"].values())
+
+
+LATENT = ["autoencoder.enabled=true", "autoencoder.mode=not_private", "autoencoder.channels=[8,16]", "autoencoder.norm_groups=4",
+          "autoencoder.latent_channels=2", "model.in_channels=2", "model.out_channels=2", "model.attention_resolutions=[4]",
+          "autoencoder.batch_size=8", "autoencoder.num_rounds=1", "autoencoder.local_steps=2"]
+
+
+@pytest.mark.slow  # an autoencoder round, two translation rounds on latents, then a translation through the codec
+def test_a_latent_translation_study_encodes_target_and_source_and_translates_through_the_autoencoder(tmp_path):
+    from meddiff.recipes.phases import AUTOENCODER
+    from meddiff.recipes.translation_eval import load_translator
+
+    cfg = tiny_config(tmp_path, STUDY + LATENT)
+    as_node(0)
+    grid = InProcessGrid({100 + i: {"partition-id": i, "num-partitions": 2} for i in range(2)})
+    summary = run_federation(grid, cfg, run_dir=tmp_path / "run")
+    assert summary["status"] == "completed", summary["stop_reason"]
+    assert [r["phase"] for r in summary["rounds"]] == [AUTOENCODER.name] + [TRANSLATION.name] * 2
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt.model["conv_in.weight"].shape[1] == 4  # the latent x_t (2) and the encoded source (2)
+    _, _, phase, translate = load_translator(tmp_path / "run" / "checkpoints" / "last.pt", "cpu")
+    source = torch.rand(3, 1, 16, 16) * 2 - 1
+    out = translate(source, samples=2)
+    assert phase is TRANSLATION and out.shape == (3, 1, 16, 16) and out.abs().max() <= 1.0  # decoded images

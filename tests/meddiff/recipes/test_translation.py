@@ -24,8 +24,8 @@ T1_T2 = ["data.source_sequence=t1", "data.target_sequence=t2"]
     (["data.source_sequence=t1n", "data.target_sequence=t2w"], "no contrast of data.dataset='phantoms'"),
     (["data.dataset=medmnist", *T1_T2], "does not provide"),
     ([*T1_T2, "model.cond_channels=4"], "model.cond_channels"),
-    ([*T1_T2, "autoencoder.enabled=true", "model.in_channels=3", "model.out_channels=3",
-      "autoencoder.mode=not_private"], "autoencoder.enabled=false"),
+    ([*T1_T2, "autoencoder.enabled=true", "model.in_channels=3", "model.out_channels=3", "autoencoder.image_channels=3",
+      "autoencoder.mode=not_private"], "autoencoder.image_channels"),
     (["data.source_sequence=mri", "data.target_sequence=ct"], "source_sequence"),
 ])
 def test_a_translation_config_is_refused_with_the_field_named(overrides, message):
