@@ -13,7 +13,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: run run-dp train-centralized test test-fast bench bench-dp-quality bench-segmentation setup clean
+.PHONY: run run-dp train-centralized test test-fast bench bench-dp-quality bench-segmentation bench-translation setup clean
 
 # uv installs the rest in seconds (pip's byte-compilation of Ray alone takes a minute); pip is the fallback.
 $(STAMP): pyproject.toml
@@ -58,6 +58,10 @@ bench-dp-quality: $(STAMP)
 
 bench-segmentation: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/segmentation_utility.py
+
+# Translation, phantom T1 -> T2 at 64x64: 4 federated arms (diffusion, regression, each with and without DP), hours on 2 CPU cores.
+bench-translation: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/translation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
