@@ -54,7 +54,7 @@ def data_overrides(args: argparse.Namespace, work: Path) -> tuple[list[str], str
               f"model.attention_resolutions=[{args.size // 4}]"]  # the smallest feature map of channel_mult (1, 2, 4)
     if args.data == "phantoms":
         return common, None
-    from meddiff.data.template import write_template_cohort
+    from meddiff.data.template import write_template_cohort  # project modules: after sys.path is set, when needed
 
     if not TEMPLATE.is_file():
         sys.exit(f"--data {args.data} needs the MNI152 template at {TEMPLATE}, which is absent")
@@ -68,7 +68,7 @@ def data_overrides(args: argparse.Namespace, work: Path) -> tuple[list[str], str
 
 def train_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
     """Train ``arm`` federated (unless ``--reuse`` finds it trained); its run's figures."""
-    from configs import load_config
+    from configs import load_config  # project modules: after sys.path is set, when needed
     from sim.processes import free_port
     from sim.run import simulate
 
@@ -87,7 +87,7 @@ def train_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
 
 
 def score_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
-    from meddiff.recipes.translation_eval import evaluate_translation
+    from meddiff.recipes.translation_eval import evaluate_translation  # project module: when needed
 
     report = evaluate_translation(checkpoint=work / arm / "checkpoints" / "last.pt", out_dir=work / arm / "translation",
                                   num_test=args.num_test, samples=args.samples, ddim_steps=args.ddim_steps[-1],
@@ -104,7 +104,7 @@ def volume_seconds(args: argparse.Namespace, work: Path) -> dict:
     import numpy as np
     import torch
 
-    from meddiff.data.phantom_pairs import make_phantom_pairs
+    from meddiff.data.phantom_pairs import make_phantom_pairs  # project modules: when needed
     from meddiff.recipes.translation_eval import run_translate
 
     n = args.volume_slices

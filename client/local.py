@@ -17,8 +17,8 @@ from meddiff.train import cycle, train_loop
 from meddiff.evaluate import build_encoder, site_feature_stats
 from meddiff.nets.trainable import update_keys
 from meddiff.recipes.phases import DIFFUSION, TrainingPhase
-from privacy.site import SitePrivacy
 from meddiff.recipes.translation_eval import site_translation_scores
+from privacy.site import SitePrivacy
 from protocol import evaluate_metrics, non_private_metrics, privacy_metrics, train_metrics
 from protocol.keys import TRANSLATION_MAE, TRANSLATION_PSNR, TRANSLATION_SSIM
 
@@ -148,7 +148,7 @@ def local_evaluate(cfg: ExperimentConfig, state: Mapping[str, torch.Tensor], dat
                    max_examples: int = 256, phase: TrainingPhase = DIFFUSION) -> dict[str, float]:
     """Held-out loss of the global model of ``phase`` on the first ``max_examples`` of ``dataset``
     (:meth:`~meddiff.recipes.phases.TrainingPhase.held_out_losses`, with fixed randomness); for a
-    translation phase also SSIM, PSNR and MAE on the first ``evaluation.translation_examples``."""
+    translation phase also SSIM, PSNR and MAE on ``evaluation.translation_examples`` of them, spread."""
     device = resolve_device(cfg.train.device)
     model, objective = _phase_model(cfg, phase, state).to(device).eval(), phase.held_out_objective(cfg)
     gen = torch.Generator(device=device).manual_seed(round_seed(cfg.train.seed, site_index, 7))
@@ -168,7 +168,8 @@ def _translation_scores(cfg: ExperimentConfig, phase: TrainingPhase, model: nn.M
     n = min(len(dataset), cfg.evaluation.translation_examples)
     if not (phase.packs_source and n) or phase.trains_on_latents(cfg):  # latent sites hold latents, not images
         return None
-    packed = torch.stack([dataset[i][0] for i in range(n)])
+    spread = torch.linspace(0, len(dataset) - 1, n).round().long().tolist()  # over the site's patients, not the first
+    packed = torch.stack([dataset[i][0] for i in spread])
     scores = site_translation_scores(phase, model, cfg, packed, seed=round_seed(cfg.train.seed, site_index, 11), device=device)
     return {TRANSLATION_SSIM: scores["ssim"], TRANSLATION_PSNR: scores["psnr"], TRANSLATION_MAE: scores["mae"]}
 

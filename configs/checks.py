@@ -97,7 +97,7 @@ BRATS_SEQUENCES = ("t1n", "t1c", "t2w", "t2f")
 
 def check_translation(cfg: ExperimentConfig) -> None:
     """A translation study (``data.source_sequence`` -> ``data.target_sequence``) names two different
-    contrasts its data provide, in pixel space, without mask conditioning."""
+    contrasts its data provide, without mask conditioning (latent: single-channel images)."""
     d = cfg.data
     if not (d.source_sequence or d.target_sequence):
         return

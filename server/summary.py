@@ -14,7 +14,9 @@ from meddiff.board import RunBoard
 from meddiff.recipes.phases import TrainingPhase, denoiser_phase, phase_named
 from meddiff.recipes.runs import MetricsCSV
 from privacy.report import save_site_ledgers, write_privacy_report
+from meddiff.data.phantom_anatomy import HU_CONTRASTS
 from protocol import NUM_EXAMPLES, SEGMENTATION_COLUMNS, SITE_INDEX, TRANSLATION_METRIC_KEYS
+from protocol.keys import TRANSLATION_MAE, TRANSLATION_PSNR, TRANSLATION_SSIM
 from server.site_segmentation import column_dice, segmentation_table
 
 log = logging.getLogger("meddiff.server")
@@ -27,8 +29,9 @@ METRIC_FIELDS = ["round", "phase", "scope", "node", "accepted", "reason", "num_e
 
 
 def translation_scores(metrics: dict) -> dict[str, float]:
-    """The finite translation scores of a site's (or a round's) metrics; empty unless it translates."""
-    return {k: float(metrics[k]) for k in TRANSLATION_METRIC_KEYS if k in metrics and math.isfinite(float(metrics[k]))}
+    """The translation scores of a site's (or a round's) metrics (PSNR may be ``inf``: a perfect
+    translation); empty unless it translates (NaN)."""
+    return {k: float(metrics[k]) for k in TRANSLATION_METRIC_KEYS if k in metrics and not math.isnan(float(metrics[k]))}
 
 
 def say(msg: str) -> None:
@@ -128,8 +131,8 @@ def round_line(cfg: ExperimentConfig, phase: TrainingPhase, rnd: int, counts: di
                                                 ("failed", counts["failed"]), ("lost", counts["lost"])) if n)
     eps = f", max site epsilon {row['max_epsilon']:.3f}" if cfg.privacy.enabled and math.isfinite(row["max_epsilon"]) else ""
     scores = translation_scores(row)
-    translated = (f", held-out SSIM {scores['translation_ssim']:.3f}, PSNR {scores['translation_psnr']:.2f} dB, "
-                  f"MAE {scores['translation_mae']:.4g}") if len(scores) == len(TRANSLATION_METRIC_KEYS) else ""
+    translated = (f", held-out SSIM {scores[TRANSLATION_SSIM]:.3f}, PSNR {scores[TRANSLATION_PSNR]:.2f} dB, "
+                  f"MAE {scores[TRANSLATION_MAE]:.4g}") if len(scores) == len(TRANSLATION_METRIC_KEYS) else ""
     return (f"{name} {rnd}/{num_rounds}: {fate}{extra}; train loss {row['train_loss']:.4f}, {what} "
             f"{row['eval_loss']:.4f}{translated}{eps} ({row['seconds']:.1f}s)")
 
@@ -173,14 +176,14 @@ def _translation_table(cfg: ExperimentConfig, rounds: list[dict]) -> list[str]:
     scored = [r for r in rounds if r.get("translation_per_site")]
     if not scored:
         return []
-    unit = "HU" if cfg.data.target_sequence == "ct" else "[0, 1]"
+    unit = "HU" if cfg.data.target_sequence in HU_CONTRASTS else "[0, 1]"
     lines = ["", f"Translation {cfg.data.source_sequence} -> {cfg.data.target_sequence} on each site's own held-out pairs "
              f"({cfg.evaluation.translation_examples} per site, one DDIM sample for diffusion; MAE in {unit}):", "",
              "| phase | round | site | SSIM | PSNR (dB) | MAE |", "| --- | --- | --- | --- | --- | --- |"]
     for r in scored:
         for site, s in sorted(r["translation_per_site"].items()):
-            lines.append(f"| {r['phase']} | {r['round']} | {site} | {s['translation_ssim']:.3f} | {s['translation_psnr']:.2f} "
-                         f"| {s['translation_mae']:.4g} |")
+            ssim, psnr, mae = (s.get(k, math.nan) for k in (TRANSLATION_SSIM, TRANSLATION_PSNR, TRANSLATION_MAE))
+            lines.append(f"| {r['phase']} | {r['round']} | {site} | {ssim:.3f} | {psnr:.2f} | {mae:.4g} |")
     return lines
 
 

@@ -15,6 +15,7 @@ alike, cropped by the source's foreground box, and sliced at the same indices.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -111,9 +112,21 @@ def _read_scan(path: str):
     return read_dicom_series(path) if Path(path).is_dir() else read_nifti(path)
 
 
+def _as_ras(volume):
+    """The volume with its voxel axes reordered and flipped to RAS (the same voxels in world space),
+    so scans of one grid stored in different axis orders (a DICOM series, a NIfTI export) compare equal."""
+    import nibabel as nib  # the orientation helpers; readers load nibabel lazily as well
+
+    ornt = nib.orientations.io_orientation(volume.affine)
+    array = nib.orientations.apply_orientation(volume.array, ornt)
+    affine = volume.affine @ nib.orientations.inv_ornt_aff(ornt, volume.array.shape)
+    return replace(volume, array=np.ascontiguousarray(array), affine=affine)
+
+
 def read_pair(source_path: str, target_path: str):
-    """Both volumes of a case; a :class:`DataError` naming both files unless they share one grid."""
-    source, target = _read_scan(source_path), _read_scan(target_path)
+    """Both volumes of a case, in RAS voxel order; a :class:`DataError` naming both files unless
+    they share one grid."""
+    source, target = _as_ras(_read_scan(source_path)), _as_ras(_read_scan(target_path))
     if source.array.shape != target.array.shape:
         raise DataError(f"{source_path} {source.array.shape} and {target_path} {target.array.shape}: source and target "
                         "are on different grids (shapes differ); a translation pair must be voxel-aligned")

@@ -30,7 +30,7 @@ from meddiff.recipes.build import (build_autoencoder, build_autoencoder_objectiv
 from meddiff.data import ImageChannels
 from meddiff.nets.autoencoder import AutoencoderObjective
 from meddiff.recipes.phase_base import TrainingPhase
-from meddiff.recipes.translation_infer import regress_translation, sample_translation
+from meddiff.recipes.translation_infer import regress_translation, require_codec, sample_translation
 from meddiff.recipes.translation_data import (build_paired_dataset, build_translation_diffusion, build_translation_regression,
                                               build_translation_unet, translating)
 
@@ -246,6 +246,7 @@ class TranslationRegressionPhase(TranslationPhase):
     def translate(self, model, cfg: ExperimentConfig, source: torch.Tensor, *, samples: int = 1, seed: int = 0,
                   device="cpu", codec=None) -> torch.Tensor:
         """One forward pass (``samples`` and ``seed`` do not apply: the baseline is deterministic)."""
+        require_codec(cfg, codec)
         return regress_translation(self.build_objective(cfg), model, source, device=device, codec=codec)
 
     def held_out_losses(self, model, objective, x0, y, generator, cfg) -> torch.Tensor:

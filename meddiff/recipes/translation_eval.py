@@ -92,6 +92,9 @@ def held_out_pairs(cfg: ExperimentConfig, *, num: int, seed: int = 0,
     BraTS-layout study every patient of ``data_path`` (a cohort the federation never saw), else a
     seeded :data:`BRATS_TEST_FRACTION` of the study's own patients."""
     d = cfg.data
+    if data_path and d.dataset != "brats":
+        raise ValueError(f"a cohort to score on (--data {data_path}) is read for BraTS-layout studies; this one has "
+                         f"data.dataset={d.dataset!r} (phantoms: the held-out stream; folder: 20% of the CSV's patients)")
     if d.dataset == "phantoms":
         data = phantom_pairs_data(cfg, range(TEST_START, TEST_START + num), seed=d.seed + HELD_OUT_SEED_OFFSET,
                                   lesion_fraction=d.lesion_fraction)

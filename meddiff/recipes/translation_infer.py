@@ -28,7 +28,8 @@ from meddiff.recipes.build import build_diffusion, build_sampler
 from meddiff.sampling import generate
 
 
-def _codec_check(cfg: ExperimentConfig, codec) -> None:
+def require_codec(cfg: ExperimentConfig, codec) -> None:
+    """A clear error when a latent translation model is run without its autoencoder."""
     if cfg.autoencoder.enabled and codec is None:
         raise ValueError("a latent translation model works in latents: pass its autoencoder (codec) to encode the source "
                          "and decode the translation")
@@ -40,7 +41,7 @@ def sample_translation(model, cfg: ExperimentConfig, source: torch.Tensor, *, sa
     """The mean of ``samples`` DDIM translations of ``source [N, C_s, *S]`` in [-1, 1]: ``[N, C, *S]``.
     With latent diffusion (``codec``) the source is encoded, each draw is a latent, decoded before
     the mean."""
-    _codec_check(cfg, codec)
+    require_codec(cfg, codec)
     sampler = build_sampler(cfg.sampler, build_diffusion(cfg.diffusion))
     autocast = autocast_factory(torch.device(device), autocast_dtype(torch.device(device), cfg.train.mixed_precision))
     to_image = (lambda z: z) if codec is None else codec.to(device).decode  # noqa: E731

@@ -53,7 +53,7 @@ LATENT = ["autoencoder.enabled=true", "autoencoder.mode=not_private", "autoencod
 
 @pytest.mark.slow  # an autoencoder round, two translation rounds on latents, then a translation through the codec
 def test_a_latent_translation_study_encodes_target_and_source_and_translates_through_the_autoencoder(tmp_path):
-    from meddiff.recipes.phases import AUTOENCODER
+    from meddiff.recipes.phases import AUTOENCODER  # only this test needs them
     from meddiff.recipes.translation_eval import load_translator
 
     cfg = tiny_config(tmp_path, STUDY + LATENT)
@@ -67,4 +67,16 @@ def test_a_latent_translation_study_encodes_target_and_source_and_translates_thr
     _, _, phase, translate = load_translator(tmp_path / "run" / "checkpoints" / "last.pt", "cpu")
     source = torch.rand(3, 1, 16, 16) * 2 - 1
     out = translate(source, samples=2)
-    assert phase is TRANSLATION and out.shape == (3, 1, 16, 16) and out.abs().max() <= 1.0  # decoded images
+    assert phase is TRANSLATION and out.shape == (3, 1, 16, 16) and torch.isfinite(out).all()  # decoded to the image grid
+
+
+def test_a_perfect_site_translation_keeps_its_infinite_psnr_in_the_summary_table():
+    from server.summary import _translation_table, translation_scores  # the summary's table alone
+
+    site = translation_scores({"translation_ssim": 1.0, "translation_psnr": float("inf"), "translation_mae": 0.0})
+    assert site["translation_psnr"] == float("inf")
+    assert translation_scores({"translation_ssim": float("nan"), "translation_psnr": float("nan"),
+                               "translation_mae": float("nan")}) == {}  # no translation in this study
+    table = _translation_table(tiny_config(None, STUDY), [{"phase": "translation", "round": 1,
+                                                           "translation_per_site": {"site_0": site}}])
+    assert "| translation | 1 | site_0 | 1.000 | inf | 0 |" in table and "MAE in HU" in table[1]

@@ -64,17 +64,19 @@ def test_folder_pairs_stay_aligned_and_the_ct_target_stays_in_hu(tmp_path):
         assert hu.min() >= -1000.0 - 1e-3 and hu.max() <= 1000.0 + 1e-3  # HU, linearly mapped (no MR normalisation)
 
 
-def test_a_dicom_series_target_is_read_in_hu(tmp_path):
+def test_a_dicom_series_target_is_read_in_hu_and_aligned_with_a_nifti_stored_in_another_axis_order(tmp_path):
     series = make_dicom_series(tmp_path / "p0" / "ct", n_slices=6, rows=24, cols=20, shuffle=True)
     vol = read_dicom_series(series)
     mr = np.where(np.ones(vol.array.shape, bool), 200.0, 0.0).astype(np.float32)
     mr[:, :, 2] = 0.0  # one empty slice, dropped by min_foreground
-    nib.save(nib.Nifti1Image(mr, vol.affine), str(tmp_path / "p0" / "t1.nii.gz"))
+    flip_z = np.eye(4)
+    flip_z[2, 2], flip_z[2, 3] = -1.0, mr.shape[2] - 1  # the same grid, its slices stored in the other order
+    nib.save(nib.Nifti1Image(mr[:, :, ::-1].copy(), vol.affine @ flip_z), str(tmp_path / "p0" / "t1.nii.gz"))
     (tmp_path / "pairs.csv").write_text("source,target\np0/t1.nii.gz,p0/ct\n")
     cfg = _config(tmp_path, tmp_path / "pairs.csv", ["data.image_size=16"])
     data = records_dataset(index_dataset(cfg.data).records, cfg, train=False)
     slice_hu = sorted(float(model_to_hu(data[i][0][0, 8, 8])) for i in range(len(data)))  # centre pixels
-    assert slice_hu == pytest.approx([0.0, 100.0, 300.0, 400.0, 500.0], abs=1e-2)  # slice k holds 100 k HU
+    assert slice_hu == pytest.approx([0.0, 100.0, 300.0, 400.0, 500.0], abs=1e-2)  # slice k holds 100 k HU; 2 dropped
 
 
 def test_bad_rows_name_the_csv_row_and_the_file(tmp_path):

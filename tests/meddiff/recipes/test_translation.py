@@ -12,6 +12,7 @@ from meddiff.data.phantoms import make_phantoms
 from meddiff.data.readers import DataError
 from meddiff.recipes.phases import TRANSLATION, TRANSLATION_REGRESSION, denoiser_phase, study_phases
 from meddiff.recipes.sites import phantom_site, phantom_site_plan, records_dataset
+from meddiff.recipes.translation_eval import held_out_pairs
 from tests.conftest import tiny_config
 from tests.fixtures import head_volume, make_brats, write_nifti
 
@@ -151,7 +152,6 @@ def test_a_volume_goes_through_slicing_and_reorientation_and_back_to_its_own_vox
 
 
 def test_held_out_brats_pairs_are_every_patient_of_another_cohort_or_a_fifth_of_the_study(tmp_path):
-    from meddiff.recipes.translation_eval import held_out_pairs
 
     cfg = _brats_config(make_brats(tmp_path / "study", n_cases=5))
     other = make_brats(tmp_path / "other", n_cases=2)
@@ -161,3 +161,9 @@ def test_held_out_brats_pairs_are_every_patient_of_another_cohort_or_a_fifth_of_
     assert len(source) == 2 * per_case and source.shape == target.shape
     few, _ = held_out_pairs(cfg, num=3, data_path=str(other))
     assert torch.equal(few[0], source[0]) and torch.equal(few[-1], source[-1])  # spread over both patients
+
+
+def test_a_cohort_to_score_on_is_refused_for_phantom_studies():
+
+    with pytest.raises(ValueError, match="is read for BraTS-layout studies"):
+        held_out_pairs(tiny_config(None, T1_T2), num=4, data_path="/elsewhere")
