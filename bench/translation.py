@@ -86,12 +86,22 @@ def train_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
             "epsilon_max": max(epsilons) if epsilons else None}
 
 
+def _kept_report(args: argparse.Namespace, path: Path) -> dict | None:
+    """With ``--reuse``, an arm's earlier ``translation.json`` scored with the same settings."""
+    if not (args.reuse and path.is_file()):
+        return None
+    report = json.loads(path.read_text())
+    same = report.get("ddim_steps") == args.ddim_steps[-1] and report["num_test"] <= args.num_test and all(
+        "mean of" not in name or name.endswith(f"(mean of {args.samples})") for name in report["models"])
+    return report if same else None
+
+
 def score_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
     from meddiff.recipes.translation_eval import evaluate_translation  # project module: when needed
 
-    report = evaluate_translation(checkpoint=work / arm / "checkpoints" / "last.pt", out_dir=work / arm / "translation",
-                                  num_test=args.num_test, samples=args.samples, ddim_steps=args.ddim_steps[-1],
-                                  data_path=args.eval_cohort)
+    report = _kept_report(args, work / arm / "translation" / "translation.json") or evaluate_translation(
+        checkpoint=work / arm / "checkpoints" / "last.pt", out_dir=work / arm / "translation", num_test=args.num_test,
+        samples=args.samples, ddim_steps=args.ddim_steps[-1], data_path=args.eval_cohort)
     keep = ("ssim", "psnr", "mae", "ssim_masked", "psnr_masked", "mae_masked", "seconds_per_image")
     return {"num_test": report["num_test"], "ddim_steps": report["ddim_steps"],
             "models": {name: {k: r[k] for k in keep if k in r} for name, r in report["models"].items()}}
@@ -175,7 +185,8 @@ def main() -> None:
     ap.add_argument("--volume-slices", type=int, default=64)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "translation")
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--reuse", action="store_true", help="keep the arms already trained in --work and only rescore them")
+    ap.add_argument("--reuse", action="store_true", help="keep the arms already trained in --work, and their scores when "
+                    "scored with the same --num-test, --samples and last --ddim-steps")
     args = ap.parse_args()
     args.ddim_steps = [int(s) for s in args.ddim_steps.split(",") if s]
     for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
