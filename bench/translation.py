@@ -91,10 +91,10 @@ def _kept_report(args: argparse.Namespace, path: Path) -> dict | None:
     if not (args.reuse and path.is_file()):
         return None
     report = json.loads(path.read_text())
-    same = report.get("ddim_steps") == args.ddim_steps[-1] and (report["num_test"] == args.num_test or (  # a cohort may hold fewer slices
-        bool(args.eval_cohort) and report["num_test"] < args.num_test)) and all(
-        "mean of" not in name or name.endswith(f"(mean of {args.samples})") for name in report["models"])
-    return report if same else None
+    fewer = bool(args.eval_cohort) and report["num_test"] < args.num_test  # a cohort may hold fewer slices
+    same_samples = all("mean of" not in name or name.endswith(f"(mean of {args.samples})") for name in report["models"])
+    same = report.get("ddim_steps") == args.ddim_steps[-1] and (report["num_test"] == args.num_test or fewer)
+    return report if same and same_samples else None
 
 
 def score_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
