@@ -83,7 +83,8 @@ def _sequence(cfg: DataConfig, default: str, allowed: tuple[str, ...], what: str
 
 def index_brats(cfg: DataConfig) -> IndexResult:
     root = _root(cfg)
-    seq = _sequence(cfg, "t1c", BRATS_SEQUENCES, "BraTS modality")
+    # a translation study's cases need its source file (the target is checked when paired), not data.sequence's
+    seq = cfg.source_sequence if cfg.source_sequence in BRATS_SEQUENCES else _sequence(cfg, "t1c", BRATS_SEQUENCES, "BraTS modality")
     result = IndexResult([])
     cases = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("BraTS"))
     if not cases:

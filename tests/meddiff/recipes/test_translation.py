@@ -167,3 +167,12 @@ def test_a_cohort_to_score_on_is_refused_for_phantom_studies():
 
     with pytest.raises(ValueError, match="is read for BraTS-layout studies"):
         held_out_pairs(tiny_config(None, T1_T2), num=4, data_path="/elsewhere")
+
+
+def test_brats_cases_with_only_the_two_sequences_of_the_study_are_indexed(tmp_path):
+    from meddiff.data.adapters import index_dataset
+
+    cfg = _brats_config(make_brats(tmp_path / "brats", n_cases=2, sequences=("t1n", "t2w")))  # no t1c (data.sequence's default)
+    records = index_dataset(cfg.data).records
+    assert len(records) == 2 and all(r.files[0].endswith("-t1n.nii.gz") for r in records)
+    assert len(records_dataset(records, cfg, train=False)) > 4
