@@ -12,7 +12,7 @@ Arms: ``diffusion`` (phase ``translation``, v-prediction, DDIM), ``regression`` 
 evaluate --task translation``) on held-out pairs: SSIM, PSNR, MAE (whole image and inside the
 brain mask), the diffusion model on one sample and on the mean of ``--samples``. Then one 64-slice
 volume (``--volume-slices``) is translated by ``run_translate`` (``meddiff translate``) with the
-non-private diffusion model at each of ``--ddim-steps``, timed, as a hospital would run it.
+non-private diffusion model at each of ``--volume-steps``, timed, as a hospital would run it.
 
 Targets: SSIM >= 0.85 and PSNR >= 30 dB for the best non-private model; diffusion within 0.02 SSIM
 of the regression baseline or better; DP SSIM within 0.05 of non-private; one 64-slice volume in
@@ -93,7 +93,7 @@ def _kept_report(args: argparse.Namespace, path: Path) -> dict | None:
     report = json.loads(path.read_text())
     fewer = bool(args.eval_cohort) and report["num_test"] < args.num_test  # a cohort may hold fewer slices
     same_samples = all("mean of" not in name or name.endswith(f"(mean of {args.samples})") for name in report["models"])
-    same = report.get("ddim_steps") == args.ddim_steps[-1] and (report["num_test"] == args.num_test or fewer)
+    same = report.get("ddim_steps") == args.ddim_steps and (report["num_test"] == args.num_test or fewer)
     return report if same and same_samples else None
 
 
@@ -102,7 +102,7 @@ def score_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
 
     report = _kept_report(args, work / arm / "translation" / "translation.json") or evaluate_translation(
         checkpoint=work / arm / "checkpoints" / "last.pt", out_dir=work / arm / "translation", num_test=args.num_test,
-        samples=args.samples, ddim_steps=args.ddim_steps[-1], data_path=args.eval_cohort)
+        samples=args.samples, ddim_steps=args.ddim_steps, data_path=args.eval_cohort)
     keep = ("ssim", "psnr", "mae", "ssim_masked", "psnr_masked", "mae_masked", "seconds_per_image")
     return {"num_test": report["num_test"], "ddim_steps": report["ddim_steps"],
             "models": {name: {k: r[k] for k in keep if k in r} for name, r in report["models"].items()}}
@@ -110,7 +110,8 @@ def score_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
 
 def volume_seconds(args: argparse.Namespace, work: Path) -> dict:
     """Seconds to translate one ``--volume-slices``-slice NIfTI with the non-private diffusion
-    model at each of ``--ddim-steps`` (one sample; the first call warms up; the faster of two runs)."""
+    model at each of ``--volume-steps`` (one sample; the first call warms up; the fastest of
+    ``--volume-runs``)."""
     import nibabel as nib
     import numpy as np
     import torch
@@ -124,10 +125,11 @@ def volume_seconds(args: argparse.Namespace, work: Path) -> dict:
     path = work / f"volume_{n}_slices.nii.gz"
     nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 1.0, 1.0])), str(path))
     ckpt = work / "diffusion" / "checkpoints" / "last.pt"
-    run_translate(ckpt, path, work / "volume_out", ddim_steps=min(args.ddim_steps), progress=False)  # warm-up
-    out = {"slices": n, "threads": torch.get_num_threads(), "seconds": {}}
-    for steps in args.ddim_steps:  # the faster of two runs: a shared machine's stalls are not the model's
-        seconds = min(run_translate(ckpt, path, work / "volume_out", ddim_steps=steps, progress=False)[0][1] for _ in range(2))
+    run_translate(ckpt, path, work / "volume_out", ddim_steps=min(args.volume_steps), progress=False)  # warm-up
+    out = {"slices": n, "threads": torch.get_num_threads(), "runs": args.volume_runs, "seconds": {}}
+    for steps in args.volume_steps:  # the fastest run: a shared machine's stalls are not the model's
+        seconds = min(run_translate(ckpt, path, work / "volume_out", ddim_steps=steps, progress=False)[0][1]
+                      for _ in range(max(1, args.volume_runs)))
         out["seconds"][str(steps)] = round(seconds, 2)
     return out
 
@@ -182,14 +184,16 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=10.0)
     ap.add_argument("--num-test", type=int, default=128, help="held-out pairs (template: spread over the eval cohort's slices)")
     ap.add_argument("--samples", type=int, default=4, help="DDIM samples averaged for the diffusion model")
-    ap.add_argument("--ddim-steps", default="10,25,50", help="DDIM steps timed on the volume; the last one also scores")
+    ap.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the diffusion model when scoring")
+    ap.add_argument("--volume-steps", default="10,25,50", help="DDIM steps timed on the volume")
+    ap.add_argument("--volume-runs", type=int, default=2, help="timed runs per setting (the fastest is kept)")
     ap.add_argument("--volume-slices", type=int, default=64)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "translation")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true", help="keep the arms already trained in --work, and their scores when "
-                    "scored with the same --num-test, --samples and last --ddim-steps")
+                    "scored with the same --num-test, --samples and --ddim-steps")
     args = ap.parse_args()
-    args.ddim_steps = [int(s) for s in args.ddim_steps.split(",") if s]
+    args.volume_steps = [int(s) for s in args.volume_steps.split(",") if s]
     for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
         os.environ.setdefault(key, value)
     arms = [a for a in args.arms.split(",") if a]
