@@ -20,6 +20,16 @@ from meddiff.data.transforms import fit_mask_to_size
 #: Offset of the held-out phantom stream (the one ``meddiff evaluate`` compares against), which
 #: no training set draws from.
 HELD_OUT_SEED_OFFSET = 7919
+#: Index of the held-out phantom stream where the real test pairs start, far past the mask bank's
+#: first indices, so no test mask is also a mask an image was generated from.
+TEST_START = 1_000_000
+BRATS_TEST_FRACTION = 0.2  # patients held out of a BraTS-layout folder as real test pairs
+
+
+def held_out_patients(patients: list[str], seed: int = 0) -> set[str]:
+    """A seeded :data:`BRATS_TEST_FRACTION` (at least one) of ``patients`` (sorted ids), held out as test pairs."""
+    order = np.random.default_rng(seed).permutation(len(patients))
+    return {patients[i] for i in order[:max(1, round(BRATS_TEST_FRACTION * len(patients)))]}
 
 
 def load_masks(path: str | Path, cfg: ExperimentConfig) -> torch.Tensor:

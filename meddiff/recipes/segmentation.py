@@ -26,14 +26,10 @@ from meddiff.data.phantoms import MASK_CHANNELS, PhantomDataset, make_phantoms
 from meddiff.device import resolve_device
 from meddiff.evaluate.segmentation import (SegmenterSettings, load_segmenter, region_channels, save_segmenter,
                                            segmentation_utility, train_segmenter)
-from meddiff.recipes.masks import HELD_OUT_SEED_OFFSET, mask_bank
+from meddiff.recipes.masks import HELD_OUT_SEED_OFFSET, TEST_START, held_out_patients, mask_bank
 from meddiff.recipes.restore import codec_from_checkpoint, model_from_checkpoint
 from meddiff.recipes.sample import sample_images
 
-#: Index of the held-out phantom stream where the real test pairs start, far past the mask bank's
-#: first indices, so no test mask is also a mask an image was generated from.
-TEST_START = 1_000_000
-BRATS_TEST_FRACTION = 0.2  # patients held out of a BraTS-layout folder as real test pairs
 Pairs = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -57,8 +53,7 @@ def real_mask_pairs(cfg: ExperimentConfig, *, num_test: int, seed: int = 0) -> t
         patients = sorted({r.patient_id for r in records})
         if len(patients) < 2:
             raise ValueError(f"{data.path}: segmentation needs at least 2 patients (training and held-out), found {len(patients)}")
-        order = np.random.default_rng(seed).permutation(len(patients))
-        held_out = {patients[i] for i in order[:max(1, round(BRATS_TEST_FRACTION * len(patients)))]}
+        held_out = held_out_patients(patients, seed)
         split = [MaskedVolumeDataset([r for r in records if (r.patient_id in held_out) == test], data,
                                      spatial_dims=cfg.model.spatial_dims) for test in (False, True)]
         return tuple((d.images, d.masks.float()) for d in split)

@@ -23,14 +23,12 @@ from meddiff.data.paired import CT_MODEL_RANGE_HU
 from meddiff.data.phantom_anatomy import HU_CONTRASTS
 from meddiff.device import resolve_device
 from meddiff.evaluate.translation import body_mask, translation_metrics
-from meddiff.recipes.masks import HELD_OUT_SEED_OFFSET
+from meddiff.recipes.masks import HELD_OUT_SEED_OFFSET, TEST_START, held_out_patients
 from meddiff.recipes.phases import denoiser_phase
 from meddiff.recipes.restore import codec_from_checkpoint, model_from_checkpoint
 from meddiff.recipes.translation_data import paired_records_data, phantom_pairs_data
 from meddiff.recipes.translation_infer import to_target_unit, translate_nifti
 
-TEST_START = 1_000_000
-BRATS_TEST_FRACTION = 0.2
 
 
 def load_translator(checkpoint, device, ddim_steps: Optional[int] = None):
@@ -90,7 +88,7 @@ def held_out_pairs(cfg: ExperimentConfig, *, num: int, seed: int = 0,
                    data_path: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(source, target)`` ``[N, 1, *S]`` in [-1, 1]: phantoms of the held-out stream; for a
     BraTS-layout study every patient of ``data_path`` (a cohort the federation never saw), else a
-    seeded :data:`BRATS_TEST_FRACTION` of the study's own patients."""
+    seeded :data:`~meddiff.recipes.masks.BRATS_TEST_FRACTION` of the study's own patients."""
     d = cfg.data
     if data_path and d.dataset != "brats":
         raise ValueError(f"a cohort to score on (--data {data_path}) is read for BraTS-layout studies; this one has "
@@ -103,8 +101,7 @@ def held_out_pairs(cfg: ExperimentConfig, *, num: int, seed: int = 0,
             d = replace(d, path=str(data_path))
         records = index_dataset(d).records
         patients = sorted({r.patient_id for r in records})
-        order = np.random.default_rng(seed).permutation(len(patients))
-        held = set(patients) if data_path else {patients[i] for i in order[:max(1, round(BRATS_TEST_FRACTION * len(patients)))]}
+        held = set(patients) if data_path else held_out_patients(patients, seed)
         data = paired_records_data([r for r in records if r.patient_id in held], d, cfg, train=False)
         if len(data) > num:  # evenly over the patients' slices, not the first patient's
             keep = torch.from_numpy(np.linspace(0, len(data) - 1, num).round().astype(np.int64))

@@ -44,11 +44,12 @@ def sample_translation(model, cfg: ExperimentConfig, source: torch.Tensor, *, sa
     require_codec(cfg, codec)
     sampler = build_sampler(cfg.sampler, build_diffusion(cfg.diffusion))
     autocast = autocast_factory(torch.device(device), autocast_dtype(torch.device(device), cfg.train.mixed_precision))
-    to_image = (lambda z: z) if codec is None else codec.to(device).decode  # noqa: E731
+    codec = None if codec is None else codec.to(device)
+    to_image = (lambda z: z) if codec is None else codec.decode  # noqa: E731
     out = []
     for start in range(0, len(source), batch):
         chunk = source[start:start + batch].to(device)
-        cond = chunk if codec is None else codec.to(device).encode(chunk)
+        cond = chunk if codec is None else codec.encode(chunk)
         draws = [to_image(generate(model, sampler, shape=(len(chunk), cfg.model.in_channels, *cond.shape[2:]),
                                    num_inference_steps=cfg.sampler.num_inference_steps, guidance_scale=1.0,
                                    generator=torch.Generator().manual_seed(seed + 1000 * k + start), device=device,
