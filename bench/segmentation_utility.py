@@ -21,7 +21,7 @@ real + synthetic pairs and scores them on real held-out phantoms, with all the r
 >= 0.75; synthetic-only Dice >= 0.9 x real-only; real + synthetic >= real-only at 10% real data.
 
     python bench/segmentation_utility.py [--data phantoms|template|template3d] [--arms nonprivate,dp,lesion,anatomy]
-        [--size 32] [--samples 256]
+        [--size 32] [--samples 256] [--guidance-scale 1.0] [--reuse]
 
 Prints one JSON object and writes it with a Markdown table to ``--out``.
 """
@@ -100,11 +100,12 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
                  control_port=free_port(), log_path=work / f"{arm}.flower.log")
     summary = json.loads((run_dir / "summary.json").read_text())
     epsilons = [r["max_epsilon"] for r in summary["rounds"] if r.get("max_epsilon") not in (None, float("inf"))]
-    ckpt, out = run_dir / "checkpoints" / "last.pt", run_dir / "eval"
+    guided = args.guidance_scale is not None
+    ckpt, out = run_dir / "checkpoints" / "last.pt", run_dir / (f"eval_guidance{args.guidance_scale:g}" if guided else "eval")
     common = dict(steps=args.seg_steps, num_samples=args.samples, progress=False,
                   data_path=str(args.eval_cohort) if args.eval_cohort else None)
     pairs = out / "all_real" / "generated_pairs.npz"
-    kept = dict(synthetic=pairs) if args.reuse and pairs.is_file() else {}
+    kept = dict(synthetic=pairs) if args.reuse and pairs.is_file() else dict(guidance_scale=args.guidance_scale)
     full = evaluate_segmentation(checkpoint=ckpt, out_dir=out / "all_real", **kept, **common)
     scarce = evaluate_segmentation(checkpoint=ckpt, synthetic=pairs, out_dir=out / "real_10pct", real_fraction=0.1, **common)
     dice = lambda r, a: r["arms"][a][REGION]["dice"]  # noqa: E731
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=10.0)
     ap.add_argument("--samples", type=int, default=256, help="generated pairs per arm")
     ap.add_argument("--seg-steps", type=int, default=1000, help="steps of every segmenter")
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="mask classifier-free guidance of the generated pairs (default: the config's, 1.0)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "segmentation_utility")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true", help="keep the arms already trained in --work (and their generated "
@@ -169,7 +172,8 @@ def main() -> None:
         rows[arm]["targets"] = targets(rows[arm])
         print(f"[segmentation_utility] {arm}: {json.dumps(rows[arm])}", flush=True)
     result = {"benchmark": "segmentation_utility", "data": f"{args.data} {args.size}^{3 if args.data == 'template3d' else 2}", "sites": 3,
-              "rounds": args.rounds, "local_steps": args.local_steps, "region": REGION, "arms": rows,
+              "rounds": args.rounds, "local_steps": args.local_steps, "guidance_scale": args.guidance_scale or 1.0,
+              "region": REGION, "arms": rows,
               "work_dir": str(work), "total_seconds": round(time.perf_counter() - t0, 1)}
     (args.out / "segmentation_utility.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "segmentation_utility.md").write_text(markdown(rows))

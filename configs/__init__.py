@@ -7,6 +7,7 @@ from configs.load import (
     config_to_yaml,
     load_config,
     load_config_dict,
+    with_fields,
 )
 from configs.schema import (
     AutoencoderConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "config_to_yaml",
     "load_config",
     "load_config_dict",
+    "with_fields",
     "DataConfig",
     "DiffusionConfig",
     "EvaluationConfig",

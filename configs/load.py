@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import math
 import types
@@ -153,6 +154,13 @@ def load_config_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     cfg = _build(ExperimentConfig, raw, path="")
     check_cross_fields(cfg)
     return cfg
+
+
+def with_fields(cfg: ExperimentConfig, fields: Mapping[str, Any]) -> ExperimentConfig:
+    """``cfg`` with the dotted ``fields`` that are not None replaced (``{"sampler.guidance_scale": 2.0}``),
+    validated as a loaded config is, so a bad value names its field."""
+    given = [f"{key}={json.dumps(value)}" for key, value in fields.items() if value is not None]
+    return load_config_dict(apply_overrides(config_to_dict(cfg), given)) if given else cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

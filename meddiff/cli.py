@@ -8,12 +8,11 @@ higher packages (``data split``) to this parser.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from configs import ConfigError, load_config
+from configs import ConfigError, load_config, with_fields
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -57,10 +56,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, cfg, ckpt = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
     codec = codec_from_checkpoint(ckpt, cfg, source=str(args.checkpoint))
-    sampler_cfg = cfg.sampler
-    changes = {k: v for k, v in {"name": args.sampler, "num_inference_steps": args.steps, "eta": args.eta,
-                                 "guidance_scale": args.guidance_scale}.items() if v is not None}
-    cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(sampler_cfg, **changes))
+    cfg = with_fields(cfg, {"sampler.name": args.sampler, "sampler.num_inference_steps": args.steps,
+                            "sampler.eta": args.eta, "sampler.guidance_scale": args.guidance_scale})
     y = None
     if args.class_label is not None:
         if not cfg.model.num_classes:
@@ -169,7 +166,8 @@ def _evaluate_segmentation(args: argparse.Namespace) -> int:
 
     report = evaluate_segmentation(checkpoint=args.checkpoint, synthetic=args.synthetic, out_dir=args.out, data_path=args.data,
                                    real_fraction=args.real_fraction, steps=args.seg_steps, num_samples=args.num,
-                                   num_test=args.num_real_test, segmenter=args.segmenter, device=args.device, seed=args.seed,
+                                   num_test=args.num_real_test, segmenter=args.segmenter, guidance_scale=args.guidance_scale,
+                                   ddim_steps=args.ddim_steps, device=args.device, seed=args.seed,
                                    progress=not args.no_progress)
     print(segmentation_table(report))
     print(f"[meddiff] wrote {Path(report['out_dir']) / 'segmentation.json'}")
@@ -209,7 +207,8 @@ def _add_evaluate_parser(sub) -> None:
                         "MAE of a translation checkpoint (and --baseline) on held-out pairs")
     p.add_argument("--baseline", type=Path, default=None, help="translation: a second checkpoint (the regression baseline)")
     p.add_argument("--samples", type=int, default=4, help="translation: DDIM samples averaged (also scored: 1 sample)")
-    p.add_argument("--ddim-steps", type=int, default=None, help="translation: DDIM steps (default: the checkpoint's sampler)")
+    p.add_argument("--ddim-steps", type=int, default=None, help="translation, segmentation: DDIM steps (default: the checkpoint's sampler)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="segmentation: mask guidance of the generated pairs (default: the checkpoint's)")
     p.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint (segmentation: a mask-conditioned one)")
     p.add_argument("--synthetic", type=Path, default=None, metavar="NPZ",
                    help="segmentation: generated pairs (arrays 'images', 'masks', as `meddiff sample --masks` writes) "

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from configs import ExperimentConfig, load_config
+from configs import ExperimentConfig, load_config, with_fields
 from meddiff.data.adapters import index_dataset
 from meddiff.data.masked import MaskedVolumeDataset
 from meddiff.data.phantoms import MASK_CHANNELS, PhantomDataset, make_phantoms
@@ -143,6 +143,7 @@ def _config_and_model(checkpoint, synthetic, data_path, device):
 def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic: Optional[str | Path] = None,
                           out_dir: Optional[str | Path] = None, data_path: Optional[str] = None, real_fraction: float = 1.0,
                           steps: int = 1000, num_samples: int = 256, num_test: int = 256, segmenter: Optional[str] = None,
+                          guidance_scale: Optional[float] = None, ddim_steps: Optional[int] = None,
                           device: str = "auto", seed: int = 0, progress: bool = True) -> dict:
     """Score synthetic pairs by segmentation utility; writes ``segmentation.json``, ``segmentation.md``,
     the real-data segmenter (``segmenter_real.pt``, for mask fidelity) and, when it generates them,
@@ -150,10 +151,15 @@ def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic:
 
     ``real_fraction`` of the real training pairs trains the real-only and real + synthetic arms;
     mask fidelity uses ``segmenter`` (a file from :func:`save_segmenter`) or one trained on all of
-    them. Returns the report.
+    them. ``guidance_scale`` (mask classifier-free guidance; > 1 follows the mask more closely) and
+    ``ddim_steps`` override the checkpoint's sampler when pairs are generated. Returns the report.
     """
+    if synthetic is not None and (guidance_scale, ddim_steps) != (None, None):
+        raise ValueError("--guidance-scale and --ddim-steps set how pairs are generated from --checkpoint; the --synthetic "
+                         "pairs are already generated")
     dev = resolve_device(device)
     cfg, model, codec = _config_and_model(checkpoint, synthetic, data_path, dev)
+    cfg = with_fields(cfg, {"sampler.guidance_scale": guidance_scale, "sampler.num_inference_steps": ddim_steps})
     real_train, real_test = real_mask_pairs(cfg, num_test=num_test, seed=seed)
     out = Path(out_dir) if out_dir else (Path(checkpoint).resolve().parent.parent / "eval" if checkpoint
                                          else Path(synthetic).resolve().parent)
@@ -180,7 +186,8 @@ def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic:
     if segmenter is None:
         report["segmenter_file"] = str(save_segmenter(out / "segmenter_real.pt", reference or segmenters["real_only"]))
     report.update(checkpoint=str(checkpoint) if checkpoint else None, synthetic=str(synthetic) if synthetic else None,
-                  dataset=cfg.data.dataset, real_fraction=real_fraction, num_real_available=len(real_train[0]))
+                  sampler=None if synthetic is not None else dataclasses.asdict(cfg.sampler), dataset=cfg.data.dataset,
+                  real_fraction=real_fraction, num_real_available=len(real_train[0]))
     (out / "segmentation.json").write_text(json.dumps(report, indent=2))
     (out / "segmentation.md").write_text(segmentation_table(report) + "\n")
     report["out_dir"] = str(out)

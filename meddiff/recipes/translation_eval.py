@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from configs import ExperimentConfig
+from configs import ExperimentConfig, with_fields
 from meddiff.data.adapters import index_dataset
 from meddiff.data.paired import CT_MODEL_RANGE_HU
 from meddiff.data.phantom_anatomy import HU_CONTRASTS
@@ -36,10 +36,7 @@ def load_translator(checkpoint, device, ddim_steps: Optional[int] = None):
     seed=)`` running it (with its autoencoder for latent diffusion); ``ddim_steps``: its sampler's
     steps instead of ``sampler.num_inference_steps``. A clear error for any other model."""
     model, cfg, ckpt = model_from_checkpoint(checkpoint, device=device)
-    if ddim_steps is not None:
-        if ddim_steps < 1:
-            raise ValueError(f"ddim_steps must be >= 1, got {ddim_steps}")
-        cfg = replace(cfg, sampler=replace(cfg.sampler, num_inference_steps=int(ddim_steps)))
+    cfg = with_fields(cfg, {"sampler.num_inference_steps": ddim_steps})
     phase = denoiser_phase(cfg)
     if not phase.packs_source:
         raise ValueError(f"{checkpoint}: a {phase.name} model, not a translation model (train one with "

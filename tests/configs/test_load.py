@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs import ConfigError, ExperimentConfig, config_to_dict, config_to_yaml, load_config, load_config_dict
+from configs import ConfigError, ExperimentConfig, config_to_dict, config_to_yaml, load_config, load_config_dict, with_fields
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -251,3 +251,14 @@ def test_per_site_segmentation_on_a_study_without_masks_is_refused_naming_the_ke
     cfg = load_config(None, ["evaluation.segmentation_steps=50", "model.cond_channels=4"])
     assert (cfg.evaluation.segmentation_steps, cfg.evaluation.segmentation_samples) == (50, 64)
     assert load_config(None, []).evaluation.segmentation_steps == 0  # off by default
+
+
+def test_fields_replaced_on_a_loaded_config_are_validated_and_none_keeps_the_value():
+    cfg = load_config(None, ["sampler.num_inference_steps=20"])
+    assert with_fields(cfg, {"sampler.guidance_scale": None}) is cfg
+    changed = with_fields(cfg, {"sampler.guidance_scale": 2.5, "sampler.name": "ddpm"})
+    assert (changed.sampler.guidance_scale, changed.sampler.name, changed.sampler.num_inference_steps) == (2.5, "ddpm", 20)
+    with pytest.raises(ConfigError, match="sampler.guidance_scale"):
+        with_fields(cfg, {"sampler.guidance_scale": -1.0})
+    with pytest.raises(ConfigError, match="num_train_timesteps"):
+        with_fields(cfg, {"sampler.num_inference_steps": 10**6})

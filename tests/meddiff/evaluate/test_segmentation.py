@@ -145,7 +145,9 @@ def test_cli_scores_an_npz_of_pairs_and_names_bad_inputs(tmp_path, capsys):
 def _checkpoint(tmp_path, extra):
     cfg = tiny_config(tmp_path, ["data.num_samples=16", *extra])
     path = tmp_path / "run" / "checkpoints" / "last.pt"
-    save_checkpoint(path, model_state=build_unet(cfg).state_dict(), config=config_to_dict(cfg), step=0)
+    torch.manual_seed(0)  # every weight random (a fresh UNet's zero output layer ignores its condition)
+    state = {k: torch.randn_like(v) * 0.1 if v.is_floating_point() else v for k, v in build_unet(cfg).state_dict().items()}
+    save_checkpoint(path, model_state=state, config=config_to_dict(cfg), step=0)
     return path
 
 
@@ -162,8 +164,16 @@ def test_cli_generates_from_a_mask_conditioned_checkpoint(tmp_path, capsys):
     saved = report["segmenter_file"]
     assert main(args + ["--segmenter", saved, "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "segmentation.json").read_text())["fidelity_segmenter"] == saved
+    guided = tmp_path / "guided"
+    assert main(args + ["--guidance-scale", "2", "--ddim-steps", "3", "--out", str(guided)]) == 0
+    sampler = json.loads((guided / "segmentation.json").read_text())["sampler"]
+    assert (sampler["guidance_scale"], sampler["num_inference_steps"]) == (2.0, 3)
+    assert not np.allclose(np.load(guided / "generated_pairs.npz")["images"], pairs["images"])
     capsys.readouterr()
     assert main(args + ["--real-fraction", "0"]) == 2 and "--real-fraction" in capsys.readouterr().err
+    assert main(args + ["--guidance-scale", "-1"]) == 2 and "sampler.guidance_scale" in capsys.readouterr().err
+    assert main(args + ["--synthetic", str(guided / "generated_pairs.npz"), "--ddim-steps", "3"]) == 2
+    assert "already generated" in capsys.readouterr().err
     plain = _checkpoint(tmp_path / "plain", [])
     assert main(["evaluate", "--task", "segmentation", "--checkpoint", str(plain), "--no-progress"]) == 2
     err = capsys.readouterr().err
