@@ -61,9 +61,10 @@ def data_overrides(args: argparse.Namespace, work: Path) -> tuple[list[str], Pat
         sys.exit(f"--data {args.data} needs the MNI152 template at {TEMPLATE}, which is absent")
     for name, seed, num in (("cohort", 0, args.patients), ("eval_cohort", 1, args.eval_patients)):
         if not (work / name).is_dir():
-            write_template_cohort(TEMPLATE, work / name, num_patients=num, spacing=args.spacing, lesion_fraction=1.0, seed=seed)
+            write_template_cohort(TEMPLATE, work / name, num_patients=num, spacing=args.spacing, lesion_fraction=1.0, seed=seed,
+                                  t2w=args.sequence == "t2w")
     overrides = ["data.dataset=brats", f"data.path={work / 'cohort'}", f"data.cache_dir={work / 'cache'}",
-                 f"data.image_size={args.size}"] + (["model.spatial_dims=3"] if args.data == "template3d" else [])
+                 f"data.image_size={args.size}", f"data.sequence={args.sequence}"] + (["model.spatial_dims=3"] if args.data == "template3d" else [])
     return overrides, work / "eval_cohort"
 
 
@@ -146,6 +147,9 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=30, help="template patients the sites train on")
     ap.add_argument("--eval-patients", type=int, default=20, help="other template patients the segmenters train and test on")
     ap.add_argument("--spacing", type=float, default=6.0, help="template cohort voxel spacing in mm")
+    ap.add_argument("--sequence", choices=("t2w", "t1c", "t1n"), default="t2w",
+                    help="template sequence the images are (t2w: bright oedema, so the whole tumour shows, as on BraTS "
+                         "T2/FLAIR; on t1c only the enhancing rim stands out)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=60)
     ap.add_argument("--epsilon", type=float, default=10.0)
@@ -171,7 +175,8 @@ def main() -> None:
         rows[arm] = run_arm(arm, args, work)
         rows[arm]["targets"] = targets(rows[arm])
         print(f"[segmentation_utility] {arm}: {json.dumps(rows[arm])}", flush=True)
-    result = {"benchmark": "segmentation_utility", "data": f"{args.data} {args.size}^{3 if args.data == 'template3d' else 2}", "sites": 3,
+    data = f"{args.data} {args.size}^{3 if args.data == 'template3d' else 2}" + ("" if args.data == "phantoms" else f" {args.sequence}")
+    result = {"benchmark": "segmentation_utility", "data": data, "sites": 3,
               "rounds": args.rounds, "local_steps": args.local_steps, "guidance_scale": args.guidance_scale or 1.0,
               "region": REGION, "arms": rows,
               "work_dir": str(work), "total_seconds": round(time.perf_counter() - t0, 1)}
