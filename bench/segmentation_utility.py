@@ -3,7 +3,8 @@ pairs train a segmenter that works on real images?
 
 Data (``--data``): the embedded phantoms (2-D, ``--size`` pixels), or the template brain cohort
 (``meddiff data from-template`` on the MNI152 T1 of ``../shared/data``, every patient with a
-tumour) as 2-D slices (``template``) or whole volumes at ``--size`` cubed (``template3d``). The
+tumour, its T2-like sequence by default: ``--sequence``) as 2-D slices (``template``) or whole
+volumes at ``--size`` cubed (``template3d``). The
 federated sites train on one cohort; the segmenters train and test on a second cohort of other
 patients (an 80/20 split by patient), so no test patient was seen by the generator.
 3 federated sites (``meddiff simulate``), arms:
@@ -49,6 +50,7 @@ ARMS = {
 REGION = "whole_tumour"
 TEMPLATE = REPO.parent / "shared" / "data" / "mni152_t1_1mm.nii.gz"
 DATA = ("phantoms", "template", "template3d")
+SAMPLES = 256
 
 
 def data_overrides(args: argparse.Namespace, work: Path) -> tuple[list[str], Path | None]:
@@ -101,8 +103,9 @@ def run_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
                  control_port=free_port(), log_path=work / f"{arm}.flower.log")
     summary = json.loads((run_dir / "summary.json").read_text())
     epsilons = [r["max_epsilon"] for r in summary["rounds"] if r.get("max_epsilon") not in (None, float("inf"))]
-    guided = args.guidance_scale is not None
-    ckpt, out = run_dir / "checkpoints" / "last.pt", run_dir / (f"eval_guidance{args.guidance_scale:g}" if guided else "eval")
+    suffix = ("" if args.guidance_scale is None else f"_guidance{args.guidance_scale:g}") + \
+        ("" if args.samples == SAMPLES else f"_n{args.samples}")  # each setting keeps its own generated pairs
+    ckpt, out = run_dir / "checkpoints" / "last.pt", run_dir / f"eval{suffix}"
     common = dict(steps=args.seg_steps, num_samples=args.samples, progress=False,
                   data_path=str(args.eval_cohort) if args.eval_cohort else None)
     pairs = out / "all_real" / "generated_pairs.npz"
@@ -153,7 +156,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=60)
     ap.add_argument("--epsilon", type=float, default=10.0)
-    ap.add_argument("--samples", type=int, default=256, help="generated pairs per arm")
+    ap.add_argument("--samples", type=int, default=SAMPLES, help="generated pairs per arm")
     ap.add_argument("--seg-steps", type=int, default=1000, help="steps of every segmenter")
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="mask classifier-free guidance of the generated pairs (default: the config's, 1.0)")
