@@ -4,9 +4,9 @@ pairs train a segmenter that works on real images?
 Data (``--data``): the embedded phantoms (2-D, ``--size`` pixels), or the template brain cohort
 (``meddiff data from-template`` on the MNI152 T1 of ``../shared/data``, every patient with a
 tumour, its T2-like sequence by default: ``--sequence``) as 2-D slices (``template``) or whole
-volumes at ``--size`` cubed (``template3d``). The
-federated sites train on one cohort; the segmenters train and test on a second cohort of other
-patients (an 80/20 split by patient), so no test patient was seen by the generator.
+volumes at ``--size`` cubed (``template3d``). The federated sites train on one cohort; the
+segmenters train and test on a second cohort of other patients (an 80/20 split by patient), so no
+test patient was seen by the generator.
 3 federated sites (``meddiff simulate``), arms:
 
 - ``nonprivate``: the mask-conditioned denoiser of ``configs/default.yaml``, without DP;
@@ -66,7 +66,8 @@ def data_overrides(args: argparse.Namespace, work: Path) -> tuple[list[str], Pat
             write_template_cohort(TEMPLATE, work / name, num_patients=num, spacing=args.spacing, lesion_fraction=1.0, seed=seed,
                                   t2w=args.sequence == "t2w")
     overrides = ["data.dataset=brats", f"data.path={work / 'cohort'}", f"data.cache_dir={work / 'cache'}",
-                 f"data.image_size={args.size}", f"data.sequence={args.sequence}"] + (["model.spatial_dims=3"] if args.data == "template3d" else [])
+                 f"data.image_size={args.size}", f"data.sequence={args.sequence}"]
+    overrides += ["model.spatial_dims=3"] if args.data == "template3d" else []
     return overrides, work / "eval_cohort"
 
 
@@ -180,7 +181,7 @@ def main() -> None:
         print(f"[segmentation_utility] {arm}: {json.dumps(rows[arm])}", flush=True)
     data = f"{args.data} {args.size}^{3 if args.data == 'template3d' else 2}" + ("" if args.data == "phantoms" else f" {args.sequence}")
     result = {"benchmark": "segmentation_utility", "data": data, "sites": 3,
-              "rounds": args.rounds, "local_steps": args.local_steps, "guidance_scale": args.guidance_scale or 1.0,
+              "rounds": args.rounds, "local_steps": args.local_steps, "guidance_scale": 1.0 if args.guidance_scale is None else args.guidance_scale,
               "region": REGION, "arms": rows,
               "work_dir": str(work), "total_seconds": round(time.perf_counter() - t0, 1)}
     (args.out / "segmentation_utility.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -30,7 +30,6 @@ from meddiff.recipes.translation_data import paired_records_data, phantom_pairs_
 from meddiff.recipes.translation_infer import to_target_unit, translate_nifti
 
 
-
 def load_translator(checkpoint, device, ddim_steps: Optional[int] = None):
     """``(model, cfg, phase, translate)`` of a translation checkpoint, ``translate(source, samples=,
     seed=)`` running it (with its autoencoder for latent diffusion); ``ddim_steps``: its sampler's
