@@ -6,7 +6,10 @@ Data (``--data``): the embedded phantoms (2-D, ``--size`` pixels), or the templa
 tumour, its T2-like sequence by default: ``--sequence``) as 2-D slices (``template``) or whole
 volumes at ``--size`` cubed (``template3d``). The federated sites train on one cohort; the
 segmenters train and test on a second cohort of other patients (an 80/20 split by patient), so no
-test patient was seen by the generator.
+test patient was seen by the generator. The sites share the segmenters' scanner
+(``partition.scanner_shift=false``), so every arm is scored on the population its training pairs
+came from; ``--scanner-shift`` gives each site its own scanner instead (a cross-scanner test for the
+synthetic pairs only).
 3 federated sites (``meddiff simulate``), arms:
 
 - ``nonprivate``: the mask-conditioned denoiser of ``configs/default.yaml``, without DP;
@@ -72,7 +75,8 @@ def data_overrides(args: argparse.Namespace, work: Path) -> tuple[list[str], Pat
 
 
 def base_overrides(args: argparse.Namespace, work: Path, name: str) -> list[str]:
-    return ["model.cond_channels=4", "model.num_classes=2", *args.data_overrides, f"output.root={work}",
+    return ["model.cond_channels=4", "model.num_classes=2", f"model.attention_resolutions=[{args.size // 4}]",  # coarsest level
+            f"partition.scanner_shift={str(args.scanner_shift).lower()}", *args.data_overrides, f"output.root={work}",
             f"output.name={name}", f"federation.num_rounds={args.rounds}", f"federation.local_steps={args.local_steps}",
             f"privacy.target_epsilon={args.epsilon}"]
 
@@ -154,6 +158,9 @@ def main() -> None:
     ap.add_argument("--sequence", choices=("t2w", "t1c", "t1n"), default="t2w",
                     help="template sequence the images are (t2w: bright oedema, so the whole tumour shows, as on BraTS "
                          "T2/FLAIR; on t1c only the enhancing rim stands out)")
+    ap.add_argument("--scanner-shift", action="store_true",
+                    help="give each site its own scanner effects; the segmenters' real pairs keep the default scanner, so "
+                         "synthetic pairs are then scored across a scanner shift that the real-only arm does not face")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=60)
     ap.add_argument("--epsilon", type=float, default=10.0)
@@ -180,7 +187,7 @@ def main() -> None:
         rows[arm]["targets"] = targets(rows[arm])
         print(f"[segmentation_utility] {arm}: {json.dumps(rows[arm])}", flush=True)
     data = f"{args.data} {args.size}^{3 if args.data == 'template3d' else 2}" + ("" if args.data == "phantoms" else f" {args.sequence}")
-    result = {"benchmark": "segmentation_utility", "data": data, "sites": 3,
+    result = {"benchmark": "segmentation_utility", "data": data, "sites": 3, "scanner_shift": args.scanner_shift,
               "rounds": args.rounds, "local_steps": args.local_steps, "guidance_scale": 1.0 if args.guidance_scale is None else args.guidance_scale,
               "region": REGION, "arms": rows,
               "work_dir": str(work), "total_seconds": round(time.perf_counter() - t0, 1)}
