@@ -120,3 +120,23 @@ def write_pairs(images: torch.Tensor, masks: torch.Tensor, out_dir: str | Path, 
             written[f"image_{i}"] = save_nifti(arr[i, 0] if arr.shape[1] == 1 else arr[i], f"{name}_image.nii.gz", spacing=spacing)
             written[f"mask_{i}"] = save_nifti(label_map(m[i]), f"{name}_mask.nii.gz", spacing=spacing)
     return written
+
+
+def outline(masks: torch.Tensor) -> torch.Tensor:
+    """The boundary of binary ``masks [N, 1, *S]`` (2-D or 3-D): mask pixels with a face or corner
+    neighbour outside the mask (the mask minus its 3x3(x3) erosion); same shape, {0, 1}."""
+    m = masks.float()
+    pool = torch.nn.functional.max_pool2d if m.ndim == 4 else torch.nn.functional.max_pool3d
+    eroded = 1.0 - pool(1.0 - m, kernel_size=3, stride=1, padding=1)
+    return (m - eroded).clamp(0.0, 1.0)
+
+
+def save_overlay_png(images: torch.Tensor, regions: torch.Tensor, path: str | Path, **kwargs) -> Path:
+    """Grey ``images [N, 1, *S]`` in [-1, 1] with the outline of ``regions [N, 1, *S]`` (binary) in
+    red, tiled by :func:`save_grid_png` (3-D: the middle axial slice)."""
+    if images.shape[0] != regions.shape[0] or images.shape[2:] != regions.shape[2:] or images.shape[1] != 1:
+        raise ValueError(f"images {tuple(images.shape)} and regions {tuple(regions.shape)} are not [N, 1, *S] pairs")
+    edge = outline(regions).bool()
+    rgb = images.float().repeat(1, 3, *[1] * (images.ndim - 2))
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, *[1] * (images.ndim - 2)).expand_as(rgb)
+    return save_grid_png(torch.where(edge.expand_as(rgb), red, rgb), path, **kwargs)

@@ -24,6 +24,7 @@ from meddiff.data.adapters import index_dataset
 from meddiff.data.masked import MaskedVolumeDataset
 from meddiff.data.phantoms import MASK_CHANNELS, PhantomDataset, make_phantoms
 from meddiff.device import resolve_device
+from meddiff.outputs import save_overlay_png
 from meddiff.evaluate.segmentation import (SegmenterSettings, load_segmenter, region_channels, save_segmenter,
                                            segmentation_utility, train_segmenter)
 from meddiff.recipes.masks import HELD_OUT_SEED_OFFSET, TEST_START, held_out_patients, mask_bank
@@ -109,6 +110,25 @@ def tumours_first(masks: torch.Tensor, seed: int) -> torch.Tensor:
     return masks[order[torch.argsort((~has_tumour).to(torch.uint8), stable=True)]]
 
 
+def write_pairs_figure(synthetic: Pairs, real: Pairs, path: Path, per_row: int = 8) -> Path:
+    """``pairs.png``: up to two rows of generated images, then up to two rows of real held-out ones,
+    each with its mask's whole-tumour outline in red (tumour-bearing pairs first; 3-D: the middle
+    slice)."""
+    tumour = list(region_channels(MASK_CHANNELS)["whole_tumour"])
+
+    def pick(pairs: Pairs) -> Pairs:
+        images, masks = pairs
+        region = masks[:, tumour].amax(1, keepdim=True)
+        order = torch.argsort((region.flatten(1).sum(1) == 0).to(torch.uint8), stable=True)[:2 * per_row]
+        blank = -len(order) % per_row  # black tiles complete the last row
+        pad = lambda x, value: torch.cat([x[order], x.new_full((blank, *x.shape[1:]), value)])  # noqa: E731
+        return pad(images, -1.0), pad(region, 0.0)
+
+    (syn_images, syn_region), (real_images, real_region) = pick(synthetic), pick(real)
+    return save_overlay_png(torch.cat([syn_images, real_images]), torch.cat([syn_region, real_region]), path,
+                            nrow=per_row, upscale=max(1, 128 // synthetic[0].shape[-1]))
+
+
 def real_subset(pairs: Pairs, fraction: float, seed: int) -> Pairs:
     """A seeded ``fraction`` of the pairs (at least one): the scarce-real-data case."""
     if not 0.0 < fraction <= 1.0:
@@ -170,6 +190,7 @@ def evaluate_segmentation(*, checkpoint: Optional[str | Path] = None, synthetic:
         syn = generated_pairs(model, cfg, real_masks=real_train[1], num=num_samples, device=dev, seed=seed, progress=progress,
                               codec=codec)
         np.savez_compressed(out / "generated_pairs.npz", images=syn[0].numpy(), masks=syn[1].numpy().astype(np.uint8))
+    write_pairs_figure(syn, real_test, out / "pairs.png")
     scarce = real_subset(real_train, real_fraction, seed)
     settings = SegmenterSettings(steps=steps, seed=seed)
     reference = None

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from configs import config_to_dict
 from meddiff.checkpoint import save_checkpoint
@@ -160,6 +161,8 @@ def test_cli_generates_from_a_mask_conditioned_checkpoint(tmp_path, capsys):
     assert report["num_synthetic"] == 4 and report["num_real_train"] == 4 and report["num_real_available"] == 16
     assert report["mask_fidelity"]["whole_tumour"]["cases"] == 4  # the mask bank: a tumour in every mask
     pairs = np.load(tmp_path / "run" / "eval" / "generated_pairs.npz")  # kept for rescoring with --synthetic
+    figure = np.asarray(Image.open(tmp_path / "run" / "eval" / "pairs.png"))  # 4 generated (1 row), 8 real (1 row)
+    assert figure.shape == ((2 * 18 + 2) * 8, (8 * 18 + 2) * 8, 3)  # 16x16 tiles, 2-pixel gaps, 8x upscaled
     assert pairs["images"].shape == (4, 1, 16, 16) and pairs["masks"].shape == (4, 4, 16, 16)
     saved = report["segmenter_file"]
     assert main(args + ["--segmenter", saved, "--out", str(tmp_path / "again")]) == 0
