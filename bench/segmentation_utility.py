@@ -25,7 +25,7 @@ real + synthetic pairs and scores them on real held-out phantoms, with all the r
 >= 0.75; synthetic-only Dice >= 0.9 x real-only; real + synthetic >= real-only at 10% real data.
 
     python bench/segmentation_utility.py [--data phantoms|template|template3d] [--arms nonprivate,dp,lesion,anatomy]
-        [--size 32] [--samples 256] [--guidance-scale 1.0] [--reuse]
+        [--size 32] [--samples 256] [--guidance-scale 1.0] [--scanner-shift] [--reuse]
 
 Prints one JSON object and writes it with a Markdown table to ``--out``.
 """
