@@ -101,13 +101,13 @@ def site_scanner_real_only(args: argparse.Namespace, work: Path) -> float:
     from configs import load_config
     from meddiff.evaluate.segmentation import SegmenterSettings, evaluate_segmenter, train_segmenter
     from meddiff.recipes.segmentation import real_mask_pairs
+    from meddiff.recipes.site_segmentation import site_pairs
     from meddiff.recipes.sites import phantom_site
 
     cfg = load_config(REPO / "configs" / "default.yaml", base_overrides(args, work, "site_scanners"))
     _, test = real_mask_pairs(cfg, num_test=256)
-    sites = [phantom_site(s, cfg.federation.num_sites, cfg) for s in range(cfg.federation.num_sites)]
-    packed = torch.stack([site[i][0] for site in sites for i in range(len(site))])  # [N, 1 + K, *S], masks in {-1, +1}
-    images, masks = packed[:, :1], packed[:, 1:].gt(0).float()
+    sites = [site_pairs(phantom_site(s, cfg.federation.num_sites, cfg), cfg)[0] for s in range(cfg.federation.num_sites)]
+    images, masks = (torch.cat(parts) for parts in zip(*sites))
     segmenter = train_segmenter(images, masks, settings=SegmenterSettings(steps=args.seg_steps))
     return evaluate_segmenter(segmenter, *test)[REGION]["dice"]
 

@@ -41,6 +41,11 @@ def image_grid(images: torch.Tensor | np.ndarray, *, nrow: int | None = None, pa
     return grid
 
 
+def readable_upscale(side: int) -> int:
+    """The integer zoom that shows images of ``side`` pixels at about 128 pixels or more."""
+    return max(1, 128 // side)
+
+
 def save_grid_png(images: torch.Tensor | np.ndarray, path: str | Path, **kwargs) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +81,7 @@ def write_samples(samples: torch.Tensor, out_dir: str | Path, stem: str, *, spac
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arr = samples.detach().cpu().float().numpy()
-    written = {"png": save_grid_png(samples, out_dir / f"{stem}.png", upscale=max(1, 128 // arr.shape[-1]))}
+    written = {"png": save_grid_png(samples, out_dir / f"{stem}.png", upscale=readable_upscale(arr.shape[-1]))}
     np.save(out_dir / f"{stem}.npy", arr)
     written["npy"] = out_dir / f"{stem}.npy"
     if arr.ndim == 5:

@@ -24,9 +24,9 @@ from meddiff.data.adapters import index_dataset
 from meddiff.data.masked import MaskedVolumeDataset
 from meddiff.data.phantoms import MASK_CHANNELS, PhantomDataset, make_phantoms
 from meddiff.device import resolve_device
-from meddiff.outputs import save_overlay_png
 from meddiff.evaluate.segmentation import (SegmenterSettings, load_segmenter, region_channels, save_segmenter,
                                            segmentation_utility, train_segmenter)
+from meddiff.outputs import readable_upscale, save_overlay_png
 from meddiff.recipes.masks import HELD_OUT_SEED_OFFSET, TEST_START, held_out_patients, mask_bank
 from meddiff.recipes.restore import codec_from_checkpoint, model_from_checkpoint
 from meddiff.recipes.sample import sample_images
@@ -105,28 +105,34 @@ def tumours_first(masks: torch.Tensor, seed: int) -> torch.Tensor:
     tumour-free ones (slices above and below a tumour), so a few hundred generated pairs are
     mostly lesion examples, the ones augmentation is for."""
     order = torch.randperm(len(masks), generator=torch.Generator().manual_seed(seed))
-    tumour = list(region_channels(MASK_CHANNELS)["whole_tumour"])
-    has_tumour = masks[order][:, tumour].flatten(1).any(1)
-    return masks[order[torch.argsort((~has_tumour).to(torch.uint8), stable=True)]]
+    return masks[order[tumour_bearing_first(whole_tumour(masks[order]))]]
+
+
+def whole_tumour(masks: torch.Tensor) -> torch.Tensor:
+    """The whole tumour (union of the tumour sub-regions) of ``masks [N, K, *S]``: ``[N, 1, *S]``."""
+    return masks[:, list(region_channels(MASK_CHANNELS)["whole_tumour"])].amax(1, keepdim=True)
+
+
+def tumour_bearing_first(region: torch.Tensor) -> torch.Tensor:
+    """Indices of ``region [N, 1, *S]`` with the non-empty ones first, each group in its order."""
+    return torch.argsort((region.flatten(1).sum(1) == 0).to(torch.uint8), stable=True)
 
 
 def write_pairs_figure(synthetic: Pairs, real: Pairs, path: Path, per_row: int = 8) -> Path:
     """``pairs.png``: up to two rows of generated images, then up to two rows of real held-out ones,
     each with its mask's whole-tumour outline in red (tumour-bearing pairs first; 3-D: the middle
     slice)."""
-    tumour = list(region_channels(MASK_CHANNELS)["whole_tumour"])
-
     def pick(pairs: Pairs) -> Pairs:
         images, masks = pairs
-        region = masks[:, tumour].amax(1, keepdim=True)
-        order = torch.argsort((region.flatten(1).sum(1) == 0).to(torch.uint8), stable=True)[:2 * per_row]
+        region = whole_tumour(masks)
+        order = tumour_bearing_first(region)[:2 * per_row]
         blank = -len(order) % per_row  # black tiles complete the last row
         pad = lambda x, value: torch.cat([x[order], x.new_full((blank, *x.shape[1:]), value)])  # noqa: E731
         return pad(images, -1.0), pad(region, 0.0)
 
     (syn_images, syn_region), (real_images, real_region) = pick(synthetic), pick(real)
     return save_overlay_png(torch.cat([syn_images, real_images]), torch.cat([syn_region, real_region]), path,
-                            nrow=per_row, upscale=max(1, 128 // synthetic[0].shape[-1]))
+                            nrow=per_row, upscale=readable_upscale(synthetic[0].shape[-1]))
 
 
 def real_subset(pairs: Pairs, fraction: float, seed: int) -> Pairs:
